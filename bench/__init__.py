@@ -1,0 +1,1 @@
+"""Benchmarks of mtlfast against its peers (installed as ``mtlfast.bench``)."""

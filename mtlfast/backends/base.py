@@ -1,0 +1,167 @@
+"""The single signature every backend implements.
+
+The functional op hands a backend one :class:`HeadProblem`: flat tensors plus the
+layout of the tasks present in ``labels``. A backend returns the per-task mean
+losses and whatever it wants to keep for its own backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..task import CROSS_ENTROPY, TOKEN
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One task taking part in a call: its columns ``[col_start, col_start + num_cols)``
+    of the packed weight, its loss kind and level codes, and its cross-entropy options."""
+
+    col_start: int
+    num_cols: int
+    kind: int
+    level: int
+    ignore_index: int
+    label_smoothing: float
+
+    @property
+    def col_end(self) -> int:
+        return self.col_start + self.num_cols
+
+    @property
+    def is_ce(self) -> bool:
+        return self.kind == CROSS_ENTROPY
+
+    @property
+    def is_token(self) -> bool:
+        return self.level == TOKEN
+
+
+@dataclass(frozen=True)
+class HeadProblem:
+    """Everything one call of the fused heads computes on.
+
+    Shapes: N token rows, B sequence rows, D hidden size, T tasks present.
+
+    - ``hidden`` [N, D], the computation dtype: the token rows (``[B*S, D]``), or the
+      sequence rows when no token task is present (then ``seq_stride == 1``).
+    - ``pooled`` [B, D] or None: the sequence rows when given separately (``seq_stride == 0``).
+    - ``seq_stride``: sequence row ``b`` is ``hidden[b * seq_stride]``; 0 means ``pooled``.
+    - ``token_mask`` [N] bool or None: token rows that count; sequence rows ignore it.
+    - ``weight`` [sum C, D] and ``bias`` [sum C], the packed parameters in their own dtype.
+    - ``targets``: T tensors. Cross-entropy: int64 [rows]; bce/mse: float [rows, C].
+    - ``divisor_override`` [T] fp32: a task's mean divisor, or < 0 for PyTorch's default.
+    - ``task_weights`` [T] fp32: ``total = sum_t task_weights[t] * loss[t]``.
+    """
+
+    hidden: Tensor
+    pooled: Tensor | None
+    seq_stride: int
+    token_mask: Tensor | None
+    weight: Tensor
+    bias: Tensor
+    targets: tuple[Tensor, ...]
+    divisor_override: Tensor
+    task_weights: Tensor
+    heads: tuple[HeadSpec, ...]
+    chunk_size: int
+    deterministic: bool
+    compute_grad: bool
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
+        return torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
+
+    @property
+    def seq_rows(self) -> Tensor:
+        """The sequence-level rows, [B, D] (a strided view of ``hidden`` unless ``pooled``)."""
+        if self.pooled is not None:
+            return self.pooled
+        return self.hidden[:: self.seq_stride]
+
+    def rows_for(self, head: HeadSpec) -> Tensor:
+        return self.hidden if head.is_token else self.seq_rows
+
+    def valid_rows(self, index: int, rows: slice | None = None) -> Tensor:
+        """[rows] bool: the rows of task ``index`` that are not skipped."""
+        head, target = self.heads[index], self.targets[index]
+        if rows is not None:
+            target = target[rows]
+        if head.is_ce:
+            valid = (target != head.ignore_index) & (target >= 0) & (target < head.num_cols)
+        else:
+            valid = ~torch.isnan(target).any(dim=-1)
+        if head.is_token and self.token_mask is not None:
+            mask = self.token_mask if rows is None else self.token_mask[rows]
+            valid = valid & mask
+        return valid
+
+    def divisors(self) -> Tensor:
+        """[T] acc dtype: the divisor of each task's mean (rows kept, times C for bce/mse)."""
+        counts = []
+        for i, head in enumerate(self.heads):
+            count = self.valid_rows(i).sum(dtype=self.acc_dtype)
+            counts.append(count if head.is_ce else count * head.num_cols)
+        if not counts:
+            return self.task_weights.new_zeros(0, dtype=self.acc_dtype)
+        default = torch.stack(counts)
+        override = self.divisor_override.to(self.acc_dtype)
+        return torch.where(override >= 0, override, default)
+
+    def loss_scales(self, divisors: Tensor) -> Tensor:
+        """[T]: d total / d (summed loss of task t) = task_weight / divisor, 0 for an empty divisor."""
+        weights = self.task_weights.to(divisors.dtype)
+        return torch.where(divisors > 0, weights / divisors.clamp_min(1e-30), torch.zeros_like(weights))
+
+
+class Backend(Protocol):
+    """What a backend provides. ``saved`` is the backend's own list of tensors kept
+    between forward and backward; ``saved_like`` builds empty tensors of the same
+    shapes and dtypes (for fake tensors under ``torch.compile``)."""
+
+    name: str
+
+    def forward(self, problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+        """Returns the per-task mean losses [T] (acc dtype) and ``saved``."""
+
+    def backward(
+        self, problem: HeadProblem, saved: list[Tensor], grad_total: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Returns gradients of ``grad_total * total`` for hidden, pooled, weight and bias."""
+
+    def saved_like(self, problem: HeadProblem) -> list[Tensor]: ...
+
+
+def empty_saved(problem: HeadProblem) -> list[Tensor]:
+    return []
+
+
+def split_spans(heads: tuple[HeadSpec, ...], level: int) -> list[tuple[int, int, list[int]]]:
+    """Maximal runs of adjacent columns owned by present tasks of one level.
+
+    Returns ``(col_start, col_end, task indices)`` per run, so that one GEMM over the
+    packed weight serves every task of the run.
+    """
+    order = sorted((h.col_start, i) for i, h in enumerate(heads) if h.level == level)
+    spans: list[tuple[int, int, list[int]]] = []
+    for start, i in order:
+        end = heads[i].col_end
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end, spans[-1][2] + [i])
+        else:
+            spans.append((start, end, [i]))
+    return spans
+
+
+def weight_in(dtype: torch.dtype, weight: Tensor) -> Tensor:
+    """The weight as the matrix products see it: rounded to the computation dtype."""
+    return weight if weight.dtype == dtype else weight.to(dtype)

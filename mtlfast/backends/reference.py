@@ -1,0 +1,98 @@
+"""Plain PyTorch oracle: ``F.linear`` and PyTorch's losses, upcast to fp32.
+
+Never optimise this file; tests compare the fast backends against it. Everything is
+materialised: full logits per task, then the textbook gradient of each loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..task import BCE, CROSS_ENTROPY
+from .base import HeadProblem, empty_saved, weight_in
+
+name = "reference"
+saved_like = empty_saved
+
+
+def _task_logits(problem: HeadProblem, index: int) -> tuple[Tensor, Tensor, slice]:
+    head = problem.heads[index]
+    acc = problem.acc_dtype
+    cols = slice(head.col_start, head.col_end)
+    rows = problem.rows_for(head).to(acc)
+    weight = weight_in(problem.compute_dtype, problem.weight)[cols].to(acc)
+    return F.linear(rows, weight, problem.bias[cols].to(acc)), rows, cols
+
+
+def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
+    target = problem.targets[index].to(problem.acc_dtype)
+    return torch.where(valid[:, None], target, torch.zeros_like(target))
+
+
+def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
+    head, valid = problem.heads[index], problem.valid_rows(index)
+    if head.kind == CROSS_ENTROPY:
+        target = torch.where(valid, problem.targets[index], torch.full_like(problem.targets[index], head.ignore_index))
+        return F.cross_entropy(
+            logits, target, ignore_index=head.ignore_index, label_smoothing=head.label_smoothing, reduction="sum"
+        )
+    target = _dense_target(problem, index, valid)
+    if head.kind == BCE:
+        per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        per_element = F.mse_loss(logits, target, reduction="none")
+    return (per_element * valid[:, None]).sum()
+
+
+def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
+    """d(summed loss)/d logits."""
+    head, valid = problem.heads[index], problem.valid_rows(index)
+    if head.kind == CROSS_ENTROPY:
+        eps = head.label_smoothing
+        safe = torch.where(valid, problem.targets[index], torch.zeros_like(problem.targets[index]))
+        grad = torch.softmax(logits, dim=1) - eps / head.num_cols
+        grad = grad - (1.0 - eps) * F.one_hot(safe, head.num_cols).to(grad.dtype)
+    elif head.kind == BCE:
+        grad = torch.sigmoid(logits) - _dense_target(problem, index, valid)
+    else:
+        grad = 2.0 * (logits - _dense_target(problem, index, valid))
+    return grad * valid[:, None]
+
+
+def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+    divisors = problem.divisors()
+    if not problem.heads:
+        return divisors, []
+    sums = torch.stack([_summed_loss(problem, i, _task_logits(problem, i)[0]) for i in range(len(problem.heads))])
+    return torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), torch.zeros_like(sums)), []
+
+
+def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
+    acc = problem.acc_dtype
+    scales = problem.loss_scales(problem.divisors()) * grad_total.to(acc)
+    grad_hidden = torch.zeros(problem.hidden.shape, dtype=acc, device=problem.hidden.device)
+    grad_pooled = torch.zeros(problem.pooled.shape, dtype=acc, device=problem.pooled.device) if (
+        problem.pooled is not None
+    ) else None  # fmt: skip
+    grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
+    grad_bias = torch.zeros(problem.bias.shape, dtype=acc, device=problem.bias.device)
+    weight = weight_in(problem.compute_dtype, problem.weight).to(acc)
+    for i, head in enumerate(problem.heads):
+        logits, rows, cols = _task_logits(problem, i)
+        dlogits = _dlogits(problem, i, logits) * scales[i]
+        if head.is_token:
+            grad_hidden += dlogits @ weight[cols]
+        elif grad_pooled is not None:
+            grad_pooled += dlogits @ weight[cols]
+        else:
+            grad_hidden[:: problem.seq_stride] += dlogits @ weight[cols]
+        grad_weight[cols] += dlogits.t() @ rows
+        grad_bias[cols] += dlogits.sum(dim=0)
+    return (
+        grad_hidden.to(problem.hidden.dtype),
+        grad_pooled.to(problem.pooled.dtype) if grad_pooled is not None else None,
+        grad_weight.to(problem.weight.dtype),
+        grad_bias.to(problem.bias.dtype),
+    )

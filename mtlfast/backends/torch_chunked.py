@@ -1,0 +1,195 @@
+"""The fused algorithm in plain PyTorch, for any device.
+
+Rows are processed in chunks. Per chunk and per run of adjacent task columns, one GEMM
+over the packed weight gives every task's logits in fp32; they are turned in place into
+per-task loss sums and ``dlogits`` (already scaled by ``task_weight / divisor``); then
+``dH[chunk] += dlogits @ W`` and ``dW += dlogits^T @ H[chunk]`` accumulate in fp32.
+Gradients are computed during forward and kept in fp32; backward only multiplies them
+by ``grad_output`` and rounds, so nothing is rounded to 16 bits before that scale is
+applied. Peak extra memory is one chunk of logits plus the fp32 gradients. Nothing
+synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..task import BCE, CROSS_ENTROPY
+from .base import HeadProblem, HeadSpec, split_spans, weight_in
+
+name = "torch"
+
+# Spans at least this wide take 16-bit GEMMs (fp32 accumulation) for the gradients on
+# CUDA with bf16 compute; narrower spans use exact fp32 GEMMs on fp32 dlogits.
+WIDE_SPAN = 1024
+LOGITS_CHUNK_ELEMENTS = 1 << 23
+
+
+def auto_chunk_rows(widest_span: int, hidden_size: int) -> int:
+    """Rows per chunk: about 32 MiB of fp32 logits plus the chunk's upcast rows."""
+    rows = LOGITS_CHUNK_ELEMENTS // max(1, widest_span + hidden_size)
+    return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
+
+
+def _has_out_dtype_mm() -> bool:
+    try:
+        return "out_dtype" in str(torch.ops.aten.mm.dtype._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_MM_OUT_DTYPE = _has_out_dtype_mm()
+
+
+def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` with the result in ``acc`` and products accumulated in ``acc``."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
+def _addmm_acc_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` accumulated in ``out.dtype`` (beta = 1, no temporary for 16-bit a, b on CUDA)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+
+
+def _cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
+    """Loss sum of logits ``x`` [n, C]; when ``scale`` is given, ``x`` becomes ``scale * dloss/dx``."""
+    eps = head.label_smoothing
+    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    x.sub_(x.amax(dim=1, keepdim=True))
+    target_logit = x.gather(1, safe).squeeze(1)
+    mean_logit = x.mean(dim=1) if eps else None
+    x.exp_()
+    sumexp = x.sum(dim=1)
+    rows = sumexp.log() - (1.0 - eps) * target_logit
+    if eps:
+        rows = rows - eps * mean_logit
+    loss = torch.where(valid, rows, torch.zeros_like(rows)).sum()
+    if scale is not None:
+        x.div_(sumexp.unsqueeze(1))
+        x.scatter_add_(1, safe, torch.full_like(target_logit, eps - 1.0).unsqueeze(1))
+        if eps:
+            x.sub_(eps / head.num_cols)
+        x.mul_(torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1))
+    return loss
+
+
+def _dense_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
+    """bce/mse loss sum of ``x`` [n, C]; with ``scale``, ``x`` becomes ``scale * dloss/dx``."""
+    keep = valid.unsqueeze(1)
+    y = torch.where(keep, target.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+    if head.kind == BCE:
+        per_element = x.clamp_min(0) - x * y + torch.log1p(torch.exp(-x.abs()))
+        loss = (per_element * keep).sum()
+        if scale is not None:
+            x.sigmoid_().sub_(y)
+    else:
+        x.sub_(y)
+        loss = (x.square() * keep).sum()
+        if scale is not None:
+            x.mul_(2.0)
+    if scale is not None:
+        x.mul_(torch.where(keep, scale, torch.zeros_like(scale)))
+    return loss
+
+
+def _loss_and_dlogits_(x: Tensor, problem: HeadProblem, index: int, rows: slice, scale: Tensor | None) -> Tensor:
+    head = problem.heads[index]
+    target = problem.targets[index][rows]
+    valid = problem.valid_rows(index, rows)
+    if head.kind == CROSS_ENTROPY:
+        return _cross_entropy_(x, target, valid, head, scale)
+    return _dense_(x, target, valid, head, scale)
+
+
+def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+    acc, cdtype = problem.acc_dtype, problem.compute_dtype
+    weight = weight_in(cdtype, problem.weight)
+    bias = problem.bias.to(acc)
+    divisors = problem.divisors()
+    scales = problem.loss_scales(divisors) if problem.compute_grad else None
+    sums = [problem.hidden.new_zeros((), dtype=acc) for _ in problem.heads]
+
+    saved: list[Tensor] = []
+    if problem.compute_grad:
+        grad_hidden = torch.zeros(problem.hidden.shape, dtype=acc, device=problem.hidden.device)
+        grad_pooled = (
+            torch.zeros(problem.pooled.shape, dtype=acc, device=problem.pooled.device)
+            if problem.pooled is not None
+            else grad_hidden.new_zeros(0)
+        )
+        grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
+        grad_bias = torch.zeros(problem.bias.shape, dtype=acc, device=problem.bias.device)
+        saved = [grad_hidden, grad_pooled, grad_weight, grad_bias]
+
+    for level in (0, 1):
+        spans = split_spans(problem.heads, level)
+        if not spans:
+            continue
+        rows_all = problem.hidden if level == 1 else problem.seq_rows
+        if problem.compute_grad:
+            if level == 1:
+                grad_rows_all = grad_hidden
+            elif problem.pooled is not None:
+                grad_rows_all = grad_pooled
+            else:
+                grad_rows_all = grad_hidden[:: problem.seq_stride]
+        widest = max(end - start for start, end, _ in spans)
+        chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1])
+        for start, end, members in spans:
+            cols = slice(start, end)
+            w_span = weight[cols]
+            wide16 = (
+                problem.compute_grad and end - start >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
+            )
+            w_grad = w_span if wide16 else w_span.to(acc)
+            for r0 in range(0, rows_all.shape[0], chunk):
+                rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
+                h = rows_all[rows]
+                logits = _mm_acc(h, w_span.t(), acc).add_(bias[cols])
+                for i in members:
+                    x = logits[:, problem.heads[i].col_start - start : problem.heads[i].col_end - start]
+                    sums[i] = sums[i] + _loss_and_dlogits_(x, problem, i, rows, None if scales is None else scales[i])
+                if not problem.compute_grad:
+                    continue
+                dlogits = logits.to(cdtype) if wide16 else logits
+                _addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
+                _addmm_acc_(grad_weight[cols], dlogits.t(), h if wide16 else h.to(acc))
+                grad_bias[cols] += logits.sum(dim=0)
+
+    summed = torch.stack(sums) if sums else divisors
+    losses = torch.where(divisors > 0, summed / divisors.clamp_min(1e-30), torch.zeros_like(summed))
+    return losses, saved
+
+
+def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
+    grad_hidden, grad_pooled, grad_weight, grad_bias = saved
+    g = grad_total.to(grad_hidden.dtype)
+    return (
+        (grad_hidden * g).to(problem.hidden.dtype),
+        (grad_pooled * g).to(problem.pooled.dtype) if problem.pooled is not None else None,
+        (grad_weight * g).to(problem.weight.dtype),
+        (grad_bias * g).to(problem.bias.dtype),
+    )
+
+
+def saved_like(problem: HeadProblem) -> list[Tensor]:
+    if not problem.compute_grad:
+        return []
+    acc = problem.acc_dtype
+    pooled_shape = problem.pooled.shape if problem.pooled is not None else (0,)
+    return [
+        problem.hidden.new_empty(problem.hidden.shape, dtype=acc),
+        problem.hidden.new_empty(pooled_shape, dtype=acc),
+        problem.weight.new_empty(problem.weight.shape, dtype=acc),
+        problem.bias.new_empty(problem.bias.shape, dtype=acc),
+    ]

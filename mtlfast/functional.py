@@ -1,0 +1,186 @@
+"""The public functional entry point: ``multitask_loss``.
+
+It checks the inputs, lays the labels out as flat tensors, calls the registered op
+``mtlfast::fused_heads_loss`` (see :mod:`mtlfast.op`) and packs the results into a
+:class:`MultiTaskOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import op as _op  # noqa: F401  (registers torch.ops.mtlfast.*)
+from .backends import resolve_backend
+from .task import Task, TaskLayout
+from .validation import check_call, check_values
+
+
+@dataclass
+class MultiTaskOutput:
+    """``loss``: the weighted total (scalar), None without labels.
+    ``losses``: task name -> detached unweighted mean loss, for the tasks present in labels.
+    ``logits``: task name -> logits ([B, C] or [B, S, C], computation dtype) when requested
+    or when labels is None, else None."""
+
+    loss: Tensor | None
+    losses: dict[str, Tensor]
+    logits: dict[str, Tensor] | None
+
+
+def computation_dtype(hidden_states: Tensor) -> torch.dtype:
+    """The autocast dtype inside ``torch.autocast``, else the dtype of ``hidden_states``."""
+    device_type = hidden_states.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
+
+
+def head_logits(
+    layout: TaskLayout, hidden: Tensor, pooled: Tensor | None, weight: Tensor, bias: Tensor
+) -> dict[str, Tensor]:
+    """Every task's logits in the dtype of ``hidden``: one GEMM per level over the packed weight."""
+    w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
+    per_level: dict[str, Tensor] = {}
+    if any(t.level == "token" for t in layout.tasks):
+        per_level["token"] = F.linear(hidden, w, b)
+    if any(t.level == "sequence" for t in layout.tasks):
+        seq_rows = pooled if pooled is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
+        per_level["sequence"] = F.linear(seq_rows, w, b)
+    return {t.name: per_level[t.level][..., layout.columns(t.name)] for t in layout.tasks}
+
+
+def _flat_target(task: Task, label: Tensor, rows: int) -> Tensor:
+    if task.loss == "cross_entropy":
+        return label.reshape(rows).long()
+    return label.reshape(rows, task.num_outputs)
+
+
+def multitask_loss(
+    hidden_states: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    tasks: TaskLayout | Sequence[Task],
+    labels: Mapping[str, Tensor] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    pooled: Tensor | None = None,
+    log_vars: Tensor | None = None,
+    weighting: str = "static",
+    num_items_in_batch: Mapping[str, int | Tensor] | None = None,
+    return_logits: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+    chunk_size: int | None = None,
+    deterministic: bool = False,
+) -> MultiTaskOutput:
+    """Every task head's logits and loss in one fused call.
+
+    Args:
+        hidden_states: [B, S, D] encoder output, or [B, D] when every task is sequence-level.
+        weight: [sum C, D] packed head weights, tasks in layout order. bias: [sum C].
+        tasks: the tasks (or their :class:`TaskLayout`).
+        labels: task name -> targets; cross-entropy int [B] / [B, S], bce/mse float
+            [B, C] / [B, S, C] (mse with C = 1 may drop the last dim). Tasks absent
+            contribute nothing. None runs inference (logits only).
+        attention_mask: [B, S]; zero positions are skipped by token tasks.
+        pooled: [B, D] rows read by sequence tasks instead of ``hidden_states[:, 0]``.
+        log_vars: [T] the ``s_t`` of uncertainty weighting.
+        weighting: ``"static"`` (``sum_t weight_t L_t``) or ``"uncertainty"``
+            (``sum_t 0.5 exp(-s_t) L_t + 0.5 s_t``).
+        num_items_in_batch: task name -> divisor of that task's mean (int or 0-dim tensor).
+        return_logits: also return logits (one extra GEMM per level).
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
+        validate: check label values (one host sync; skipped while torch.compile traces).
+        chunk_size: rows per chunk for chunked backends; None picks from sum C and D.
+        deterministic: bitwise-reproducible gradients (no float atomics).
+    """
+    layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
+    check_call(
+        layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting, log_vars
+    )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if labels is not None and validate and not torch.compiler.is_compiling():
+        check_values(layout, labels, attention_mask, num_items_in_batch)
+
+    cdtype = computation_dtype(hidden_states)
+    hidden = hidden_states.to(cdtype)
+    pooled_c = pooled.to(cdtype) if pooled is not None else None
+    logits = head_logits(layout, hidden, pooled_c, weight, bias) if return_logits or labels is None else None
+    if labels is None:
+        return MultiTaskOutput(loss=None, losses={}, logits=logits)
+
+    present = [i for i, task in enumerate(layout.tasks) if task.name in labels]
+    present_tasks = [layout.tasks[i] for i in present]
+    batch = hidden.shape[0]
+    has_token = any(task.level == "token" for task in present_tasks)
+    token_mask = None
+    if has_token:
+        seq_len = hidden.shape[1]
+        rows = hidden.reshape(batch * seq_len, hidden.shape[2])
+        seq_stride = 0 if pooled_c is not None else seq_len
+        op_pooled = pooled_c
+        if attention_mask is not None:
+            token_mask = attention_mask.reshape(batch * seq_len) != 0
+    else:
+        seq_len = 1
+        rows = pooled_c if pooled_c is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
+        seq_stride, op_pooled = 1, None
+
+    targets = [
+        _flat_target(task, labels[task.name], batch * seq_len if task.level == "token" else batch)
+        for task in present_tasks
+    ]
+    device = hidden.device
+    overrides = [(num_items_in_batch or {}).get(task.name) for task in present_tasks]
+    if all(value is None for value in overrides):
+        divisor_override = torch.full((len(present),), -1.0, device=device)
+    else:
+        divisor_override = torch.stack(
+            [torch.as_tensor(-1.0 if v is None else v, dtype=torch.float32).to(device) for v in overrides]
+        )
+    if weighting == "uncertainty":
+        task_log_vars = log_vars[torch.tensor(present, dtype=torch.long, device=log_vars.device)]
+        task_weights = 0.5 * torch.exp(-task_log_vars.float())
+    else:
+        task_weights = torch.tensor([task.weight for task in present_tasks], dtype=torch.float32, device=device)
+
+    backend_name = resolve_backend(backend, device)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, op_pooled, weight, bias)
+    )
+    outputs = torch.ops.mtlfast.fused_heads_loss(
+        rows,
+        op_pooled,
+        seq_stride,
+        token_mask,
+        weight,
+        bias,
+        targets,
+        divisor_override,
+        task_weights,
+        [layout.col_start[i] for i in present],
+        [task.num_outputs for task in present_tasks],
+        [task.loss_code for task in present_tasks],
+        [task.level_code for task in present_tasks],
+        [task.ignore_index for task in present_tasks],
+        [float(task.label_smoothing) for task in present_tasks],
+        backend_name,
+        chunk_size or 0,
+        deterministic,
+        compute_grad,
+    )
+    total, losses = outputs[0], outputs[1]
+    if weighting == "uncertainty" and present:
+        total = total + 0.5 * task_log_vars.to(total.dtype).sum()
+    detached = losses.detach()
+    return MultiTaskOutput(
+        loss=total,
+        losses={task.name: detached[k] for k, task in enumerate(present_tasks)},
+        logits=logits,
+    )

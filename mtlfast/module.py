@@ -1,0 +1,178 @@
+"""``MultiTaskHeads``: the drop-in ``nn.Module`` over :func:`mtlfast.multitask_loss`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import BACKENDS
+from .functional import MultiTaskOutput, multitask_loss
+from .task import Task, TaskLayout
+from .validation import WEIGHTINGS
+
+
+class MultiTaskHeads(nn.Module):
+    """Every task head on one shared encoder output, computed in one fused pass.
+
+    Parameters are packed: ``weight`` [sum C, D] and ``bias`` [sum C], each task's rows
+    in the order the tasks were given (each initialised as ``nn.Linear`` initialises
+    itself), and with ``weighting="uncertainty"`` ``log_vars`` [T] (the ``s_t``, from 0).
+
+    Args:
+        hidden_size: D.
+        tasks: the :class:`Task` list.
+        weighting: ``"static"`` or ``"uncertainty"``.
+        dropout: dropout applied to the head inputs in training, as HF classifiers do.
+        backend: ``"auto"`` | ``"reference"`` | ``"torch"`` | ``"triton"``.
+        validate: run the label-value checks that need a host sync.
+        chunk_size: rows per chunk for chunked backends (None: from sum C and D).
+        deterministic: bitwise-reproducible gradients (no float atomics).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        tasks: Sequence[Task],
+        *,
+        weighting: str = "static",
+        dropout: float = 0.0,
+        backend: str = "auto",
+        validate: bool = True,
+        chunk_size: int | None = None,
+        deterministic: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.layout = TaskLayout(tuple(tasks))
+        self.hidden_size = hidden_size
+        self.weighting = weighting
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.validate = validate
+        self.chunk_size = chunk_size
+        self.deterministic = deterministic
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.layout.total_outputs, hidden_size, **factory))
+        self.bias = nn.Parameter(torch.empty(self.layout.total_outputs, **factory))
+        if weighting == "uncertainty":
+            self.log_vars = nn.Parameter(torch.zeros(len(self.layout.tasks), **factory))
+        else:
+            self.register_parameter("log_vars", None)
+        self.reset_parameters()
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.layout.tasks
+
+    def reset_parameters(self) -> None:
+        """Each task's rows as ``nn.Linear(D, C)`` initialises them; ``log_vars`` to 0."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for task in self.tasks:
+                cols = self.layout.columns(task.name)
+                nn.init.kaiming_uniform_(self.weight[cols], a=math.sqrt(5))
+                nn.init.uniform_(self.bias[cols], -bound, bound)
+            if self.log_vars is not None:
+                self.log_vars.zero_()
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        labels: Mapping[str, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+        return_logits: bool = False,
+        num_items_in_batch: Mapping[str, int | Tensor] | None = None,
+    ) -> MultiTaskOutput:
+        """See :func:`mtlfast.multitask_loss` for shapes and semantics."""
+        if self.training and self.dropout > 0.0:
+            hidden_states = F.dropout(hidden_states, self.dropout, training=True)
+            if pooled is not None:
+                pooled = F.dropout(pooled, self.dropout, training=True)
+        return multitask_loss(
+            hidden_states,
+            self.weight,
+            self.bias,
+            self.layout,
+            labels,
+            attention_mask=attention_mask,
+            pooled=pooled,
+            log_vars=self.log_vars,
+            weighting=self.weighting,
+            num_items_in_batch=num_items_in_batch,
+            return_logits=return_logits,
+            backend=self.backend,
+            validate=self.validate,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+        )
+
+    @classmethod
+    def from_linears(
+        cls, tasks: Sequence[Task], linears: Mapping[str, nn.Linear], **kwargs
+    ) -> MultiTaskHeads:
+        """Heads holding copies of existing per-task linears (a HF ``classifier``, say).
+
+        A linear without bias gets a zero bias; dtype and device follow the linears.
+        """
+        layout = TaskLayout(tuple(tasks))
+        missing = [t.name for t in layout.tasks if t.name not in linears]
+        if missing:
+            raise ValueError(f"from_linears: no linear given for tasks {missing}")
+        extra = sorted(set(linears) - set(layout.index))
+        if extra:
+            raise ValueError(f"from_linears: linears given for unknown tasks {extra}")
+        first = linears[layout.tasks[0].name]
+        hidden_size = first.in_features
+        for task in layout.tasks:
+            linear = linears[task.name]
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"task '{task.name}': from_linears needs nn.Linear, got {type(linear).__name__}")
+            if linear.out_features != task.num_outputs:
+                raise ValueError(
+                    f"task '{task.name}': linear has out_features={linear.out_features}, "
+                    f"the task has num_outputs={task.num_outputs}"
+                )
+            if linear.in_features != hidden_size:
+                raise ValueError(
+                    f"task '{task.name}': linear has in_features={linear.in_features}, expected {hidden_size}"
+                )
+        heads = cls(hidden_size, layout.tasks, device=first.weight.device, dtype=first.weight.dtype, **kwargs)
+        with torch.no_grad():
+            for task in layout.tasks:
+                linear, cols = linears[task.name], layout.columns(task.name)
+                heads.weight[cols].copy_(linear.weight)
+                if linear.bias is not None:
+                    heads.bias[cols].copy_(linear.bias)
+                else:
+                    heads.bias[cols].zero_()
+        return heads
+
+    def to_linears(self) -> dict[str, nn.Linear]:
+        """New ``nn.Linear`` per task holding copies of its rows."""
+        linears = {}
+        for task in self.tasks:
+            cols = self.layout.columns(task.name)
+            linear = nn.Linear(self.hidden_size, task.num_outputs, device=self.weight.device, dtype=self.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(self.weight[cols])
+                linear.bias.copy_(self.bias[cols])
+            linears[task.name] = linear
+        return linears
+
+    def extra_repr(self) -> str:
+        tasks = ", ".join(f"{t.name}:{t.loss}/{t.level}[{t.num_outputs}]" for t in self.tasks)
+        return f"hidden_size={self.hidden_size}, weighting={self.weighting}, backend={self.backend}, tasks=({tasks})"

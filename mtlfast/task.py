@@ -1,0 +1,114 @@
+"""Task descriptions and the packed column layout of the heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+LOSSES = ("cross_entropy", "bce", "mse")
+LEVELS = ("sequence", "token")
+
+# Integer codes carried through the functional op (torch.library schemas take no strings per task).
+LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
+CROSS_ENTROPY, BCE, MSE = 0, 1, 2
+SEQUENCE, TOKEN = 0, 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction head and its loss.
+
+    Args:
+        name: unique task name, the key of ``labels`` and of every output dict.
+        num_outputs: C, the number of logits of the head (classes for cross-entropy).
+        loss: ``"cross_entropy"`` (C >= 2, integer class ids), ``"bce"`` (multi-label,
+            float targets in [0, 1]) or ``"mse"`` (float targets).
+        level: ``"sequence"`` (one prediction per sequence, read from ``pooled`` or the
+            first position) or ``"token"`` (one prediction per position).
+        ignore_index: class id skipped by cross-entropy.
+        label_smoothing: cross-entropy label smoothing, as ``torch.nn.functional.cross_entropy``.
+        weight: the task's weight under ``weighting="static"``.
+    """
+
+    name: str
+    num_outputs: int
+    loss: str
+    level: str = "sequence"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Task name must be a non-empty string, got {self.name!r}")
+        where = f"task '{self.name}'"
+        if self.loss not in LOSSES:
+            raise ValueError(f"{where}: loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"{where}: level must be one of {LEVELS}, got {self.level!r}")
+        if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int):
+            raise TypeError(f"{where}: num_outputs must be an int, got {type(self.num_outputs).__name__}")
+        minimum = 2 if self.loss == "cross_entropy" else 1
+        if self.num_outputs < minimum:
+            raise ValueError(f"{where}: {self.loss} needs num_outputs >= {minimum}, got {self.num_outputs}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"{where}: ignore_index must be an int")
+        smoothing = float(self.label_smoothing)
+        if smoothing != 0.0 and self.loss != "cross_entropy":
+            raise ValueError(f"{where}: label_smoothing is only for cross_entropy, not {self.loss}")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"{where}: label_smoothing must lie in [0, 1], got {smoothing}")
+        if not math.isfinite(float(self.weight)):
+            raise ValueError(f"{where}: weight must be finite, got {self.weight}")
+
+    @property
+    def loss_code(self) -> int:
+        return LOSS_CODE[self.loss]
+
+    @property
+    def level_code(self) -> int:
+        return TOKEN if self.level == "token" else SEQUENCE
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Where each task's rows sit in the packed ``weight`` [sum C, D] and ``bias`` [sum C]."""
+
+    tasks: tuple[Task, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("MultiTaskHeads needs at least one Task")
+        for task in self.tasks:
+            if not isinstance(task, Task):
+                raise TypeError(f"tasks must be mtlfast.Task instances, got {type(task).__name__}")
+        names = [task.name for task in self.tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {task.name: i for i, task in enumerate(self.tasks)}
+
+    @cached_property
+    def col_start(self) -> tuple[int, ...]:
+        starts, total = [], 0
+        for task in self.tasks:
+            starts.append(total)
+            total += task.num_outputs
+        return tuple(starts)
+
+    @property
+    def total_outputs(self) -> int:
+        return self.col_start[-1] + self.tasks[-1].num_outputs
+
+    @property
+    def has_token_tasks(self) -> bool:
+        return any(task.level == "token" for task in self.tasks)
+
+    def columns(self, name: str) -> slice:
+        i = self.index[name]
+        start = self.col_start[i]
+        return slice(start, start + self.tasks[i].num_outputs)

@@ -1,0 +1,162 @@
+"""Input checks. Each error names the task (or argument) and the problem.
+
+:func:`check_call` needs no host synchronisation and always runs. :func:`check_values`
+looks at label values, costs one host sync, and runs only with ``validate=True``
+outside ``torch.compile`` tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .task import Task, TaskLayout
+
+WEIGHTINGS = ("static", "uncertainty")
+
+
+def _is_int_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def expected_label_shape(task: Task, batch: int, seq_len: int | None) -> tuple[int, ...]:
+    lead = (batch, seq_len) if task.level == "token" else (batch,)
+    return lead if task.loss == "cross_entropy" else (*lead, task.num_outputs)
+
+
+def check_call(
+    layout: TaskLayout,
+    hidden_states: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Mapping[str, Tensor] | None,
+    attention_mask: Tensor | None,
+    pooled: Tensor | None,
+    num_items_in_batch: Mapping[str, int | Tensor] | None,
+    weighting: str,
+    log_vars: Tensor | None,
+) -> None:
+    if not isinstance(hidden_states, Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if not hidden_states.dtype.is_floating_point:
+        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    if hidden_states.dim() not in (2, 3):
+        raise ValueError(f"hidden_states must be [B, S, D] or [B, D], got shape {tuple(hidden_states.shape)}")
+    hidden_size = weight.shape[1]
+    if weight.shape[0] != layout.total_outputs or bias.shape != (layout.total_outputs,):
+        raise ValueError(
+            f"packed weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not match the tasks' "
+            f"{layout.total_outputs} outputs"
+        )
+    if hidden_states.shape[-1] != hidden_size:
+        raise ValueError(f"hidden_states has hidden size {hidden_states.shape[-1]}, the heads expect {hidden_size}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "uncertainty" and log_vars is None:
+        raise ValueError("weighting='uncertainty' needs log_vars")
+    batch = hidden_states.shape[0]
+    seq_len = hidden_states.shape[1] if hidden_states.dim() == 3 else None
+    device = hidden_states.device
+    if pooled is not None:
+        if not isinstance(pooled, Tensor) or not pooled.dtype.is_floating_point:
+            raise TypeError("pooled must be a floating-point torch.Tensor")
+        if tuple(pooled.shape) != (batch, hidden_size):
+            raise ValueError(f"pooled must be [B, D] = {(batch, hidden_size)}, got {tuple(pooled.shape)}")
+        if pooled.device != device:
+            raise ValueError(f"pooled is on {pooled.device}, hidden_states on {device}")
+    if attention_mask is not None and seq_len is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError("attention_mask must be a torch.Tensor")
+        if tuple(attention_mask.shape) != (batch, seq_len):
+            raise ValueError(f"attention_mask must be [B, S] = {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, hidden_states on {device}")
+    if labels is None:
+        if num_items_in_batch:
+            raise ValueError("num_items_in_batch was given without labels")
+        return
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a dict of task name -> tensor, got {type(labels).__name__}")
+    unknown = sorted(set(labels) - set(layout.index))
+    if unknown:
+        raise ValueError(f"labels name unknown tasks {unknown}; the heads know {list(layout.index)}")
+    for name, label in labels.items():
+        _check_label(layout.tasks[layout.index[name]], label, batch, seq_len, device)
+    if num_items_in_batch is not None:
+        _check_num_items(layout, labels, num_items_in_batch, device)
+
+
+def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, device: torch.device) -> None:
+    where = f"task '{task.name}'"
+    if not isinstance(label, Tensor):
+        raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(label).__name__}")
+    if task.level == "token" and seq_len is None:
+        raise ValueError(f"{where}: a token-level task needs hidden_states of shape [B, S, D]")
+    if label.device != device:
+        raise ValueError(f"{where}: labels are on {label.device}, hidden_states on {device}")
+    if task.loss == "cross_entropy":
+        if not _is_int_dtype(label.dtype):
+            raise TypeError(f"{where}: cross_entropy takes integer class ids, got {label.dtype}")
+    elif not label.dtype.is_floating_point:
+        raise TypeError(f"{where}: {task.loss} takes floating-point targets, got {label.dtype}")
+    expected = expected_label_shape(task, batch, seq_len)
+    shape = tuple(label.shape)
+    if shape == expected:
+        return
+    if task.loss == "mse" and task.num_outputs == 1 and shape == expected[:-1]:
+        return
+    raise ValueError(f"{where}: labels must have shape {expected}, got {shape}")
+
+
+def _check_num_items(
+    layout: TaskLayout, labels: Mapping[str, Tensor], num_items: Mapping[str, int | Tensor], device: torch.device
+) -> None:
+    if not isinstance(num_items, Mapping):
+        raise TypeError("num_items_in_batch must be a dict of task name -> int or 0-dim tensor")
+    unknown = sorted(set(num_items) - set(layout.index))
+    if unknown:
+        raise ValueError(f"num_items_in_batch names unknown tasks {unknown}")
+    for name, value in num_items.items():
+        where = f"task '{name}'"
+        if isinstance(value, Tensor):
+            if value.dim() != 0:
+                raise ValueError(f"{where}: num_items_in_batch must be a 0-dim tensor, got shape {tuple(value.shape)}")
+            if value.dtype.is_complex or value.dtype == torch.bool:
+                raise TypeError(f"{where}: num_items_in_batch has dtype {value.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}")
+        elif value < 0:
+            raise ValueError(f"{where}: num_items_in_batch must be >= 0, got {value}")
+
+
+def check_values(
+    layout: TaskLayout,
+    labels: Mapping[str, Tensor],
+    attention_mask: Tensor | None,
+    num_items_in_batch: Mapping[str, int | Tensor] | None,
+) -> None:
+    """Label values: class ids in [0, C) or ignore_index, bce targets in [0, 1]. One host sync."""
+    flags: list[tuple[str, str, Tensor]] = []
+    for name, label in labels.items():
+        task = layout.tasks[layout.index[name]]
+        if task.loss == "cross_entropy":
+            bad = (label != task.ignore_index) & ((label < 0) | (label >= task.num_outputs))
+            if task.level == "token" and attention_mask is not None:
+                bad = bad & (attention_mask != 0)
+            flags.append((name, f"class ids must lie in [0, {task.num_outputs}) or equal ignore_index "
+                                f"{task.ignore_index}", bad.any()))  # fmt: skip
+        elif task.loss == "bce":
+            bad = (label < 0) | (label > 1)
+            flags.append((name, "bce targets must lie in [0, 1] (NaN marks a skipped row)", bad.any()))
+    for name, value in (num_items_in_batch or {}).items():
+        if isinstance(value, Tensor):
+            flags.append((name, "num_items_in_batch must be >= 0", value < 0))
+    if not flags:
+        return
+    device = flags[0][2].device
+    found = torch.stack([flag.reshape(()).to(device) for _, _, flag in flags]).tolist()
+    for (name, problem, _), bad in zip(flags, found):
+        if bad:
+            raise ValueError(f"task '{name}': {problem}")
