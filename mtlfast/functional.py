@@ -144,11 +144,12 @@ def multitask_loss(
         divisor_override = torch.stack(
             [torch.as_tensor(-1.0 if v is None else v, dtype=torch.float32).to(device) for v in overrides]
         )
+    weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     if weighting == "uncertainty":
         task_log_vars = log_vars[torch.tensor(present, dtype=torch.long, device=log_vars.device)]
-        task_weights = 0.5 * torch.exp(-task_log_vars.float())
+        task_weights = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
     else:
-        task_weights = torch.tensor([task.weight for task in present_tasks], dtype=torch.float32, device=device)
+        task_weights = torch.tensor([task.weight for task in present_tasks], dtype=weight_dtype, device=device)
 
     backend_name = resolve_backend(backend, device)
     compute_grad = torch.is_grad_enabled() and any(

@@ -9,8 +9,6 @@ traces through them without graph breaks.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -20,9 +18,9 @@ from .backends.base import HeadProblem, HeadSpec
 
 def _problem(
     hidden: Tensor,
-    pooled: Optional[Tensor],
+    pooled: Tensor | None,
     seq_stride: int,
-    token_mask: Optional[Tensor],
+    token_mask: Tensor | None,
     weight: Tensor,
     bias: Tensor,
     targets: list[Tensor],
@@ -61,9 +59,9 @@ def _problem(
 @torch.library.custom_op("mtlfast::fused_heads_loss", mutates_args=())
 def fused_heads_loss(
     hidden: Tensor,
-    pooled: Optional[Tensor],
+    pooled: Tensor | None,
     seq_stride: int,
-    token_mask: Optional[Tensor],
+    token_mask: Tensor | None,
     weight: Tensor,
     bias: Tensor,
     targets: list[Tensor],
@@ -111,9 +109,9 @@ def fused_heads_loss_backward(
     grad_total: Tensor,
     saved: list[Tensor],
     hidden: Tensor,
-    pooled: Optional[Tensor],
+    pooled: Tensor | None,
     seq_stride: int,
-    token_mask: Optional[Tensor],
+    token_mask: Tensor | None,
     weight: Tensor,
     bias: Tensor,
     targets: list[Tensor],

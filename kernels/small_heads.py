@@ -1,0 +1,298 @@
+"""Fused kernel for classification-sized heads: every small task, every row, one launch.
+
+The grid runs over row blocks of two row sources: the hidden rows (token rows, whose
+every ``seq_stride``-th row is also a sequence row) and, when given, the pooled rows.
+For each row block the kernel walks the column groups of the plan (groups of
+``BLOCK_C`` slots, each a packed weight row; a cross-entropy task never straddles a
+group) and, per group:
+
+1. computes the logits tile ``[BLOCK_M, BLOCK_C]`` on chip, accumulating in fp32;
+2. forward: the per-slot loss contributions (segmented softmax cross-entropy with label
+   smoothing, BCE, MSE), reduced over rows and added to the per-task loss sums;
+3. backward: ``dlogits`` (scaled per task), then ``dH += dlogits @ W`` and
+   ``dW += dlogits^T @ H`` (fp32) and ``db += sum(dlogits)``.
+
+Logits and dlogits never leave the chip. The backward reads H once for the logits and
+once, from L1/L2, for dW; dH rows are owned by one program, so with several groups the
+partial dH is kept in an fp32 scratch buffer (the program's own rows) and rounded once.
+
+Slot table (int32 ``[G, SLOT_FIELDS, BLOCK_C]``), one column per slot:
+``SLOT_COL`` packed weight row (-1: padding), ``SLOT_TASK`` task index, ``SLOT_KIND``
+0 ce / 1 bce / 2 mse, ``SLOT_LEVEL`` 0 sequence / 1 token, ``SLOT_STATUS`` column of the
+level's status pack, ``SLOT_DENSE`` column of the level's dense-target pack,
+``SLOT_CLASS`` class index within the task, ``SLOT_SEGMENT`` cross-entropy segment
+within the group (-1 otherwise), ``SLOT_FIRST`` 1 on a segment's first slot.
+Float table (fp32 ``[G, 2, BLOCK_C]``): label smoothing and 1 / C of the slot's task.
+
+Status packs (int32 ``[rows, tasks of the level]``): the class id of a kept
+cross-entropy row, 0 for a kept bce/mse row, -1 for a skipped row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiling import autotune, logits_tile, rows_bucket
+
+SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_STATUS, SLOT_DENSE, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST = range(9)
+SLOT_FIELDS = 9
+
+
+@triton.jit
+def _slot_field(slot_int_ptr, group, field: tl.constexpr, slots, BLOCK_C: tl.constexpr, SLOT_FIELDS: tl.constexpr):
+    return tl.load(slot_int_ptr + (group * SLOT_FIELDS + field) * BLOCK_C + slots)
+
+
+@triton.jit
+def small_heads_kernel(
+    h_ptr, stride_hn, stride_hd, n_hidden_rows,
+    p_ptr, stride_pn, stride_pd, n_pooled_rows,
+    seq_stride,
+    w_ptr, stride_wc, stride_wd, b_ptr, D,
+    slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups,
+    tok_status_ptr, stride_tsn, tok_dense_ptr, stride_tdn,
+    seq_status_ptr, stride_ssn, seq_dense_ptr, stride_sdn,
+    task_scale_ptr,
+    loss_ptr,
+    dh_ptr, stride_dhn, dp_ptr, stride_dpn, dh_acc_ptr,
+    dw_ptr, db_ptr,
+    ROWS_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr``.
+    Backward: writes dH (dh_ptr / dp_ptr, computation dtype) and adds dW, db (fp32).
+
+    ``DETERMINISTIC``: each program owns slot-indexed partial rows (``loss_ptr``
+    ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
+    ``[programs, G * BLOCK_C]``) and adds with plain loads and stores; otherwise float
+    atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_blocks_hidden = tl.cdiv(n_hidden_rows, BLOCK_M)
+    n_blocks_total = n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M)
+    slots = tl.arange(0, BLOCK_C)
+    ks = tl.arange(0, BLOCK_K)
+    for block in range(pid, n_blocks_total, programs):
+        from_pooled = block >= n_blocks_hidden
+        if from_pooled:
+            rows = (block - n_blocks_hidden) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_pooled_rows
+            rows64 = rows.to(tl.int64)
+            h_row_ptrs = p_ptr + rows64 * stride_pn
+            stride_k = stride_pd
+            seq_row = rows
+            is_seq_row = row_ok
+            is_tok_row = rows < 0
+            out_row_ptrs = dp_ptr + rows64 * stride_dpn
+            acc_row = rows64 + n_hidden_rows
+        else:
+            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_hidden_rows
+            rows64 = rows.to(tl.int64)
+            h_row_ptrs = h_ptr + rows64 * stride_hn
+            stride_k = stride_hd
+            safe_stride = tl.maximum(seq_stride, 1)
+            seq_row = rows // safe_stride
+            is_seq_row = row_ok & (seq_stride > 0) & ((rows % safe_stride) == 0)
+            is_tok_row = row_ok
+            out_row_ptrs = dh_ptr + rows64 * stride_dhn
+            acc_row = rows64
+        seq_row64 = seq_row.to(tl.int64)
+
+        for group in range(0, n_groups):
+            w_rows = _slot_field(slot_int_ptr, group, 0, slots, BLOCK_C, SLOT_FIELDS)
+            task = _slot_field(slot_int_ptr, group, 1, slots, BLOCK_C, SLOT_FIELDS)
+            kind = _slot_field(slot_int_ptr, group, 2, slots, BLOCK_C, SLOT_FIELDS)
+            level = _slot_field(slot_int_ptr, group, 3, slots, BLOCK_C, SLOT_FIELDS)
+            status_col = _slot_field(slot_int_ptr, group, 4, slots, BLOCK_C, SLOT_FIELDS)
+            dense_col = _slot_field(slot_int_ptr, group, 5, slots, BLOCK_C, SLOT_FIELDS)
+            klass = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
+            segment = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
+            first = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
+            smoothing = tl.load(slot_flt_ptr + (group * 2) * BLOCK_C + slots)
+            inv_classes = tl.load(slot_flt_ptr + (group * 2 + 1) * BLOCK_C + slots)
+            slot_ok = w_rows >= 0
+            is_tok_slot = level == 1
+            is_ce = (kind == 0) & slot_ok
+
+            x = logits_tile(h_row_ptrs, row_ok, stride_k, w_ptr, stride_wc, stride_wd, w_rows, slot_ok, D,
+                             BLOCK_M, BLOCK_C, BLOCK_K, PRECISION)  # fmt: skip
+            x += tl.load(b_ptr + w_rows, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
+
+            tok_mask = is_tok_row[:, None] & (slot_ok & is_tok_slot)[None, :]
+            seq_mask = is_seq_row[:, None] & (slot_ok & (level == 0))[None, :]
+            status = tl.load(tok_status_ptr + rows64[:, None] * stride_tsn + status_col[None, :], mask=tok_mask, other=-1)
+            status = tl.where(
+                seq_mask,
+                tl.load(seq_status_ptr + seq_row64[:, None] * stride_ssn + status_col[None, :], mask=seq_mask, other=-1),
+                status,
+            )
+            active = status >= 0
+            dense_tok = tok_mask & (kind != 0)[None, :]
+            dense_seq = seq_mask & (kind != 0)[None, :]
+            y = tl.load(tok_dense_ptr + rows64[:, None] * stride_tdn + dense_col[None, :], mask=dense_tok, other=0.0)
+            y = tl.where(
+                dense_seq,
+                tl.load(seq_dense_ptr + seq_row64[:, None] * stride_sdn + dense_col[None, :], mask=dense_seq, other=0.0),
+                y,
+            )
+
+            # Segmented log-sum-exp over each cross-entropy task's slots.
+            n_segments = tl.load(group_segments_ptr + group)
+            seg_max = tl.full((BLOCK_M, BLOCK_C), float("-inf"), dtype=tl.float32)
+            for s in range(0, n_segments):
+                in_seg = (segment == s)[None, :]
+                top = tl.max(tl.where(in_seg, x, float("-inf")), axis=1)
+                seg_max = tl.where(in_seg, top[:, None], seg_max)
+            seg_max = tl.where(is_ce[None, :], seg_max, 0.0)
+            exp_x = tl.where(is_ce[None, :], tl.exp(x - seg_max), 0.0)
+            seg_sum = tl.full((BLOCK_M, BLOCK_C), 1.0, dtype=tl.float32)
+            for s in range(0, n_segments):
+                in_seg = (segment == s)[None, :]
+                total = tl.sum(tl.where(in_seg, exp_x, 0.0), axis=1)
+                seg_sum = tl.where(in_seg, total[:, None], seg_sum)
+            lse = seg_max + tl.log(seg_sum)
+            is_target = (status == klass[None, :]) & is_ce[None, :]
+            smooth = smoothing[None, :]
+            is_bce = (kind == 1)[None, :]
+
+            if BACKWARD:
+                ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
+                bce_grad = 1.0 / (1.0 + tl.exp(-x)) - y
+                mse_grad = 2.0 * (x - y)
+                grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
+                scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0)
+                grad = tl.where(active, grad * scale[None, :], 0.0)
+                grad_lo = grad.to(h_ptr.dtype.element_ty)
+                bias_grad = tl.sum(grad, axis=0)
+                if DETERMINISTIC:
+                    part = (pid * n_groups + group) * BLOCK_C + slots
+                    tl.store(db_ptr + part, tl.load(db_ptr + part) + bias_grad)
+                else:
+                    tl.atomic_add(db_ptr + w_rows, bias_grad, mask=slot_ok)
+                is_last = group == n_groups - 1
+                w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
+                for k0 in range(0, D, BLOCK_K):
+                    k_ok = (k0 + ks) < D
+                    out_mask = row_ok[:, None] & k_ok[None, :]
+                    w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd, mask=slot_ok[:, None] & k_ok[None, :],
+                                other=0.0)  # fmt: skip
+                    dh = tl.dot(grad_lo, w.to(grad_lo.dtype), input_precision=PRECISION)
+                    acc_ptrs = dh_acc_ptr + acc_row[:, None] * D + (k0 + ks)[None, :]
+                    if HAS_DH_INIT:
+                        dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
+                    elif USE_DH_ACC:
+                        if group > 0:
+                            dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
+                    if is_last:
+                        tl.store(out_row_ptrs[:, None] + (k0 + ks)[None, :], dh.to(dh_ptr.dtype.element_ty),
+                                 mask=out_mask)  # fmt: skip
+                    else:
+                        tl.store(acc_ptrs, dh, mask=out_mask)
+                    h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
+                    dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
+                    if DETERMINISTIC:
+                        part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
+                        dw_ptrs = dw_ptr + part[:, None] * D + (k0 + ks)[None, :]
+                        dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
+                        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw, mask=dw_mask)
+                    else:
+                        dw_ptrs = dw_ptr + w_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
+                        tl.atomic_add(dw_ptrs, dw, mask=slot_ok[:, None] & k_ok[None, :])
+                if USE_DH_ACC:
+                    # Later groups read the fp32 partial dH this program's own threads wrote.
+                    tl.debug_barrier()
+            else:
+                softplus = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
+                ce_term -= smooth * inv_classes[None, :] * x
+                diff = x - y
+                term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
+                slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
+                if DETERMINISTIC:
+                    part = (pid * n_groups + group) * BLOCK_C + slots
+                    tl.store(loss_ptr + part, tl.load(loss_ptr + part) + slot_loss)
+                else:
+                    tl.atomic_add(loss_ptr + task, slot_loss, mask=slot_ok)
+
+
+def _configs() -> list[triton.Config]:
+    shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 2), (64, 128, 8, 2), (128, 32, 8, 4), (32, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keeps the tile of logits and its temporaries in registers: BLOCK_M * BLOCK_C <= 8192."""
+    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C", 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_c <= 8192]
+    return kept or configs[-1:]
+
+
+_KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
+_forward_kernel = autotune(_configs(), _KEY, reset_to_zero=["loss_ptr"], prune_configs_by={"early_config_prune": _prune})(
+    small_heads_kernel
+)
+_backward_kernel = autotune(
+    _configs(), _KEY, restore_value=["dw_ptr", "db_ptr", "dh_acc_ptr"], prune_configs_by={"early_config_prune": _prune}
+)(small_heads_kernel)
+
+
+def launch_small_heads(
+    *,
+    backward: bool,
+    hidden: torch.Tensor,
+    pooled: torch.Tensor | None,
+    seq_stride: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    slot_int: torch.Tensor,
+    slot_flt: torch.Tensor,
+    group_segments: torch.Tensor,
+    tok_status: torch.Tensor,
+    tok_dense: torch.Tensor,
+    seq_status: torch.Tensor,
+    seq_dense: torch.Tensor,
+    task_scale: torch.Tensor,
+    loss: torch.Tensor,
+    grad_hidden: torch.Tensor,
+    grad_pooled: torch.Tensor,
+    dh_acc: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
+    has_dh_init: bool,
+    deterministic_programs: int,
+) -> None:
+    """One launch of :func:`small_heads_kernel`. ``deterministic_programs > 0`` runs that
+    many persistent programs over slot-indexed partial buffers; 0 uses float atomics."""
+    n_groups, _, block_c = slot_int.shape
+    pooled_rows = pooled if pooled is not None else hidden
+    n_pooled = pooled.shape[0] if pooled is not None else 0
+    deterministic = deterministic_programs > 0
+
+    def grid(meta):
+        blocks = triton.cdiv(hidden.shape[0], meta["BLOCK_M"]) + triton.cdiv(n_pooled, meta["BLOCK_M"])
+        return (max(1, min(blocks, deterministic_programs) if deterministic else blocks),)
+
+    kernel = _backward_kernel if backward else _forward_kernel
+    precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
+    kernel[grid](
+        hidden, hidden.stride(0), hidden.stride(1), hidden.shape[0],
+        pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
+        seq_stride,
+        weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
+        slot_int, slot_flt, group_segments, n_groups,
+        tok_status, tok_status.stride(0), tok_dense, tok_dense.stride(0),
+        seq_status, seq_status.stride(0), seq_dense, seq_dense.stride(0),
+        task_scale,
+        loss,
+        grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
+        grad_weight, grad_bias,
+        rows_bucket(hidden.shape[0]),
+        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, DETERMINISTIC=deterministic,
+        HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1, PRECISION=precision,
+    )  # fmt: skip

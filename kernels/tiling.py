@@ -1,0 +1,41 @@
+"""Shared pieces of the kernels: the logits tile and interpreter-aware autotuning."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` over ``configs``; the Triton interpreter gets only the first one
+    (with more, it tries to time them and fails on a host without a GPU)."""
+    return triton.autotune(configs[:1] if INTERPRETED else configs, key=key, **kwargs)
+
+
+def rows_bucket(n: int) -> int:
+    """Autotuning key for a row count: the next power of two, so that varying batch
+    shapes reuse one tuning result."""
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+@triton.jit
+def logits_tile(
+    h_row_ptrs, row_ok, stride_hd, w_ptr, stride_wc, stride_wd, w_rows, col_ok, D,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``H[rows] @ W[w_rows]^T`` as an fp32 ``[BLOCK_M, BLOCK_C]`` tile. W is cast to the dtype
+    of H on chip (fp32 master weights need no separate cast pass)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    w_col_ptrs = w_ptr + w_rows.to(tl.int64)[None, :] * stride_wc
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks) < D
+        h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(w_col_ptrs + (k0 + ks)[:, None] * stride_wd, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w.to(h.dtype), acc, input_precision=PRECISION)
+    return acc

@@ -1,0 +1,282 @@
+"""A float64 oracle and a random case generator shared by every backend's tests.
+
+The oracle is written from the loss definitions with plain float64 tensor ops and takes
+its gradients from autograd; it shares no code with mtlfast's backends. Inputs are
+rounded to the computation dtype first, as the heads see them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from mtlfast import MultiTaskHeads, Task
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2}
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+@dataclass
+class Case:
+    tasks: list[Task]
+    hidden: torch.Tensor  # [B, S, D] or [B, D], fp32 master copy
+    labels: dict[str, torch.Tensor]
+    weight: torch.Tensor  # [sum C, D] fp32
+    bias: torch.Tensor  # [sum C] fp32
+    attention_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    num_items: dict | None = None
+    weighting: str = "static"
+    log_vars: torch.Tensor | None = None
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        tasks = ", ".join(f"{t.name}:{t.loss}/{t.level}/C={t.num_outputs}" for t in self.tasks)
+        return f"seed={self.seed} hidden={tuple(self.hidden.shape)} tasks=[{tasks}] {' '.join(self.notes)}"
+
+
+def random_labels(task: Task, batch: int, seq_len: int, gen: torch.Generator, ignore_rate: float, nan_rate: float):
+    lead = (batch, seq_len) if task.level == "token" else (batch,)
+    if task.loss == "cross_entropy":
+        y = torch.randint(0, task.num_outputs, lead, generator=gen)
+        drop = torch.rand(lead, generator=gen) < ignore_rate
+        return y.masked_fill(drop, task.ignore_index)
+    shape = (*lead, task.num_outputs)
+    y = torch.rand(shape, generator=gen) if task.loss == "bce" else torch.randn(shape, generator=gen)
+    if task.loss == "bce" and torch.rand((), generator=gen) < 0.5:
+        y = (y > 0.5).float()
+    drop = torch.rand(lead, generator=gen) < nan_rate
+    y[drop] = float("nan")
+    if task.loss == "mse" and task.num_outputs == 1 and torch.rand((), generator=gen) < 0.5:
+        y = y.squeeze(-1)
+    return y
+
+
+def case_for(
+    tasks: list[Task],
+    shape: tuple[int, int, int],
+    seed: int | None = None,
+    *,
+    two_d: bool = False,
+    ignore_rate: float = 0.15,
+    nan_rate: float = 0.1,
+) -> Case:
+    """Random hidden states, parameters and labels for the given tasks."""
+    seed = fresh_seed() if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq_len, hidden_size = shape
+    hidden = torch.randn((batch, hidden_size) if two_d else (batch, seq_len, hidden_size), generator=gen)
+    total = sum(t.num_outputs for t in tasks)
+    weight = torch.randn(total, hidden_size, generator=gen) / hidden_size**0.5
+    bias = torch.randn(total, generator=gen) * 0.1
+    labels = {t.name: random_labels(t, batch, seq_len, gen, ignore_rate, nan_rate) for t in tasks}
+    return Case(list(tasks), hidden, labels, weight, bias, seed=seed)
+
+
+def random_case(
+    seed: int | None = None,
+    *,
+    num_tasks: int | None = None,
+    max_classes: int = 20,
+    levels: tuple[str, ...] = ("sequence", "token"),
+    losses: tuple[str, ...] = ("cross_entropy", "bce", "mse"),
+    shape: tuple[int, int, int] | None = None,
+    allow_extras: bool = True,
+    ce_classes: tuple[int, int] | None = None,
+) -> Case:
+    """Random tasks, sizes and options; odd sizes on purpose."""
+    seed = fresh_seed() if seed is None else seed
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    num_tasks = num_tasks or rng.randint(1, 6)
+    tasks = []
+    for k in range(num_tasks):
+        loss = rng.choice(losses)
+        level = rng.choice(levels)
+        if loss == "cross_entropy":
+            classes = rng.randint(*(ce_classes or (2, max_classes)))
+        else:
+            classes = rng.randint(1, min(12, max_classes))
+        smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
+        ignore = rng.choice([-100, -100, -1, classes + 3])
+        tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
+                          weight=rng.choice([1.0, 0.5, 2.0])))  # fmt: skip
+    has_token = any(t.level == "token" for t in tasks)
+    shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
+    two_d = not has_token and rng.random() < 0.3
+    case = case_for(tasks, shape, seed, two_d=two_d, ignore_rate=rng.choice([0.0, 0.15, 0.5]),
+                    nan_rate=rng.choice([0.0, 0.2]))  # fmt: skip
+    batch, seq_len, hidden_size = shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    if not allow_extras:
+        return case
+    if rng.random() < 0.25 and len(tasks) > 1:
+        absent = rng.choice(tasks).name
+        del case.labels[absent]
+        case.notes.append(f"absent={absent}")
+    if not two_d and rng.random() < 0.4:
+        mask = (torch.rand(batch, seq_len, generator=gen) > 0.3).long()
+        case.attention_mask = mask
+        case.notes.append("mask")
+    if rng.random() < 0.3:
+        case.pooled = torch.randn(batch, hidden_size, generator=gen)
+        case.notes.append("pooled")
+    if rng.random() < 0.3 and case.labels:
+        name = rng.choice(sorted(case.labels))
+        value = rng.choice([0, 1, 7, torch.tensor(5.0), torch.tensor(3)])
+        case.num_items = {name: value}
+        case.notes.append(f"num_items={name}:{value}")
+    if rng.random() < 0.3:
+        case.weighting = "uncertainty"
+        case.log_vars = torch.randn(len(tasks), generator=gen) * 0.5
+        case.notes.append("uncertainty")
+    return case
+
+
+def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
+    batch = h.shape[0]
+    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
+    losses = {}
+    col = 0
+    for task in case.tasks:
+        cols = slice(col, col + task.num_outputs)
+        col += task.num_outputs
+        if task.name not in case.labels:
+            continue
+        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
+        logits = rows @ w[cols].T + b[cols]
+        y = case.labels[task.name]
+        n = rows.shape[0]
+        keep = torch.ones(n, dtype=torch.bool)
+        if task.level == "token" and case.attention_mask is not None:
+            keep &= case.attention_mask.reshape(-1) != 0
+        if task.loss == "cross_entropy":
+            y = y.reshape(n)
+            keep &= y != task.ignore_index
+            safe = torch.where(keep, y, torch.zeros_like(y))
+            logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            eps = task.label_smoothing
+            row_loss = -(1 - eps) * logp.gather(1, safe[:, None]).squeeze(1) - eps * logp.mean(dim=1)
+            total = (row_loss * keep).sum()
+            default = keep.sum().double()
+        else:
+            y = y.reshape(n, task.num_outputs).double()
+            keep &= ~torch.isnan(y).any(dim=1)
+            y = torch.where(keep[:, None], y, torch.zeros_like(y))
+            if task.loss == "bce":
+                element = torch.clamp(logits, min=0) - logits * y + torch.log1p(torch.exp(-logits.abs()))
+            else:
+                element = (logits - y) ** 2
+            total = (element * keep[:, None]).sum()
+            default = keep.sum().double() * task.num_outputs
+        divisor = default
+        if case.num_items and task.name in case.num_items:
+            divisor = torch.as_tensor(case.num_items[task.name], dtype=torch.float64)
+        losses[task.name] = total / divisor if divisor > 0 else total * 0.0
+        _ = batch
+    return losses
+
+
+def oracle(case: Case, compute_dtype: torch.dtype):
+    """float64 loss, per-task losses and gradients of the case, inputs rounded to ``compute_dtype``."""
+    h = case.hidden.to(compute_dtype).double().requires_grad_(True)
+    pooled = case.pooled.to(compute_dtype).double().requires_grad_(True) if case.pooled is not None else None
+    w = case.weight.to(compute_dtype).double().requires_grad_(True)
+    b = case.bias.double().requires_grad_(True)
+    log_vars = case.log_vars.double().requires_grad_(True) if case.log_vars is not None else None
+    losses = _oracle_losses(case, h, pooled, w, b)
+    index = {t.name: i for i, t in enumerate(case.tasks)}
+    if case.weighting == "uncertainty":
+        terms = [0.5 * torch.exp(-log_vars[index[n]]) * v + 0.5 * log_vars[index[n]] for n, v in losses.items()]
+    else:
+        terms = [case.tasks[index[n]].weight * v for n, v in losses.items()]
+    total = torch.stack(terms).sum() if terms else h.sum() * 0.0
+    leaves = {"hidden": h, "weight": w, "bias": b}
+    if pooled is not None:
+        leaves["pooled"] = pooled
+    if log_vars is not None:
+        leaves["log_vars"] = log_vars
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    grads = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), grads)}
+    return total.detach(), {k: v.detach() for k, v in losses.items()}, grads
+
+
+def make_heads(case: Case, backend: str, device="cpu", **kwargs) -> MultiTaskHeads:
+    heads = MultiTaskHeads(case.hidden.shape[-1], case.tasks, weighting=case.weighting, backend=backend, **kwargs)
+    heads = heads.to(device)
+    with torch.no_grad():
+        heads.weight.copy_(case.weight)
+        heads.bias.copy_(case.bias)
+        if case.log_vars is not None:
+            heads.log_vars.copy_(case.log_vars)
+    return heads
+
+
+def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autocast: bool = False, **kwargs):
+    """Loss, per-task losses and gradients from mtlfast for the case.
+
+    With ``autocast`` the parameters and hidden states stay fp32 and ``torch.autocast``
+    sets the computation dtype; otherwise hidden states are given in ``dtype``.
+    """
+    heads = make_heads(case, backend, device, **kwargs)
+    in_dtype = torch.float32 if autocast else dtype
+    if not autocast and dtype == torch.float64:
+        heads = heads.double()
+    h = case.hidden.to(device=device, dtype=in_dtype).requires_grad_(True)
+    pooled = case.pooled.to(device=device, dtype=in_dtype).requires_grad_(True) if case.pooled is not None else None
+    labels = {k: v.to(device) for k, v in case.labels.items()}
+    mask = case.attention_mask.to(device) if case.attention_mask is not None else None
+    num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
+    ctx = torch.autocast(device_type=torch.device(device).type, dtype=dtype) if autocast else _null()
+    with ctx:
+        out = heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None)
+    out.loss.backward()
+    grads = {"hidden": h.grad, "weight": heads.weight.grad, "bias": heads.bias.grad}
+    if pooled is not None:
+        grads["pooled"] = pooled.grad
+    if case.log_vars is not None:
+        grads["log_vars"] = heads.log_vars.grad
+    return out, grads
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf for any non-finite value; the absolute
+    error when ``ref`` is all zeros."""
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        out = out.reshape(ref.shape)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    ref_norm = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / ref_norm if ref_norm > 0 else diff
+
+
+def assert_matches_oracle(case: Case, out, grads, compute_dtype: torch.dtype, tol: float, what: str = "") -> None:
+    ref_total, ref_losses, ref_grads = oracle(case, compute_dtype)
+    context = f"{what} {case.describe()}"
+    assert set(out.losses) == set(ref_losses), f"{context}: tasks in losses {set(out.losses)} != {set(ref_losses)}"
+    err = rel_error(out.loss, ref_total)
+    assert err <= tol, f"{context}: loss rel error {err:.3e} > {tol}"
+    for name, ref in ref_losses.items():
+        err = rel_error(out.losses[name], ref)
+        assert err <= tol, f"{context}: loss of {name} rel error {err:.3e} > {tol}"
+    for name, ref in ref_grads.items():
+        got = grads.get(name)
+        err = rel_error(torch.zeros_like(ref) if got is None else got, ref)
+        assert err <= tol, f"{context}: grad of {name} rel error {err:.3e} > {tol}"

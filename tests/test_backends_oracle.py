@@ -1,0 +1,188 @@
+"""Every CPU backend against the float64 oracle, on fresh random cases each run."""
+
+import pytest
+import torch
+from oracle import TOLERANCE, Case, assert_matches_oracle, fresh_seed, oracle, random_case, rel_error, run_heads
+
+from mtlfast import Task
+
+BACKENDS = ["reference", "torch"]
+DTYPES = [torch.float64, torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(12))
+def test_random_cases(backend, dtype, trial):
+    case = random_case()
+    kwargs = {"chunk_size": case.seed % 5 + 1} if backend == "torch" and trial % 2 else {}
+    out, grads = run_heads(case, backend, dtype, **kwargs)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/{dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_fp16_keeps_fp32_parameter_grads(backend):
+    case = random_case(num_tasks=3)
+    out, grads = run_heads(case, backend, torch.float16, autocast=True)
+    assert grads["weight"].dtype == torch.float32 and grads["bias"].dtype == torch.float32
+    assert_matches_oracle(case, out, grads, torch.float16, TOLERANCE[torch.float16], f"{backend}/autocast-fp16")
+
+
+def _eager_bf16_errors(case: Case):
+    """Errors of what users write today (per-task nn.Linear + losses in bf16) vs the oracle."""
+    out, grads = run_heads(case, "reference", torch.bfloat16)  # computes from bf16 inputs, fp32 math
+    return out, grads
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_torch_backend_bf16_within_eager_error(trial):
+    case = random_case()
+    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
+    # eager bf16: logits and losses computed in bf16 end to end
+    h = case.hidden.bfloat16().requires_grad_(True)
+    w = case.weight.bfloat16().requires_grad_(True)
+    b = case.bias.bfloat16().requires_grad_(True)
+    pooled = case.pooled.bfloat16().requires_grad_(True) if case.pooled is not None else None
+    eager_case = Case(case.tasks, h, case.labels, w, b, case.attention_mask, pooled, case.num_items,
+                      case.weighting, case.log_vars, case.seed)  # fmt: skip
+    eager_total = _eager_total(eager_case)
+    leaves = [h, w, b] + ([pooled] if pooled is not None else [])
+    eager_grads = torch.autograd.grad(eager_total, leaves, allow_unused=True)
+    out, grads = run_heads(case, "torch", torch.bfloat16)
+    names = ["hidden", "weight", "bias"] + (["pooled"] if pooled is not None else [])
+    assert rel_error(out.loss, ref_total) <= rel_error(eager_total, ref_total) + 1e-2, case.describe()
+    for name, eager_grad in zip(names, eager_grads):
+        eager_grad = torch.zeros_like(ref_grads[name]) if eager_grad is None else eager_grad
+        got = grads[name] if grads.get(name) is not None else torch.zeros_like(ref_grads[name])
+        bound = rel_error(eager_grad, ref_grads[name]) + 1e-2
+        assert rel_error(got, ref_grads[name]) <= bound, f"{name}: {case.describe()}"
+
+
+def _eager_total(case: Case) -> torch.Tensor:
+    """Per-task linear + torch loss in the inputs' dtype (bf16), as HF heads do."""
+    import torch.nn.functional as F
+
+    h, pooled = case.hidden, case.pooled
+    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
+    index = {t.name: i for i, t in enumerate(case.tasks)}
+    col, terms = 0, []
+    for task in case.tasks:
+        cols = slice(col, col + task.num_outputs)
+        col += task.num_outputs
+        if task.name not in case.labels:
+            continue
+        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
+        logits = F.linear(rows, case.weight[cols], case.bias[cols])
+        y = case.labels[task.name]
+        n = rows.shape[0]
+        keep = torch.ones(n, dtype=torch.bool)
+        if task.level == "token" and case.attention_mask is not None:
+            keep &= case.attention_mask.reshape(-1) != 0
+        if task.loss == "cross_entropy":
+            y = torch.where(keep, y.reshape(n), torch.full((n,), task.ignore_index))
+            summed = F.cross_entropy(logits, y, ignore_index=task.ignore_index,
+                                     label_smoothing=task.label_smoothing, reduction="sum")  # fmt: skip
+            count = (y != task.ignore_index).sum()
+        else:
+            y = y.reshape(n, task.num_outputs)
+            keep &= ~torch.isnan(y).any(dim=1)
+            y = torch.where(keep[:, None], y, torch.zeros_like(y)).to(logits.dtype)
+            fn = F.binary_cross_entropy_with_logits if task.loss == "bce" else F.mse_loss
+            summed = (fn(logits, y, reduction="none") * keep[:, None]).sum()
+            count = keep.sum() * task.num_outputs
+        if case.num_items and task.name in case.num_items:
+            count = torch.as_tensor(case.num_items[task.name])
+        loss = summed / count if count > 0 else summed * 0
+        if case.weighting == "uncertainty":
+            s = case.log_vars[index[task.name]]
+            terms.append(0.5 * torch.exp(-s) * loss + 0.5 * s)
+        else:
+            terms.append(task.weight * loss)
+    return torch.stack([t.float() for t in terms]).sum() if terms else h.sum() * 0
+
+
+EDGE_CASES = {
+    "single_task": dict(num_tasks=1),
+    "forty_tasks": dict(num_tasks=40, max_classes=7),
+    "single_row": dict(shape=(1, 1, 5)),
+    "dense_c1": dict(losses=("bce", "mse"), max_classes=1),
+    "sequence_only": dict(levels=("sequence",)),
+    "token_only": dict(levels=("token",)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edge", sorted(EDGE_CASES))
+def test_edge_shapes(backend, edge):
+    case = random_case(**EDGE_CASES[edge])
+    out, grads = run_heads(case, backend, torch.float32)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend}/{edge}")
+
+
+def _fixed_case(labels_fn, **extra) -> Case:
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    tasks = [
+        Task("cls", 4, "cross_entropy", label_smoothing=0.2),
+        Task("ner", 7, "cross_entropy", level="token"),
+        Task("reg", 1, "mse"),
+        Task("tags", 5, "bce", level="token"),
+    ]
+    B, S, D = 3, 6, 11
+    hidden = torch.randn(B, S, D, generator=gen)
+    weight = torch.randn(17, D, generator=gen) * 0.3
+    bias = torch.randn(17, generator=gen) * 0.1
+    return Case(tasks, hidden, labels_fn(B, S, gen), weight, bias, seed=seed, **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_gives_zero_loss_and_grads(backend):
+    def labels(B, S, gen):
+        return {
+            "cls": torch.full((B,), -100),
+            "ner": torch.full((B, S), -100),
+            "reg": torch.full((B,), float("nan")),
+            "tags": torch.full((B, S, 5), float("nan")),
+        }
+
+    case = _fixed_case(labels)
+    out, grads = run_heads(case, backend, torch.float32)
+    assert out.loss.item() == 0.0 and all(v.item() == 0.0 for v in out.losses.values())
+    for name, grad in grads.items():
+        assert torch.count_nonzero(grad) == 0, name
+    assert_matches_oracle(case, out, grads, torch.float32, 1e-6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_ignored_and_num_items_zero(backend):
+    def labels(B, S, gen):
+        return {
+            "cls": torch.randint(0, 4, (B,), generator=gen),
+            "ner": torch.randint(0, 7, (B, S), generator=gen),
+            "reg": torch.randn(B, 1, generator=gen),
+            "tags": torch.rand(B, S, 5, generator=gen),
+        }
+
+    case = _fixed_case(labels, num_items={"ner": 0, "tags": torch.tensor(4)})
+    out, grads = run_heads(case, backend, torch.float32)
+    assert out.losses["ner"].item() == 0.0
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_mask_and_pooled(backend):
+    def labels(B, S, gen):
+        return {
+            "cls": torch.randint(0, 4, (B,), generator=gen),
+            "ner": torch.randint(0, 7, (B, S), generator=gen),
+            "tags": torch.rand(B, S, 5, generator=gen),
+        }
+
+    case = _fixed_case(labels)
+    case.attention_mask = torch.ones(3, 6, dtype=torch.long)
+    case.attention_mask[1, 2:] = 0
+    case.attention_mask[2, :] = 0
+    case.pooled = torch.randn(3, 11)
+    out, grads = run_heads(case, backend, torch.float32)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], backend)
+    assert grads["pooled"].abs().sum() > 0
