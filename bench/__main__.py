@@ -1,0 +1,131 @@
+"""``python -m mtlfast.bench [--device cpu|cuda] [--quick] [--workloads ...] [--providers ...] --out DIR``
+
+Times forward+backward of every provider on every workload, checks each provider's loss
+against eager first, and writes ``DIR/results.json``, ``DIR/results.md`` and
+``DIR/results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import shlex
+import subprocess
+import sys
+
+import torch
+
+from . import report
+from .measure import StepRunner, cpu_peak_extra_mb, gpu_ceilings, gpu_peak_extra_mb, time_ms
+from .providers import PROVIDERS, skip_reason
+from .workloads import CPU_WORKLOADS, GPU_WORKLOADS, WORKLOADS
+
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: bool, eager_loss, ceilings) -> dict:
+    row = {"workload": workload.name, "provider": provider}
+    reason = skip_reason(provider, device)
+    if reason:
+        return {**row, "status": f"skipped: {reason}"}
+    try:
+        runner = StepRunner(provider, workload, device, dtype)
+        loss = runner.step().float().item()
+        row["loss"] = loss
+        if eager_loss is not None:
+            rel = abs(loss - eager_loss) / max(abs(eager_loss), 1e-12)
+            row["loss_rel_diff_vs_eager"] = rel
+            if not rel <= LOSS_TOLERANCE[dtype]:
+                return {**row, "status": f"error: loss {loss:.6g} differs from eager {eager_loss:.6g}"}
+        ms = time_ms(runner.step, device, quick)
+        peak = gpu_peak_extra_mb(runner) if device == "cuda" else None
+        del runner
+        if device == "cpu":
+            peak = cpu_peak_extra_mb(workload.name, provider)
+        row.update(ms=ms, peak_mb=peak, tokens_per_s=workload.tokens / (ms * 1e-3), status="ok")
+        if ceilings:
+            floor = max(workload.min_bytes() / ceilings["copy_bytes_per_s"], workload.flops() / ceilings["bf16_flops_per_s"])
+            row.update(floor_ms=floor * 1e3, floor_ratio=ms / (floor * 1e3))
+        return row
+    except Exception as exc:  # a provider failing is a result, not the end of the run
+        return {**row, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m mtlfast.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="CPU variants of the workloads and shorter timing")
+    parser.add_argument("--workloads", nargs="+", help=f"default: all for the device; known: {sorted(WORKLOADS)}")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), help=f"known: {list(PROVIDERS)}")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    names = args.workloads or list(CPU_WORKLOADS if args.device == "cpu" or args.quick and args.device == "cpu"
+                                   else GPU_WORKLOADS)  # fmt: skip
+    unknown = [n for n in names if n not in WORKLOADS] + [p for p in args.providers if p not in PROVIDERS]
+    if unknown:
+        parser.error(f"unknown workloads/providers: {unknown}")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    providers = ["eager"] + [p for p in args.providers if p != "eager"]
+    ceilings = gpu_ceilings() if args.device == "cuda" else None
+    doc = {
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m mtlfast.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "dtype": str(dtype).replace("torch.", ""),
+        "ceilings": ceilings,
+        "results": [],
+    }
+    for name in names:
+        workload = WORKLOADS[name]
+        eager_loss = None
+        for provider in providers:
+            row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings)
+            if provider == "eager" and row["status"] == "ok":
+                eager_loss = row["loss"]
+            doc["results"].append(row)
+            ms = f"{row['ms']:.3f} ms" if row.get("ms") else ""
+            peak = f"{row['peak_mb']:.1f} MB" if row.get("peak_mb") is not None else ""
+            print(f"[{name}] {provider:16s} {ms:>12s} {peak:>12s}  {row['status']}", flush=True)
+            report.write(doc, args.out)
+    print(report.markdown(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

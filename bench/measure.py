@@ -1,0 +1,120 @@
+"""Timing and memory measurement of one provider on one workload."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .providers import build_step
+from .workloads import WORKLOADS, Workload
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, device: str, quick: bool) -> float:
+    """Median milliseconds of one step, after warm-up."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, warmup=100 if quick else 300, rep=300 if quick else 1000,
+                                             return_mode="median"))  # fmt: skip
+    step()
+    times = []
+    budget = 2.0 if quick else 10.0
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_peak_extra_mb(runner) -> float:
+    """Growth of ``torch.cuda.max_memory_allocated`` during one step over the memory held before it."""
+    runner.release()
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner.step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def cpu_peak_extra_mb_here(runner) -> float:
+    """Peak RSS growth during one step over the RSS before it (this process; Linux)."""
+    runner.release()
+    gc.collect()
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets the peak (VmHWM) to the current RSS
+    runner.step()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def cpu_peak_extra_mb(workload: str, provider: str) -> float:
+    """:func:`cpu_peak_extra_mb_here` in a fresh subprocess, so providers do not share a heap."""
+    code = "from mtlfast.bench.measure import _worker; _worker()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, workload, provider],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
+        timeout=900,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _worker() -> None:
+    workload, provider = sys.argv[1], sys.argv[2]
+    runner = StepRunner(provider, WORKLOADS[workload], "cpu", torch.float32)
+    runner.step()
+    print(json.dumps({"peak_mb": cpu_peak_extra_mb_here(runner)}))
+
+
+class StepRunner:
+    """One provider's training step on one workload, with its inputs and parameters."""
+
+    def __init__(self, provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0):
+        self.step, self.hidden, self.labels, self.parameters = build_step(provider, workload, device, dtype, seed)
+
+    def release(self) -> None:
+        self.hidden.grad = None
+        for p in self.parameters:
+            p.grad = None
+
+
+def gpu_ceilings() -> dict[str, float]:
+    """Measured device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    import triton.testing
+
+    n = 1 << 28
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": 2 * n / (copy_ms * 1e-3), "bf16_flops_per_s": 2 * 8192**3 / (mm_ms * 1e-3)}

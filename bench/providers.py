@@ -1,0 +1,190 @@
+"""What each benchmark provider runs for one training step of the heads.
+
+Every provider gets the same fp32 parameters (one weight and bias per task, as per-task
+``nn.Linear`` modules hold them) and the same inputs, runs forward and backward under the
+same autocast dtype, and returns the loss. ``eager`` is what users write today.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtlfast import MultiTaskHeads, Task
+
+from .workloads import Workload
+
+StepFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
+
+
+def make_linears(workload: Workload, device: str, seed: int = 0) -> dict[str, nn.Linear]:
+    """fp32 per-task linears, ``nn.Linear`` initialisation, zero bias (as HF classifiers start)."""
+    torch.manual_seed(seed)
+    linears = {}
+    for task in workload.tasks:
+        linear = nn.Linear(workload.hidden, task.num_outputs, device=device)
+        nn.init.zeros_(linear.bias)
+        linears[task.name] = linear
+    return linears
+
+
+def _rows(task: Task, hidden: Tensor) -> Tensor:
+    return hidden.reshape(-1, hidden.shape[-1]) if task.level == "token" else hidden[:, 0]
+
+
+def _eager_task_loss(task: Task, linear: nn.Linear, hidden: Tensor, target: Tensor) -> Tensor:
+    logits = linear(_rows(task, hidden))
+    if task.loss == "cross_entropy":
+        return F.cross_entropy(logits, target.reshape(-1), ignore_index=task.ignore_index)
+    target = target.reshape(logits.shape).to(logits.dtype)
+    if task.loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.mse_loss(logits, target)
+
+
+def eager_loss_fn(workload: Workload, linears: dict[str, nn.Linear]) -> StepFn:
+    def loss(hidden, labels):
+        return sum(_eager_task_loss(t, linears[t.name], hidden, labels[t.name]) for t in workload.tasks)
+
+    return loss
+
+
+def _ce_only_provider(workload: Workload, linears, ce_loss: Callable[[Task, nn.Linear, Tensor, Tensor], Tensor]):
+    """A fused CE kernel per cross-entropy head, eager for the others."""
+
+    def loss(hidden, labels):
+        total = 0
+        for task in workload.tasks:
+            linear, target = linears[task.name], labels[task.name]
+            if task.loss == "cross_entropy":
+                total = total + ce_loss(task, linear, _rows(task, hidden), target.reshape(-1))
+            else:
+                total = total + _eager_task_loss(task, linear, hidden, target)
+        return total
+
+    return loss
+
+
+def _liger(workload, linears, dtype):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    losses = {t.name: LigerFusedLinearCrossEntropyLoss(ignore_index=t.ignore_index, accum_dtype=torch.float32)
+              for t in workload.tasks}  # fmt: skip
+
+    def ce(task, linear, rows, target):
+        return losses[task.name](linear.weight.to(rows.dtype), rows, target, linear.bias.to(rows.dtype))
+
+    return _ce_only_provider(workload, linears, ce)
+
+
+def _cce(workload, linears, dtype):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def ce(task, linear, rows, target):
+        # cut-cross-entropy takes no bias; the benchmark's biases start at zero.
+        return linear_cross_entropy(rows, linear.weight.to(rows.dtype), target, ignore_index=task.ignore_index)
+
+    return _ce_only_provider(workload, linears, ce)
+
+
+def _torch_linear_ce(workload, linears, dtype):
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    options = LinearCrossEntropyOptions()
+
+    def ce(task, linear, rows, target):
+        return F.linear_cross_entropy(rows, linear.weight.to(rows.dtype), target, linear_bias=linear.bias.to(rows.dtype),
+                                      ignore_index=task.ignore_index, options=options)  # fmt: skip
+
+    return _ce_only_provider(workload, linears, ce)
+
+
+def _mtlfast(backend: str):
+    def build(workload, linears, dtype):
+        heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, validate=False)
+
+        def loss(hidden, labels):
+            return heads(hidden, labels).loss
+
+        loss.parameters = list(heads.parameters())
+        return loss
+
+    return build
+
+
+def _compiled(workload, linears, dtype):
+    return torch.compile(eager_loss_fn(workload, linears))
+
+
+def _needs_cuda(device: str) -> str | None:
+    return None if device == "cuda" else "needs a CUDA device"
+
+
+def _needs_module(module: str, device: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install mtlfast[bench])"
+    return _needs_cuda(device)
+
+
+def _triton_reason(device: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return _needs_cuda(device)
+
+
+def _linear_ce_reason(device: str) -> str | None:
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+    return None
+
+
+def _cuda_backend_reason(device: str) -> str | None:
+    return "mtlfast has no 'cuda' backend yet (csrc/ holds only the extension scaffold)"
+
+
+PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
+    "eager": (lambda w, lin, dt: eager_loss_fn(w, lin), lambda d: None),
+    "torch-compile": (_compiled, lambda d: None),
+    "mtlfast-torch": (_mtlfast("torch"), lambda d: None),
+    "mtlfast-triton": (_mtlfast("triton"), _triton_reason),
+    "mtlfast-cuda": (None, _cuda_backend_reason),
+    "liger": (_liger, lambda d: _needs_module("liger_kernel", d)),
+    "cce": (_cce, lambda d: _needs_module("cut_cross_entropy", d)),
+    "torch-linear-ce": (_torch_linear_ce, _linear_ce_reason),
+}
+
+
+def skip_reason(provider: str, device: str) -> str | None:
+    """Why ``provider`` cannot run on ``device``, or None."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose from {sorted(PROVIDERS)}")
+    return PROVIDERS[provider][1](device)
+
+
+def autocast_for(device: str, dtype: torch.dtype):
+    return torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def build_step(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0):
+    """``(step, hidden, labels, parameters)``: ``step()`` zeroes the grads, runs forward and backward under
+    autocast and returns the detached loss."""
+    linears = make_linears(workload, device, seed)
+    loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
+    hidden, labels = workload.make_inputs(device, dtype, seed)
+    params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
+
+    def step() -> Tensor:
+        hidden.grad = None
+        for p in params:
+            p.grad = None
+        with autocast_for(device, dtype):
+            loss = loss_fn(hidden, labels)
+        loss.backward()
+        return loss.detach()
+
+    return step, hidden, labels, params

@@ -1,0 +1,111 @@
+"""GPU checks of the triton backend and the CUDA extension; skipped without CUDA."""
+
+import pytest
+import torch
+from oracle import TOLERANCE, Case, assert_matches_oracle, case_for, oracle, random_case, rel_error, run_heads
+
+from mtlfast import MultiTaskHeads, Task, cuda_ext
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICE = "cuda"
+
+
+def _eager_bf16_error(case: Case) -> dict[str, float]:
+    """Errors of per-task nn.Linear + torch losses in bf16 autocast (what users write) vs the oracle."""
+    from bench_eager import eager_errors
+
+    return eager_errors(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("trial", range(6))
+def test_triton_random_cases(dtype, trial):
+    case = random_case()
+    out, grads = run_heads(case, "triton", dtype, device=DEVICE)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{dtype}")
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_triton_bf16_within_eager_error(trial):
+    case = random_case(shape=(4, 33, 96))
+    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
+    eager = _eager_bf16_error(case)
+    out, grads = run_heads(case, "triton", torch.bfloat16, device=DEVICE, autocast=True)
+    assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
+    for name in ("hidden", "weight", "bias"):
+        assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_bert_sized(dtype):
+    tasks = [Task("sentiment", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
+             Task("similarity", 1, "mse"), Task("topics", 20, "bce")]  # fmt: skip
+    case = case_for(tasks, (8, 256, 768))
+    out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=dtype != torch.float32)
+    tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
+    assert_matches_oracle(case, out, grads, dtype, tol, f"bert-sized/{dtype}")
+
+
+def test_triton_many_tasks_deterministic_and_repeatable():
+    case = random_case(num_tasks=40, max_classes=16, shape=(4, 64, 256), levels=("token",))
+    first = run_heads(case, "triton", torch.float32, device=DEVICE, deterministic=True)
+    second = run_heads(case, "triton", torch.float32, device=DEVICE, deterministic=True)
+    assert_matches_oracle(case, *first, torch.float32, TOLERANCE[torch.float32], "deterministic")
+    for name, grad in first[1].items():
+        assert torch.equal(grad, second[1][name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_path_128k_classes(dtype):
+    tasks = [Task("lm", 128256, "cross_entropy", level="token"), Task("ner", 9, "cross_entropy", level="token")]
+    case = case_for(tasks, (2, 96, 128))
+    out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=dtype != torch.float32)
+    tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
+    assert_matches_oracle(case, out, grads, dtype, tol, f"128k/{dtype}")
+
+
+def test_compile_fullgraph_with_triton():
+    tasks = [Task("cls", 5, "cross_entropy"), Task("tags", 7, "cross_entropy", level="token"), Task("r", 1, "mse")]
+    case = case_for(tasks, (3, 17, 64))
+    heads = MultiTaskHeads(64, tasks, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        heads.weight.copy_(case.weight)
+        heads.bias.copy_(case.bias)
+    labels = {k: v.to(DEVICE) for k, v in case.labels.items()}
+    h = case.hidden.to(DEVICE).requires_grad_(True)
+    compiled = torch.compile(lambda x, y: heads(x, y).loss, fullgraph=True)
+    loss = compiled(h, labels)
+    loss.backward()
+    ref_total, _, ref_grads = oracle(case, torch.float32)
+    assert rel_error(loss, ref_total) <= TOLERANCE[torch.float32]
+    assert rel_error(h.grad, ref_grads["hidden"]) <= TOLERANCE[torch.float32]
+    assert rel_error(heads.weight.grad, ref_grads["weight"]) <= TOLERANCE[torch.float32]
+
+
+def test_launch_count_does_not_grow_with_tasks():
+    from torch.profiler import ProfilerActivity, profile
+
+    def triton_launches(num_tasks: int) -> int:
+        case = random_case(num_tasks=num_tasks, max_classes=8, shape=(4, 32, 64), allow_extras=False)
+        run_heads(case, "triton", torch.float32, device=DEVICE)  # compile and tune first
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_heads(case, "triton", torch.float32, device=DEVICE)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        return sum(1 for n in names if n.startswith(("small_heads_kernel", "large_ce_")))
+
+    four, forty = triton_launches(4), triton_launches(40)
+    assert four == forty <= 4, (four, forty)
+
+
+@pytest.mark.skipif(not cuda_ext.available(), reason="mtlfast was built without its CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_extension_accumulate_fp32(dtype):
+    n = 1 + torch.randint(1, 100000, ()).item()
+    main_grad = torch.randn(n, device=DEVICE)
+    grad = torch.randn(n, device=DEVICE).to(dtype)
+    expected = main_grad.double() + grad.double()
+    cuda_ext.accumulate_fp32_(main_grad, grad)
+    assert rel_error(main_grad, expected) < 1e-7
+    with pytest.raises(RuntimeError, match="float32"):
+        cuda_ext.accumulate_fp32_(main_grad.half(), grad)
