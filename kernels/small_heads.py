@@ -3,29 +3,28 @@
 The grid runs over row blocks of two row sources: the hidden rows (token rows, whose
 every ``seq_stride``-th row is also a sequence row) and, when given, the pooled rows.
 For each row block the kernel walks the column groups of the plan (groups of
-``BLOCK_C`` slots, each a packed weight row; a cross-entropy task never straddles a
-group) and, per group:
+``BLOCK_C`` slots, each slot a row of the packed weight; a task never straddles a
+group, so every task is one segment of one group) and, per group:
 
 1. computes the logits tile ``[BLOCK_M, BLOCK_C]`` on chip, accumulating in fp32;
-2. forward: the per-slot loss contributions (segmented softmax cross-entropy with label
-   smoothing, BCE, MSE), reduced over rows and added to the per-task loss sums;
-3. backward: ``dlogits`` (scaled per task), then ``dH += dlogits @ W`` and
-   ``dW += dlogits^T @ H`` (fp32) and ``db += sum(dlogits)``.
+2. reads each task's targets straight from the caller's label tensors (a table of
+   their addresses) and decides which rows count: ``ignore_index`` and out-of-range
+   class ids, rows with a NaN target, masked tokens;
+3. forward: the per-slot loss terms (segmented softmax cross-entropy with label
+   smoothing, BCE, MSE), reduced over rows into per-task loss sums, and the per-task
+   counts of kept rows;
+4. backward: ``dlogits`` scaled per task, then ``dH = dlogits @ W``,
+   ``dW += dlogits^T @ H`` (fp32, products of fp32 dlogits via 3xTF32) and
+   ``db += sum(dlogits)``.
 
-Logits and dlogits never leave the chip. The backward reads H once for the logits and
-once, from L1/L2, for dW; dH rows are owned by one program, so with several groups the
-partial dH is kept in an fp32 scratch buffer (the program's own rows) and rounded once.
+Logits and dlogits never leave the chip. dH rows belong to one program: with several
+groups the partial dH waits in an fp32 scratch (the program's own rows) and is rounded
+once, at the last group.
 
-Slot table (int32 ``[G, SLOT_FIELDS, BLOCK_C]``), one column per slot:
-``SLOT_COL`` packed weight row (-1: padding), ``SLOT_TASK`` task index, ``SLOT_KIND``
-0 ce / 1 bce / 2 mse, ``SLOT_LEVEL`` 0 sequence / 1 token, ``SLOT_STATUS`` column of the
-level's status pack, ``SLOT_DENSE`` column of the level's dense-target pack,
-``SLOT_CLASS`` class index within the task, ``SLOT_SEGMENT`` cross-entropy segment
-within the group (-1 otherwise), ``SLOT_FIRST`` 1 on a segment's first slot.
-Float table (fp32 ``[G, 2, BLOCK_C]``): label smoothing and 1 / C of the slot's task.
-
-Status packs (int32 ``[rows, tasks of the level]``): the class id of a kept
-cross-entropy row, 0 for a kept bce/mse row, -1 for a skipped row.
+Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
+marks padding); float table: fp32 ``[G, 2, BLOCK_C]`` (label smoothing, 1 / C).
+Target table: int64 ``[T]`` addresses; cross-entropy targets are int64 ``[rows]``,
+bce/mse targets fp32 ``[rows, C]``, both contiguous.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import triton.language as tl
 
 from .tiling import autotune, logits_tile, rows_bucket
 
-SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_STATUS, SLOT_DENSE, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST = range(9)
+SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
 
 
@@ -52,19 +51,19 @@ def small_heads_kernel(
     seq_stride,
     w_ptr, stride_wc, stride_wd, b_ptr, D,
     slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups,
-    tok_status_ptr, stride_tsn, tok_dense_ptr, stride_tdn,
-    seq_status_ptr, stride_ssn, seq_dense_ptr, stride_sdn,
-    task_scale_ptr,
-    loss_ptr,
+    target_table_ptr, mask_ptr,
+    task_scale_ptr, loss_ptr, count_ptr,
     dh_ptr, stride_dhn, dp_ptr, stride_dpn, dh_acc_ptr,
     dw_ptr, db_ptr,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, DETERMINISTIC: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr``.
-    Backward: writes dH (dh_ptr / dp_ptr, computation dtype) and adds dW, db (fp32).
+    """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
+    counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``,
+    computation dtype) and adds dW, db (fp32), with ``task_scale_ptr`` [T] the factor of
+    each task's summed-loss gradient.
 
     ``DETERMINISTIC``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
@@ -100,6 +99,8 @@ def small_heads_kernel(
             seq_row = rows // safe_stride
             is_seq_row = row_ok & (seq_stride > 0) & ((rows % safe_stride) == 0)
             is_tok_row = row_ok
+            if HAS_MASK:
+                is_tok_row = is_tok_row & (tl.load(mask_ptr + rows64, mask=row_ok, other=0) != 0)
             out_row_ptrs = dh_ptr + rows64 * stride_dhn
             acc_row = rows64
         seq_row64 = seq_row.to(tl.int64)
@@ -109,57 +110,55 @@ def small_heads_kernel(
             task = _slot_field(slot_int_ptr, group, 1, slots, BLOCK_C, SLOT_FIELDS)
             kind = _slot_field(slot_int_ptr, group, 2, slots, BLOCK_C, SLOT_FIELDS)
             level = _slot_field(slot_int_ptr, group, 3, slots, BLOCK_C, SLOT_FIELDS)
-            status_col = _slot_field(slot_int_ptr, group, 4, slots, BLOCK_C, SLOT_FIELDS)
-            dense_col = _slot_field(slot_int_ptr, group, 5, slots, BLOCK_C, SLOT_FIELDS)
-            klass = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
-            segment = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
-            first = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
+            klass = _slot_field(slot_int_ptr, group, 4, slots, BLOCK_C, SLOT_FIELDS)
+            segment = _slot_field(slot_int_ptr, group, 5, slots, BLOCK_C, SLOT_FIELDS)
+            first = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
+            classes = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
+            ignore = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
             smoothing = tl.load(slot_flt_ptr + (group * 2) * BLOCK_C + slots)
             inv_classes = tl.load(slot_flt_ptr + (group * 2 + 1) * BLOCK_C + slots)
             slot_ok = w_rows >= 0
-            is_tok_slot = level == 1
             is_ce = (kind == 0) & slot_ok
+            is_dense = (kind != 0) & slot_ok
+            is_bce = (kind == 1)[None, :]
 
             x = logits_tile(h_row_ptrs, row_ok, stride_k, w_ptr, stride_wc, stride_wd, w_rows, slot_ok, D,
-                             BLOCK_M, BLOCK_C, BLOCK_K, PRECISION)  # fmt: skip
+                            BLOCK_M, BLOCK_C, BLOCK_K, PRECISION)  # fmt: skip
             x += tl.load(b_ptr + w_rows, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
 
-            tok_mask = is_tok_row[:, None] & (slot_ok & is_tok_slot)[None, :]
-            seq_mask = is_seq_row[:, None] & (slot_ok & (level == 0))[None, :]
-            status = tl.load(tok_status_ptr + rows64[:, None] * stride_tsn + status_col[None, :], mask=tok_mask, other=-1)
-            status = tl.where(
-                seq_mask,
-                tl.load(seq_status_ptr + seq_row64[:, None] * stride_ssn + status_col[None, :], mask=seq_mask, other=-1),
-                status,
-            )
-            active = status >= 0
-            dense_tok = tok_mask & (kind != 0)[None, :]
-            dense_seq = seq_mask & (kind != 0)[None, :]
-            y = tl.load(tok_dense_ptr + rows64[:, None] * stride_tdn + dense_col[None, :], mask=dense_tok, other=0.0)
-            y = tl.where(
-                dense_seq,
-                tl.load(seq_dense_ptr + seq_row64[:, None] * stride_sdn + dense_col[None, :], mask=dense_seq, other=0.0),
-                y,
-            )
+            # Targets, straight from the label tensors.
+            tok_slot = (level == 1)[None, :]
+            row_on = tl.where(tok_slot, is_tok_row[:, None], is_seq_row[:, None]) & slot_ok[None, :]
+            target_row = tl.where(tok_slot, rows64[:, None], seq_row64[:, None])
+            address = tl.load(target_table_ptr + task, mask=slot_ok, other=0)
+            ce_ptrs = address.to(tl.pointer_type(tl.int64))[None, :] + target_row
+            target = tl.load(ce_ptrs, mask=row_on & is_ce[None, :], other=-1)
+            dense_ptrs = address.to(tl.pointer_type(tl.float32))[None, :] + target_row * classes[None, :] + klass[None, :]
+            y = tl.load(dense_ptrs, mask=row_on & is_dense[None, :], other=0.0)
+            y_nan = y != y
+            y = tl.where(y_nan, 0.0, y)
 
-            # Segmented log-sum-exp over each cross-entropy task's slots.
-            n_segments = tl.load(group_segments_ptr + group)
+            # One max per segment: the logit max of a cross-entropy task, +inf for a
+            # bce/mse row holding a NaN target.
+            probe = tl.where(is_ce[None, :], x, tl.where(y_nan, float("inf"), float("-inf")))
             seg_max = tl.full((BLOCK_M, BLOCK_C), float("-inf"), dtype=tl.float32)
+            n_segments = tl.load(group_segments_ptr + group)
             for s in range(0, n_segments):
                 in_seg = (segment == s)[None, :]
-                top = tl.max(tl.where(in_seg, x, float("-inf")), axis=1)
+                top = tl.max(tl.where(in_seg, probe, float("-inf")), axis=1)
                 seg_max = tl.where(in_seg, top[:, None], seg_max)
+            ce_kept = (target != ignore[None, :]) & (target >= 0) & (target < classes[None, :])
+            active = row_on & tl.where(is_ce[None, :], ce_kept, seg_max != float("inf"))
+
             seg_max = tl.where(is_ce[None, :], seg_max, 0.0)
             exp_x = tl.where(is_ce[None, :], tl.exp(x - seg_max), 0.0)
             seg_sum = tl.full((BLOCK_M, BLOCK_C), 1.0, dtype=tl.float32)
             for s in range(0, n_segments):
-                in_seg = (segment == s)[None, :]
+                in_seg = (segment == s)[None, :] & is_ce[None, :]
                 total = tl.sum(tl.where(in_seg, exp_x, 0.0), axis=1)
                 seg_sum = tl.where(in_seg, total[:, None], seg_sum)
-            lse = seg_max + tl.log(seg_sum)
-            is_target = (status == klass[None, :]) & is_ce[None, :]
+            is_target = (target == klass[None, :]) & is_ce[None, :]
             smooth = smoothing[None, :]
-            is_bce = (kind == 1)[None, :]
 
             if BACKWARD:
                 ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
@@ -208,12 +207,15 @@ def small_heads_kernel(
                     # Later groups read the fp32 partial dH this program's own threads wrote.
                     tl.debug_barrier()
             else:
+                lse = seg_max + tl.log(seg_sum)
                 softplus = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
                 ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
                 ce_term -= smooth * inv_classes[None, :] * x
                 diff = x - y
                 term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
+                kept = tl.sum(active.to(tl.float32), axis=0)
+                tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
                 if DETERMINISTIC:
                     part = (pid * n_groups + group) * BLOCK_C + slots
                     tl.store(loss_ptr + part, tl.load(loss_ptr + part) + slot_loss)
@@ -234,9 +236,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
-_forward_kernel = autotune(_configs(), _KEY, reset_to_zero=["loss_ptr"], prune_configs_by={"early_config_prune": _prune})(
-    small_heads_kernel
-)
+_forward_kernel = autotune(
+    _configs(), _KEY, reset_to_zero=["loss_ptr", "count_ptr"], prune_configs_by={"early_config_prune": _prune}
+)(small_heads_kernel)
 _backward_kernel = autotune(
     _configs(), _KEY, restore_value=["dw_ptr", "db_ptr", "dh_acc_ptr"], prune_configs_by={"early_config_prune": _prune}
 )(small_heads_kernel)
@@ -248,17 +250,16 @@ def launch_small_heads(
     hidden: torch.Tensor,
     pooled: torch.Tensor | None,
     seq_stride: int,
+    token_mask: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     slot_int: torch.Tensor,
     slot_flt: torch.Tensor,
     group_segments: torch.Tensor,
-    tok_status: torch.Tensor,
-    tok_dense: torch.Tensor,
-    seq_status: torch.Tensor,
-    seq_dense: torch.Tensor,
+    target_table: torch.Tensor,
     task_scale: torch.Tensor,
     loss: torch.Tensor,
+    count: torch.Tensor,
     grad_hidden: torch.Tensor,
     grad_pooled: torch.Tensor,
     dh_acc: torch.Tensor,
@@ -268,7 +269,8 @@ def launch_small_heads(
     deterministic_programs: int,
 ) -> None:
     """One launch of :func:`small_heads_kernel`. ``deterministic_programs > 0`` runs that
-    many persistent programs over slot-indexed partial buffers; 0 uses float atomics."""
+    many persistent programs over slot-indexed partial buffers; 0 uses float atomics.
+    Buffers a direction does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -280,19 +282,19 @@ def launch_small_heads(
 
     kernel = _backward_kernel if backward else _forward_kernel
     precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
+    mask = token_mask.view(torch.uint8) if token_mask is not None else target_table
     kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1), hidden.shape[0],
         pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
         seq_stride,
         weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
         slot_int, slot_flt, group_segments, n_groups,
-        tok_status, tok_status.stride(0), tok_dense, tok_dense.stride(0),
-        seq_status, seq_status.stride(0), seq_dense, seq_dense.stride(0),
-        task_scale,
-        loss,
+        target_table, mask,
+        task_scale, loss, count,
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
         grad_weight, grad_bias,
         rows_bucket(hidden.shape[0]),
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, DETERMINISTIC=deterministic,
-        HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1, PRECISION=precision,
+        HAS_MASK=token_mask is not None, HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1,
+        PRECISION=precision,
     )  # fmt: skip

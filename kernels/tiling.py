@@ -8,12 +8,14 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("MTLFAST_AUTOTUNE", "1") != "0"
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` over ``configs``; the Triton interpreter gets only the first one
-    (with more, it tries to time them and fails on a host without a GPU)."""
-    return triton.autotune(configs[:1] if INTERPRETED else configs, key=key, **kwargs)
+    """``triton.autotune`` over ``configs``. The first config alone under the Triton
+    interpreter (with more, it tries to time them and fails on a host without a GPU) and
+    with ``MTLFAST_AUTOTUNE=0`` (tests: no tuning runs for every new shape)."""
+    return triton.autotune(configs if AUTOTUNE and not INTERPRETED else configs[:1], key=key, **kwargs)
 
 
 def rows_bucket(n: int) -> int:

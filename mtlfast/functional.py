@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import op as _op  # noqa: F401  (registers torch.ops.mtlfast.*)
 from .backends import resolve_backend
+from .backends.base import HeadSpec
+from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values
 
@@ -54,10 +55,28 @@ def head_logits(
     return {t.name: per_level[t.level][..., layout.columns(t.name)] for t in layout.tasks}
 
 
-def _flat_target(task: Task, label: Tensor, rows: int) -> Tensor:
+def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> Tensor:
+    """Cross-entropy: contiguous int64 [rows]; bce/mse: contiguous fp32 (fp64 for fp64 compute) [rows, C]."""
     if task.loss == "cross_entropy":
-        return label.reshape(rows).long()
-    return label.reshape(rows, task.num_outputs)
+        return label.reshape(rows).long().contiguous()
+    dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+    return label.reshape(rows, task.num_outputs).to(dtype).contiguous()
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, built once per values, dtype and device (no copy per call)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, dtype, device)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
 
 
 def multitask_loss(
@@ -133,50 +152,40 @@ def multitask_loss(
         seq_stride, op_pooled = 1, None
 
     targets = [
-        _flat_target(task, labels[task.name], batch * seq_len if task.level == "token" else batch)
+        _flat_target(task, labels[task.name], batch * seq_len if task.level == "token" else batch, cdtype)
         for task in present_tasks
     ]
     device = hidden.device
     overrides = [(num_items_in_batch or {}).get(task.name) for task in present_tasks]
     if all(value is None for value in overrides):
-        divisor_override = torch.full((len(present),), -1.0, device=device)
+        divisor_override = _constant((-1.0,) * len(present), torch.float32, device)
     else:
         divisor_override = torch.stack(
             [torch.as_tensor(-1.0 if v is None else v, dtype=torch.float32).to(device) for v in overrides]
         )
     weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     if weighting == "uncertainty":
-        task_log_vars = log_vars[torch.tensor(present, dtype=torch.long, device=log_vars.device)]
+        index = _constant(tuple(present), torch.long, log_vars.device)
+        task_log_vars = log_vars[index]
         task_weights = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
     else:
-        task_weights = torch.tensor([task.weight for task in present_tasks], dtype=weight_dtype, device=device)
+        task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
 
-    backend_name = resolve_backend(backend, device)
-    compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, op_pooled, weight, bias)
+    call = HeadCall(
+        heads=tuple(
+            HeadSpec(layout.col_start[i], t.num_outputs, t.loss_code, t.level_code, t.ignore_index,
+                     float(t.label_smoothing))
+            for i, t in zip(present, present_tasks)
+        ),  # fmt: skip
+        seq_stride=seq_stride,
+        backend=resolve_backend(backend, device),
+        chunk_size=chunk_size or 0,
+        deterministic=deterministic,
+        compute_grad=torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (rows, op_pooled, weight, bias)),
     )
-    outputs = torch.ops.mtlfast.fused_heads_loss(
-        rows,
-        op_pooled,
-        seq_stride,
-        token_mask,
-        weight,
-        bias,
-        targets,
-        divisor_override,
-        task_weights,
-        [layout.col_start[i] for i in present],
-        [task.num_outputs for task in present_tasks],
-        [task.loss_code for task in present_tasks],
-        [task.level_code for task in present_tasks],
-        [task.ignore_index for task in present_tasks],
-        [float(task.label_smoothing) for task in present_tasks],
-        backend_name,
-        chunk_size or 0,
-        deterministic,
-        compute_grad,
-    )
-    total, losses = outputs[0], outputs[1]
+    total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
+                                     task_weights)  # fmt: skip
     if weighting == "uncertainty" and present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
     detached = losses.detach()

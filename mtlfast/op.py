@@ -1,13 +1,16 @@
-"""The fused heads operation, registered with ``torch.library``.
+"""The fused heads operation: one autograd formula over the backends.
 
-``mtlfast::fused_heads_loss`` takes flat tensors and lists (schemas take no dicts),
-dispatches to a backend and returns ``[total, losses, *saved]``. Its autograd formula
-calls ``mtlfast::fused_heads_loss_backward``, which dispatches to the same backend's
-backward. Both ops have fake implementations, so ``torch.compile(fullgraph=True)``
-traces through them without graph breaks.
+:func:`fused_heads_loss` returns ``(total, losses)`` for a :class:`HeadCall`. In eager
+mode it runs :class:`FusedHeadsLoss`, a ``torch.autograd.Function`` (cheap on the
+host). While ``torch.compile`` traces it calls the ``torch.library`` custom op
+``mtlfast::fused_heads_loss`` instead (flat tensors and lists, fake implementation,
+autograd registered to ``mtlfast::fused_heads_loss_backward``), so that
+``fullgraph=True`` sees no graph break. Both run the same backend functions.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,48 +19,105 @@ from .backends import get_backend
 from .backends.base import HeadProblem, HeadSpec
 
 
-def _problem(
-    hidden: Tensor,
-    pooled: Tensor | None,
-    seq_stride: int,
-    token_mask: Tensor | None,
-    weight: Tensor,
-    bias: Tensor,
-    targets: list[Tensor],
-    divisor_override: Tensor,
-    task_weights: Tensor,
-    col_start: list[int],
-    num_cols: list[int],
-    kind: list[int],
-    level: list[int],
-    ignore_index: list[int],
-    label_smoothing: list[float],
-    chunk_size: int,
-    deterministic: bool,
-    compute_grad: bool,
-) -> HeadProblem:
-    heads = tuple(
-        HeadSpec(*spec) for spec in zip(col_start, num_cols, kind, level, ignore_index, label_smoothing)
-    )
-    return HeadProblem(
-        hidden=hidden,
-        pooled=pooled,
-        seq_stride=seq_stride,
-        token_mask=token_mask,
-        weight=weight,
-        bias=bias,
-        targets=tuple(targets),
-        divisor_override=divisor_override,
-        task_weights=task_weights,
-        heads=heads,
-        chunk_size=chunk_size,
-        deterministic=deterministic,
-        compute_grad=compute_grad,
-    )
+@dataclass(frozen=True)
+class HeadCall:
+    """The static part of one call: the present tasks and the options."""
+
+    heads: tuple[HeadSpec, ...]
+    seq_stride: int
+    backend: str
+    chunk_size: int
+    deterministic: bool
+    compute_grad: bool
+
+    def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
+        return HeadProblem(
+            hidden=hidden,
+            pooled=pooled,
+            seq_stride=self.seq_stride,
+            token_mask=token_mask,
+            weight=weight,
+            bias=bias,
+            targets=tuple(targets),
+            divisor_override=divisor_override,
+            task_weights=task_weights,
+            heads=self.heads,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+            compute_grad=self.compute_grad,
+        )
+
+    def flat(self) -> tuple:
+        """The call as the custom op's scalar arguments."""
+        columns = [[getattr(h, f) for h in self.heads] for f in
+                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
+        return (*columns, self.backend, self.chunk_size, self.deterministic)
+
+    @classmethod
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
+                  chunk_size, deterministic, compute_grad) -> HeadCall:  # fmt: skip
+        heads = tuple(HeadSpec(*spec) for spec in zip(col_start, num_cols, kind, level, ignore_index, label_smoothing))
+        return cls(heads, seq_stride, backend, chunk_size, deterministic, compute_grad)
+
+
+def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+    with torch.autocast(problem.hidden.device.type, enabled=False):
+        losses, saved = get_backend(backend).forward(problem)
+    total = (losses * problem.task_weights.to(losses.dtype)).sum()
+    return total, losses, saved
+
+
+def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor):
+    with torch.autocast(problem.hidden.device.type, enabled=False):
+        return get_backend(backend).backward(problem, saved, grad_total)
+
+
+class FusedHeadsLoss(torch.autograd.Function):
+    """``(total, losses)`` of all heads; gradients for hidden, pooled, weight, bias and the
+    task weights. ``losses`` is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, call: HeadCall, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets):
+        problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
+        total, losses, saved = _forward(problem, call.backend)
+        ctx.call = call
+        ctx.num_targets = len(targets)
+        ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses,
+                              *targets, *saved)  # fmt: skip
+        ctx.mark_non_differentiable(losses)
+        return total, losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
+        targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
+        needs = ctx.needs_input_grad
+        grads = [None] * (8 + ctx.num_targets)
+        if needs[1] or needs[2] or needs[4] or needs[5]:
+            problem = ctx.call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
+            grads[1], grads[2], grads[4], grads[5] = _backward(problem, ctx.call.backend, list(saved), grad_total)
+        if needs[7]:
+            grads[7] = (grad_total * losses).to(task_weights.dtype)
+        return tuple(grads)
+
+
+def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,
+                     task_weights) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs)."""
+    if torch.compiler.is_compiling():
+        outputs = torch.ops.mtlfast.fused_heads_loss(
+            hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
+            *call.flat(), call.compute_grad,
+        )  # fmt: skip
+        return outputs[0], outputs[1]
+    return FusedHeadsLoss.apply(call, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets)
+
+
+# ---- torch.library registration (used while torch.compile traces) -------------------
 
 
 @torch.library.custom_op("mtlfast::fused_heads_loss", mutates_args=())
-def fused_heads_loss(
+def _custom_forward(
     hidden: Tensor,
     pooled: Tensor | None,
     seq_stride: int,
@@ -78,34 +138,26 @@ def fused_heads_loss(
     deterministic: bool,
     compute_grad: bool,
 ) -> list[Tensor]:
-    """All heads' losses in one call. Returns ``[total, losses [T], *saved]``:
-    ``total = sum_t task_weights[t] * losses[t]`` (fp32, fp64 for fp64 inputs)."""
-    problem = _problem(
-        hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
-        col_start, num_cols, kind, level, ignore_index, label_smoothing, chunk_size, deterministic, compute_grad,
-    )  # fmt: skip
-    with torch.autocast(hidden.device.type, enabled=False):
-        losses, saved = get_backend(backend).forward(problem)
-    total = (losses * task_weights.to(losses.dtype)).sum()
+    """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
+                              chunk_size, deterministic, compute_grad)  # fmt: skip
+    problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
+    total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
 
 
-@fused_heads_loss.register_fake
-def _fused_heads_loss_fake(
-    hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
-    col_start, num_cols, kind, level, ignore_index, label_smoothing, backend, chunk_size, deterministic, compute_grad,
-):  # fmt: skip
-    problem = _problem(
-        hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
-        col_start, num_cols, kind, level, ignore_index, label_smoothing, chunk_size, deterministic, compute_grad,
-    )  # fmt: skip
+@_custom_forward.register_fake
+def _custom_forward_fake(hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
+                         *flat):  # fmt: skip
+    call = HeadCall.from_flat(seq_stride, *flat)
+    problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     acc = problem.acc_dtype
-    saved = get_backend(backend).saved_like(problem)
-    return [hidden.new_empty((), dtype=acc), hidden.new_empty((len(col_start),), dtype=acc), *saved]
+    saved = get_backend(call.backend).saved_like(problem)
+    return [hidden.new_empty((), dtype=acc), hidden.new_empty((len(call.heads),), dtype=acc), *saved]
 
 
 @torch.library.custom_op("mtlfast::fused_heads_loss_backward", mutates_args=())
-def fused_heads_loss_backward(
+def _custom_backward(
     grad_total: Tensor,
     saved: list[Tensor],
     hidden: Tensor,
@@ -127,65 +179,46 @@ def fused_heads_loss_backward(
     chunk_size: int,
     deterministic: bool,
 ) -> list[Tensor]:
-    """Gradients of ``grad_total * total``: ``[d hidden, d pooled (empty without pooled), d weight, d bias]``."""
-    problem = _problem(
-        hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
-        col_start, num_cols, kind, level, ignore_index, label_smoothing, chunk_size, deterministic, True,
-    )  # fmt: skip
-    with torch.autocast(hidden.device.type, enabled=False):
-        grad_hidden, grad_pooled, grad_weight, grad_bias = get_backend(backend).backward(problem, saved, grad_total)
-    if grad_pooled is None:
-        grad_pooled = hidden.new_empty(0)
-    return [grad_hidden, grad_pooled, grad_weight, grad_bias]
+    """``[d hidden, d pooled (empty without pooled), d weight, d bias]`` of ``grad_total * total``."""
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
+                              chunk_size, deterministic, True)  # fmt: skip
+    problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
+    grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
+    return [grad_hidden, grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]
 
 
-@fused_heads_loss_backward.register_fake
-def _fused_heads_loss_backward_fake(grad_total, saved, hidden, pooled, *args):
-    weight, bias = args[2], args[3]
+@_custom_backward.register_fake
+def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_mask, weight, bias, *rest):
     grad_pooled = torch.empty_like(pooled) if pooled is not None else hidden.new_empty(0)
     return [torch.empty_like(hidden), grad_pooled, torch.empty_like(weight), torch.empty_like(bias)]
 
 
-_SAVED_INPUTS = 7  # hidden, pooled, token_mask, weight, bias, divisor_override, task_weights
-
-
 def _setup_context(ctx, inputs, output) -> None:
-    (hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights, *options) = inputs
-    ctx.seq_stride = seq_stride
-    ctx.num_inputs = len(inputs)
-    ctx.options = options
-    ctx.num_targets = len(targets)
-    ctx.save_for_backward(
-        hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets, *output[1:]
-    )
+    hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights, *flat = inputs
+    ctx.seq_stride, ctx.flat, ctx.num_inputs, ctx.num_targets = seq_stride, flat[:-1], len(inputs), len(targets)
+    ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets,
+                          *output[1:])  # fmt: skip
 
 
-def _backward(ctx, grads):
+def _custom_autograd(ctx, grads):
     grad_total = grads[0]
-    no_grads = [None] * ctx.num_inputs
-    no_grads[6] = [None] * ctx.num_targets
+    grads_in = [None] * ctx.num_inputs
+    grads_in[6] = [None] * ctx.num_targets
     if grad_total is None:
-        return tuple(no_grads)
-    saved_tensors = ctx.saved_tensors
-    hidden, pooled, token_mask, weight, bias, divisor_override, task_weights = saved_tensors[:_SAVED_INPUTS]
-    targets = list(saved_tensors[_SAVED_INPUTS : _SAVED_INPUTS + ctx.num_targets])
-    losses, *saved = saved_tensors[_SAVED_INPUTS + ctx.num_targets :]
-    col_start, num_cols, kind, level, ignore_index, label_smoothing, backend, chunk_size, deterministic, _ = ctx.options
+        return tuple(grads_in)
+    hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *rest = ctx.saved_tensors
+    targets, (losses, *saved) = rest[: ctx.num_targets], rest[ctx.num_targets :]
     needs = ctx.needs_input_grad
-    grad_hidden = grad_pooled = grad_weight = grad_bias = None
     if needs[0] or needs[1] or needs[4] or needs[5]:
         grad_hidden, grad_pooled, grad_weight, grad_bias = torch.ops.mtlfast.fused_heads_loss_backward(
-            grad_total, saved, hidden, pooled, ctx.seq_stride, token_mask, weight, bias, targets, divisor_override,
-            task_weights, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend, chunk_size,
-            deterministic,
+            grad_total, saved, hidden, pooled, ctx.seq_stride, token_mask, weight, bias, list(targets),
+            divisor_override, task_weights, *ctx.flat,
         )  # fmt: skip
-        if pooled is None:
-            grad_pooled = None
-    grad_task_weights = (grad_total * losses).to(task_weights.dtype) if needs[8] else None
-    grads_in = no_grads
-    grads_in[0], grads_in[1], grads_in[4], grads_in[5] = grad_hidden, grad_pooled, grad_weight, grad_bias
-    grads_in[8] = grad_task_weights
+        grads_in[0], grads_in[4], grads_in[5] = grad_hidden, grad_weight, grad_bias
+        grads_in[1] = grad_pooled if pooled is not None else None
+    if needs[8]:
+        grads_in[8] = (grad_total * losses).to(task_weights.dtype)
     return tuple(grads_in)
 
 
-fused_heads_loss.register_autograd(_backward, setup_context=_setup_context)
+_custom_forward.register_autograd(_custom_autograd, setup_context=_setup_context)

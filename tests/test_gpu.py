@@ -21,6 +21,7 @@ def _eager_bf16_error(case: Case) -> dict[str, float]:
 @pytest.mark.parametrize("trial", range(6))
 def test_triton_random_cases(dtype, trial):
     case = random_case()
+    print(case.describe())
     out, grads = run_heads(case, "triton", dtype, device=DEVICE)
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{dtype}")
 
