@@ -104,17 +104,28 @@ class StepRunner:
             p.grad = None
 
 
-def gpu_ceilings() -> dict[str, float]:
-    """Measured device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+def _copy_ms(n_bytes: int) -> float:
     import triton.testing
 
-    n = 1 << 28
-    src = torch.randn(n // 4, device="cuda")
+    src = torch.randn(n_bytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    del src, dst, a, b
+    return triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+
+
+def _matmul_ms(n: int) -> float:
+    import triton.testing
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+
+
+def gpu_ceilings() -> dict[str, float]:
+    """Measured device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    n_bytes, n = 1 << 28, 8192
+    ceilings = {
+        "copy_bytes_per_s": 2 * n_bytes / (_copy_ms(n_bytes) * 1e-3),
+        "bf16_flops_per_s": 2 * n**3 / (_matmul_ms(n) * 1e-3),
+    }
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": 2 * n / (copy_ms * 1e-3), "bf16_flops_per_s": 2 * 8192**3 / (mm_ms * 1e-3)}
+    return ceilings

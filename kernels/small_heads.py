@@ -57,7 +57,7 @@ def small_heads_kernel(
     dw_ptr, db_ptr,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, DETERMINISTIC: tl.constexpr, HAS_MASK: tl.constexpr,
+    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
@@ -65,7 +65,7 @@ def small_heads_kernel(
     computation dtype) and adds dW, db (fp32), with ``task_scale_ptr`` [T] the factor of
     each task's summed-loss gradient.
 
-    ``DETERMINISTIC``: each program owns slot-indexed partial rows (``loss_ptr``
+    ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
     ``[programs, G * BLOCK_C]``) and adds with plain loads and stores; otherwise float
     atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
@@ -169,9 +169,9 @@ def small_heads_kernel(
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(h_ptr.dtype.element_ty)
                 bias_grad = tl.sum(grad, axis=0)
-                if DETERMINISTIC:
-                    part = (pid * n_groups + group) * BLOCK_C + slots
-                    tl.store(db_ptr + part, tl.load(db_ptr + part) + bias_grad)
+                if PARTIALS:
+                    bias_part = (pid * n_groups + group) * BLOCK_C + slots
+                    tl.store(db_ptr + bias_part, tl.load(db_ptr + bias_part) + bias_grad)
                 else:
                     tl.atomic_add(db_ptr + w_rows, bias_grad, mask=slot_ok)
                 is_last = group == n_groups - 1
@@ -195,9 +195,9 @@ def small_heads_kernel(
                         tl.store(acc_ptrs, dh, mask=out_mask)
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
                     dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
-                    if DETERMINISTIC:
-                        part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
-                        dw_ptrs = dw_ptr + part[:, None] * D + (k0 + ks)[None, :]
+                    if PARTIALS:
+                        weight_part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
+                        dw_ptrs = dw_ptr + weight_part[:, None] * D + (k0 + ks)[None, :]
                         dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
                         tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw, mask=dw_mask)
                     else:
@@ -216,11 +216,14 @@ def small_heads_kernel(
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
                 kept = tl.sum(active.to(tl.float32), axis=0)
                 tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
-                if DETERMINISTIC:
-                    part = (pid * n_groups + group) * BLOCK_C + slots
-                    tl.store(loss_ptr + part, tl.load(loss_ptr + part) + slot_loss)
+                if PARTIALS:
+                    loss_part = (pid * n_groups + group) * BLOCK_C + slots
+                    tl.store(loss_ptr + loss_part, tl.load(loss_ptr + loss_part) + slot_loss)
                 else:
                     tl.atomic_add(loss_ptr + task, slot_loss, mask=slot_ok)
+        if PARTIALS:
+            # The next row block re-reads the partial rows this program's threads wrote.
+            tl.debug_barrier()
 
 
 def _configs() -> list[triton.Config]:
@@ -266,19 +269,20 @@ def launch_small_heads(
     grad_weight: torch.Tensor,
     grad_bias: torch.Tensor,
     has_dh_init: bool,
-    deterministic_programs: int,
+    partial_programs: int,
 ) -> None:
-    """One launch of :func:`small_heads_kernel`. ``deterministic_programs > 0`` runs that
-    many persistent programs over slot-indexed partial buffers; 0 uses float atomics.
+    """One launch of :func:`small_heads_kernel`. ``partial_programs > 0`` runs that
+    many persistent programs, each adding into its own slot-indexed partial buffers
+    (reproducible bit for bit); 0 uses float atomics.
     Buffers a direction does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
-    deterministic = deterministic_programs > 0
+    partials = partial_programs > 0
 
     def grid(meta):
         blocks = triton.cdiv(hidden.shape[0], meta["BLOCK_M"]) + triton.cdiv(n_pooled, meta["BLOCK_M"])
-        return (max(1, min(blocks, deterministic_programs) if deterministic else blocks),)
+        return (max(1, min(blocks, partial_programs) if partials else blocks),)
 
     kernel = _backward_kernel if backward else _forward_kernel
     precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
@@ -294,7 +298,7 @@ def launch_small_heads(
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
         grad_weight, grad_bias,
         rows_bucket(hidden.shape[0]),
-        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, DETERMINISTIC=deterministic,
+        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1,
         PRECISION=precision,
     )  # fmt: skip

@@ -58,9 +58,14 @@ def head_logits(
 def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> Tensor:
     """Cross-entropy: contiguous int64 [rows]; bce/mse: contiguous fp32 (fp64 for fp64 compute) [rows, C]."""
     if task.loss == "cross_entropy":
-        return label.reshape(rows).long().contiguous()
-    dtype = torch.float64 if cdtype == torch.float64 else torch.float32
-    return label.reshape(rows, task.num_outputs).to(dtype).contiguous()
+        shape, dtype = (rows,), torch.int64
+    else:
+        shape, dtype = (rows, task.num_outputs), torch.float64 if cdtype == torch.float64 else torch.float32
+    if label.dtype != dtype:
+        label = label.to(dtype)
+    if tuple(label.shape) != shape:
+        label = label.reshape(shape)
+    return label if label.is_contiguous() else label.contiguous()
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}
@@ -128,8 +133,8 @@ def multitask_loss(
         check_values(layout, labels, attention_mask, num_items_in_batch)
 
     cdtype = computation_dtype(hidden_states)
-    hidden = hidden_states.to(cdtype)
-    pooled_c = pooled.to(cdtype) if pooled is not None else None
+    hidden = hidden_states if hidden_states.dtype == cdtype else hidden_states.to(cdtype)
+    pooled_c = pooled if pooled is None or pooled.dtype == cdtype else pooled.to(cdtype)
     logits = head_logits(layout, hidden, pooled_c, weight, bias) if return_logits or labels is None else None
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)

@@ -10,7 +10,7 @@ Tasks are split in two paths, picked per task:
   its columns with an online log-sum-exp (``large_ce_lse_kernel``); the backward
   recomputes tiles (``large_ce_backward_kernel``), as Cut Cross-Entropy does.
 
-Forward keeps only the divisors and, per large task, the row log-sum-exp [rows];
+Forward keeps only each task's gradient scale (task weight / divisor) and, per large task, the row log-sum-exp [rows];
 backward recomputes the logits. Nothing synchronises with the host. fp64 inputs, a
 bce/mse task wider than ``MAX_BLOCK_C``, and ``deterministic=True`` together with a
 large task run the ``torch`` backend instead.
@@ -30,8 +30,16 @@ from .base import HeadProblem, HeadSpec
 name = "triton"
 
 MAX_BLOCK_C = 128
+# dW/db of the small path accumulate in per-program partial buffers (plain stores, then
+# one reduction; bitwise reproducible) when these fit in PARTIAL_BYTES with enough
+# programs to fill the GPU, else with float atomics. deterministic=True always uses
+# partials, with up to DETERMINISTIC_PARTIAL_BYTES.
+PARTIAL_BYTES = 64 << 20
 DETERMINISTIC_PARTIAL_BYTES = 256 << 20
-FILTER_EPS_16BIT = 2.0**-12
+# Cut Cross-Entropy skips vocabulary tiles whose dlogits all lie below ~2**-12. That drops
+# the whole softmax mass of a near-uniform row, beyond the numerics rules, so the large
+# path keeps every tile (None); a float here would turn the skipping on for 16-bit compute.
+LARGE_FILTER_EPS: float | None = None
 
 
 def alloc_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -150,11 +158,18 @@ def _splits(rows: int, n_cols: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // row_blocks), -(-n_cols // 128)))
 
 
-def _deterministic_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
+def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
+    """Programs owning partial dW/db buffers, or 0 for float atomics."""
+    per_program = plan.n_groups * plan.block_c * (problem.hidden.shape[1] + 1) * 4
+    device = problem.hidden.device
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    rows = problem.hidden.shape[0] + (problem.pooled.shape[0] if problem.pooled is not None else 0)
+    wanted = max(1, min(2 * sms, -(-rows // 32)))
+    if wanted * per_program <= PARTIAL_BYTES:
+        return wanted
     if not problem.deterministic:
         return 0
-    per_program = plan.n_groups * plan.block_c * problem.hidden.shape[1] * 4
-    return max(1, min(256, DETERMINISTIC_PARTIAL_BYTES // max(per_program, 1)))
+    return max(1, min(wanted, DETERMINISTIC_PARTIAL_BYTES // per_program))
 
 
 def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, backward: bool, **buffers) -> None:
@@ -163,7 +178,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
     args = {
         "task_scale": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
         "grad_pooled": problem.hidden, "dh_acc": dummy, "grad_weight": dummy, "grad_bias": dummy,
-        "has_dh_init": False, "deterministic_programs": 0,
+        "has_dh_init": False, "partial_programs": 0,
     }  # fmt: skip
     args.update(buffers)
     small_heads.launch_small_heads(
@@ -192,11 +207,11 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
     sums, counts = sums_counts[0], sums_counts[1]
     if any(not _is_large(h) for h in heads):
         plan = _small_plan(heads, device)
-        programs = _deterministic_programs(problem, plan)
+        programs = _partial_programs(problem, plan) if problem.deterministic else 0
         loss = torch.zeros((programs, plan.n_groups * plan.block_c), dtype=torch.float32, device=device) if (
             programs) else sums  # fmt: skip
         _launch_small(problem, plan, _target_table(problem), backward=False, loss=loss, count=counts,
-                      deterministic_programs=programs)  # fmt: skip
+                      partial_programs=programs)  # fmt: skip
         if programs:
             sums = sums + (loss.sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
         counts = counts * plan.count_scale
@@ -219,20 +234,20 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
     override = problem.divisor_override.to(torch.float32)
     divisors = torch.where(override >= 0, override, counts)
     losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), 0.0)
-    return losses, [divisors, *saved_lse]
+    return losses, [problem.loss_scales(divisors), *saved_lse]
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if _delegates(problem):
         return torch_chunked.backward(problem, saved, grad_total)
     _, large_ce = _kernels()
-    divisors, *saved_lse = saved
+    loss_scale, *saved_lse = saved
     device = problem.hidden.device
     cdtype = problem.compute_dtype
     heads = problem.heads
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
-    scale = problem.loss_scales(divisors) * grad_total.to(torch.float32)
+    scale = loss_scale * grad_total.to(torch.float32)
     grad_weight = torch.zeros(problem.weight.shape, dtype=torch.float32, device=device)
     grad_bias = torch.zeros(problem.bias.shape, dtype=torch.float32, device=device)
 
@@ -240,7 +255,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     large = [i for i, h in enumerate(heads) if _is_large(h)]
     if large:
         dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
-        filter_eps = FILTER_EPS_16BIT if cdtype in (torch.float16, torch.bfloat16) else None
+        filter_eps = LARGE_FILTER_EPS if cdtype in (torch.float16, torch.bfloat16) else None
         for i, lse in zip(large, saved_lse):
             head = heads[i]
             target = _large_target(problem, i)
@@ -266,7 +281,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
         else:
             dh_acc = grad_bias
-        programs = _deterministic_programs(problem, plan)
+        programs = _partial_programs(problem, plan)
         if programs:
             slots = plan.n_groups * plan.block_c
             dw_target = torch.zeros((programs, slots, hidden_size), dtype=torch.float32, device=device)
@@ -276,7 +291,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         _launch_small(
             problem, plan, _target_table(problem), backward=True, task_scale=scale, grad_hidden=grad_hidden,
             grad_pooled=grad_pooled, dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
-            has_dh_init=dh_large is not None, deterministic_programs=programs,
+            has_dh_init=dh_large is not None, partial_programs=programs,
         )  # fmt: skip
         if programs:
             grad_weight.index_copy_(0, plan.slot_rows, dw_target.sum(dim=0)[plan.slot_index])
