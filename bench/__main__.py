@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import platform
 import shlex
 import subprocess
@@ -26,6 +27,9 @@ LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def _commit() -> str:
+    """``MTLFAST_COMMIT`` if set (a copy of the tree without .git), else git's HEAD."""
+    if os.environ.get("MTLFAST_COMMIT"):
+        return os.environ["MTLFAST_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
