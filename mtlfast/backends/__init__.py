@@ -31,10 +31,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice."""
+# With a head this wide, "auto" picks the chunked cuBLAS path: on an H100 the Triton
+# large-vocabulary path took 598 ms per step on big-head-128k (eager: 49 ms), bound by its
+# float atomics (bench/results/h100_2026-11-23_6ed4158.md).
+AUTO_TRITON_MAX_OUTPUTS = 16384
+
+
+def resolve_backend(name: str, device: torch.device, widest_head: int = 0) -> str:
+    """Maps ``"auto"`` to the best backend for ``device`` and the widest task present, and
+    checks an explicit choice."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and triton_available() and widest_head <= AUTO_TRITON_MAX_OUTPUTS
+        return "triton" if use_triton else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton":

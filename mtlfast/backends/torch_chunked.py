@@ -23,12 +23,16 @@ name = "torch"
 # Spans at least this wide take 16-bit GEMMs (fp32 accumulation) for the gradients on
 # CUDA with bf16 compute; narrower spans use exact fp32 GEMMs on fp32 dlogits.
 WIDE_SPAN = 1024
-LOGITS_CHUNK_ELEMENTS = 1 << 23
+# fp32 elements of one chunk of logits (plus its upcast rows): 32 MiB on the CPU; 512 MiB
+# on a GPU, where every chunk also re-reads and re-writes the fp32 dW of its columns, so
+# a vocabulary head needs chunks of ~1k rows to amortise that pass.
+LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
 
 
-def auto_chunk_rows(widest_span: int, hidden_size: int) -> int:
-    """Rows per chunk: about 32 MiB of fp32 logits plus the chunk's upcast rows."""
-    rows = LOGITS_CHUNK_ELEMENTS // max(1, widest_span + hidden_size)
+def auto_chunk_rows(widest_span: int, hidden_size: int, device_type: str = "cpu") -> int:
+    """Rows per chunk, from the widest run of task columns and the hidden size."""
+    budget = LOGITS_CHUNK_ELEMENTS.get(device_type, LOGITS_CHUNK_ELEMENTS["cpu"])
+    rows = budget // max(1, widest_span + hidden_size)
     return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
 
 
@@ -144,7 +148,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
             else:
                 grad_rows_all = grad_hidden[:: problem.seq_stride]
         widest = max(end - start for start, end, _ in spans)
-        chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1])
+        chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1], problem.hidden.device.type)
         for start, end, members in spans:
             cols = slice(start, end)
             w_span = weight[cols]

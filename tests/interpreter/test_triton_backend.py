@@ -101,3 +101,31 @@ def test_strided_hidden_view():
     case.hidden = case.hidden.transpose(0, 1).contiguous().transpose(0, 1)
     out, grads = run_heads(case, "triton", torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/strided")
+
+
+def test_launch_count_does_not_grow_with_tasks(monkeypatch):
+    """One training step launches the same number of Triton kernels for 4 and 40 small heads."""
+    from mtlfast.kernels import large_ce, small_heads
+
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for module, attr in ((small_heads, "_forward_kernel"), (small_heads, "_backward_kernel"),
+                         (large_ce, "_lse_kernel"), (large_ce, "_backward_kernel")):  # fmt: skip
+        monkeypatch.setattr(module, attr, Counting(getattr(module, attr), attr))
+
+    def count(num_tasks):
+        launches.clear()
+        case = random_case(num_tasks=num_tasks, max_classes=8, shape=(2, 5, 12), allow_extras=False)
+        run_heads(case, "triton", torch.float32)
+        return len(launches)
+
+    four, forty = count(4), count(40)
+    assert four == forty == 2

@@ -1,0 +1,190 @@
+"""The public contract: parameters, outputs, conversions, options."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import TOLERANCE, assert_matches_oracle, case_for, rel_error, run_heads
+from torch import nn
+
+from mtlfast import MultiTaskHeads, MultiTaskOutput, Task
+
+TASKS = [
+    Task("sentiment", 3, "cross_entropy"),
+    Task("ner", 9, "cross_entropy", level="token"),
+    Task("similarity", 1, "mse"),
+    Task("topics", 20, "bce"),
+]
+B, S, D = 3, 7, 16
+
+
+def _labels(gen=None):
+    gen = gen or torch.Generator().manual_seed(torch.seed() % 2**31)
+    return {
+        "sentiment": torch.randint(0, 3, (B,), generator=gen),
+        "ner": torch.randint(0, 9, (B, S), generator=gen),
+        "similarity": torch.randn(B, generator=gen),
+        "topics": torch.rand(B, 20, generator=gen),
+    }
+
+
+def test_packed_parameters_and_linear_init():
+    heads = MultiTaskHeads(D, TASKS)
+    assert heads.weight.shape == (33, D) and heads.bias.shape == (33,)
+    assert heads.log_vars is None
+    bound = 1 / math.sqrt(D)
+    assert heads.weight.abs().max() <= bound + 1e-6 and heads.bias.abs().max() <= bound + 1e-6
+    assert heads.weight.std() > 0.3 * bound  # filled, not zeros
+    assert [heads.layout.columns(t.name) for t in TASKS] == [slice(0, 3), slice(3, 12), slice(12, 13), slice(13, 33)]
+    uncertain = MultiTaskHeads(D, TASKS, weighting="uncertainty")
+    assert uncertain.log_vars.shape == (4,) and torch.count_nonzero(uncertain.log_vars) == 0
+
+
+def test_from_linears_and_to_linears_round_trip():
+    linears = {t.name: nn.Linear(D, t.num_outputs, bias=t.name != "topics") for t in TASKS}
+    heads = MultiTaskHeads.from_linears(TASKS, linears, backend="torch")
+    for task in TASKS:
+        cols = heads.layout.columns(task.name)
+        assert torch.equal(heads.weight[cols], linears[task.name].weight)
+        expected_bias = linears[task.name].bias if linears[task.name].bias is not None else torch.zeros(task.num_outputs)
+        assert torch.equal(heads.bias[cols], expected_bias)
+    back = heads.to_linears()
+    for task in TASKS:
+        assert torch.equal(back[task.name].weight, heads.weight[heads.layout.columns(task.name)])
+        assert back[task.name].weight.data_ptr() != heads.weight.data_ptr()
+    double = MultiTaskHeads.from_linears(TASKS, {t.name: nn.Linear(D, t.num_outputs).double() for t in TASKS})
+    assert double.weight.dtype == torch.float64
+
+
+def test_from_linears_rejects_wrong_width():
+    linears = {t.name: nn.Linear(D, t.num_outputs) for t in TASKS}
+    linears["ner"] = nn.Linear(D, 8)
+    with pytest.raises(ValueError, match="ner.*out_features=8"):
+        MultiTaskHeads.from_linears(TASKS, linears)
+
+
+def test_inference_returns_every_tasks_logits():
+    heads = MultiTaskHeads(D, TASKS)
+    hidden = torch.randn(B, S, D)
+    out = heads(hidden)
+    assert isinstance(out, MultiTaskOutput) and out.loss is None and out.losses == {}
+    assert out.logits["ner"].shape == (B, S, 9) and out.logits["similarity"].shape == (B, 1)
+    linears = heads.to_linears()
+    torch.testing.assert_close(out.logits["topics"], linears["topics"](hidden[:, 0]))
+    torch.testing.assert_close(out.logits["ner"], linears["ner"](hidden))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_return_logits_with_labels_and_absent_task(backend):
+    heads = MultiTaskHeads(D, TASKS, backend=backend)
+    labels = _labels()
+    del labels["similarity"]
+    hidden = torch.randn(B, S, D)
+    out = heads(hidden, labels, return_logits=True)
+    assert set(out.losses) == {"sentiment", "ner", "topics"}
+    assert set(out.logits) == {t.name for t in TASKS}
+    assert all(not v.requires_grad for v in out.losses.values())
+    out.loss.backward()
+    assert torch.count_nonzero(heads.weight.grad[heads.layout.columns("similarity")]) == 0
+    assert torch.count_nonzero(heads.weight.grad[heads.layout.columns("ner")]) > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_labels_give_zero_loss_that_backpropagates(backend):
+    heads = MultiTaskHeads(D, TASKS, backend=backend, weighting="uncertainty")
+    hidden = torch.randn(B, S, D, requires_grad=True)
+    out = heads(hidden, {})
+    assert out.loss.item() == 0.0 and out.losses == {}
+    out.loss.backward()
+    assert torch.count_nonzero(heads.weight.grad) == 0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_sequence_only_tasks_accept_2d_hidden():
+    tasks = [Task("a", 4, "cross_entropy"), Task("b", 2, "bce")]
+    case = case_for(tasks, (5, 1, 12), two_d=True)
+    out, grads = run_heads(case, "torch", torch.float32)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "2d")
+
+
+def test_dropout_only_in_training():
+    heads = MultiTaskHeads(D, TASKS, dropout=0.5, backend="torch")
+    hidden, labels = torch.randn(B, S, D), _labels()
+    heads.eval()
+    first, second = heads(hidden, labels).loss, heads(hidden, labels).loss
+    assert torch.equal(first, second)
+    heads.train()
+    torch.manual_seed(0)
+    trained = heads(hidden, labels).loss
+    assert not torch.equal(trained, first)
+
+
+def test_grad_output_scale_is_exact_and_reaches_hooks():
+    """A GradScaler-like factor scales every gradient exactly; hooks and autograd.grad see them."""
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    hidden, labels = torch.randn(B, S, D, requires_grad=True), _labels()
+    seen = []
+    heads.weight.register_hook(lambda g: seen.append(g.clone()))
+    base = torch.autograd.grad(heads(hidden, labels).loss, [hidden, heads.weight])
+    scaled = torch.autograd.grad(heads(hidden, labels).loss * 1024.0, [hidden, heads.weight])
+    for a, b in zip(base, scaled):
+        torch.testing.assert_close(a * 1024.0, b, rtol=1e-6, atol=0)
+    assert len(seen) == 2 and torch.equal(seen[1], scaled[1])
+
+
+def test_fp16_gradients_do_not_underflow_under_a_loss_scale():
+    """Tiny per-element gradients (large mean divisor) survive fp16 once a loss scale is applied."""
+    tasks = [Task("ner", 5, "cross_entropy", level="token")]
+    heads = MultiTaskHeads(8, tasks, backend="torch").half()
+    hidden = torch.randn(4, 64, 8).half().requires_grad_(True)
+    labels = {"ner": torch.randint(0, 5, (4, 64))}
+    out = heads(hidden, labels, num_items_in_batch={"ner": 2**20})
+    (out.loss * 2.0**16).backward()
+    assert torch.isfinite(hidden.grad).all() and torch.count_nonzero(hidden.grad) > 0.9 * hidden.numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_validate_false_never_reads_out_of_bounds(backend):
+    heads = MultiTaskHeads(D, TASKS, backend=backend, validate=False)
+    labels = _labels()
+    labels["sentiment"][0] = 7
+    labels["ner"][1, 2] = -5
+    out = heads(torch.randn(B, S, D), labels)
+    assert torch.isfinite(out.loss)
+
+
+def test_torch_backend_is_bitwise_deterministic():
+    case = case_for(TASKS, (4, 9, 24))
+    first = run_heads(case, "torch", torch.float32, deterministic=True)[1]
+    second = run_heads(case, "torch", torch.float32, deterministic=True)[1]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_chunk_size_does_not_change_results(chunk_size):
+    case = case_for(TASKS, (3, 11, 20))
+    out, grads = run_heads(case, "torch", torch.float32, chunk_size=chunk_size)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"chunk {chunk_size}")
+
+
+def test_logits_in_autocast_dtype():
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = heads(torch.randn(B, S, D), _labels(), return_logits=True)
+    assert all(v.dtype == torch.bfloat16 for v in out.logits.values())
+    assert out.loss.dtype == torch.float32
+
+
+def test_eager_parity_of_the_plain_module():
+    """MultiTaskHeads equals per-task nn.Linear + torch losses, summed."""
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    linears = heads.to_linears()
+    hidden, labels = torch.randn(B, S, D), _labels()
+    expected = (
+        F.cross_entropy(linears["sentiment"](hidden[:, 0]), labels["sentiment"])
+        + F.cross_entropy(linears["ner"](hidden).reshape(-1, 9), labels["ner"].reshape(-1))
+        + F.mse_loss(linears["similarity"](hidden[:, 0]).squeeze(-1), labels["similarity"])
+        + F.binary_cross_entropy_with_logits(linears["topics"](hidden[:, 0]), labels["topics"])
+    )
+    assert rel_error(heads(hidden, labels).loss, expected) < 1e-6

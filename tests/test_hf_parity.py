@@ -1,0 +1,71 @@
+"""Hugging Face parity: BertForSequenceClassification + BertForTokenClassification sharing
+one encoder give the same summed loss and gradients as that encoder + MultiTaskHeads."""
+
+import pytest
+import torch
+from oracle import rel_error
+
+from mtlfast import MultiTaskHeads, Task
+
+transformers = pytest.importorskip("transformers")
+
+
+def _models():
+    config = transformers.BertConfig(
+        vocab_size=97, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=53,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(torch.seed() % 2**31)
+    base = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    seq_model = transformers.BertForSequenceClassification(transformers.BertConfig(**base, num_labels=3))
+    tok_model = transformers.BertForTokenClassification(transformers.BertConfig(**base, num_labels=5))
+    tok_model.bert.load_state_dict(seq_model.bert.state_dict(), strict=False)
+    return seq_model.eval(), tok_model.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_matches_hf_heads(backend):
+    seq_model, tok_model = _models()
+    B, S = 4, 11
+    input_ids = torch.randint(0, 97, (B, S))
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    y_seq = torch.randint(0, 3, (B,))
+    y_tok = torch.randint(0, 5, (B, S)).masked_fill(mask == 0, -100)
+
+    hf_loss = seq_model(input_ids, attention_mask=mask, labels=y_seq).loss
+    hf_loss = hf_loss + tok_model(input_ids, attention_mask=mask, labels=y_tok).loss
+    hf_loss.backward()
+
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 5, "cross_entropy", level="token")]
+    encoder = seq_model.bert
+    encoder_copy = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    hf_encoder_grads = {}
+    for name, p in encoder.named_parameters():
+        tok_param = dict(tok_model.bert.named_parameters()).get(name)
+        tok_grad = tok_param.grad if tok_param is not None and tok_param.grad is not None else 0
+        hf_encoder_grads[name] = p.grad.clone() + tok_grad
+        p.grad = None
+    heads = MultiTaskHeads.from_linears(tasks, {"cls": seq_model.classifier, "tok": tok_model.classifier},
+                                        backend=backend)  # fmt: skip
+    outputs = encoder(input_ids, attention_mask=mask)
+    out = heads(outputs.last_hidden_state, {"cls": y_seq, "tok": y_tok}, attention_mask=mask,
+                pooled=outputs.pooler_output)  # fmt: skip
+    out.loss.backward()
+
+    assert rel_error(out.loss, hf_loss) < 1e-4
+    assert rel_error(heads.weight.grad[:3], seq_model.classifier.weight.grad) < 1e-4
+    assert rel_error(heads.weight.grad[3:], tok_model.classifier.weight.grad) < 1e-4
+    assert rel_error(heads.bias.grad[3:], tok_model.classifier.bias.grad) < 1e-4
+    names = [name for name, _ in encoder.named_parameters()]
+    ours = torch.cat([p.grad.flatten() for p in encoder.parameters()])
+    theirs = torch.cat([hf_encoder_grads[name].flatten() for name in names])
+    assert rel_error(ours, theirs) < 1e-4
+    scale = theirs.norm()
+    for name, p in encoder.named_parameters():
+        assert torch.equal(p, encoder_copy[name])
+        # Per parameter, relative to its own norm unless that gradient is zero in exact
+        # arithmetic (the attention key bias: softmax is shift invariant).
+        floor = max(hf_encoder_grads[name].norm(), 1e-6 * scale)
+        assert (p.grad - hf_encoder_grads[name]).norm() <= 1e-4 * floor, name

@@ -1,0 +1,138 @@
+"""Bad input: a ValueError or TypeError naming the task and the problem."""
+
+import pytest
+import torch
+
+from mtlfast import MultiTaskHeads, Task
+
+TASKS = [
+    Task("sentiment", 3, "cross_entropy"),
+    Task("ner", 9, "cross_entropy", level="token"),
+    Task("score", 1, "mse"),
+    Task("topics", 4, "bce"),
+]
+B, S, D = 2, 5, 8
+
+
+def _call(labels=None, hidden=None, **kwargs):
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    hidden = torch.randn(B, S, D) if hidden is None else hidden
+    return heads(hidden, labels, **kwargs)
+
+
+def _good():
+    return {
+        "sentiment": torch.tensor([0, 2]),
+        "ner": torch.zeros(B, S, dtype=torch.long),
+        "score": torch.randn(B),
+        "topics": torch.rand(B, 4),
+    }
+
+
+@pytest.mark.parametrize(
+    "task_kwargs, match",
+    [
+        (dict(name="x", num_outputs=1, loss="cross_entropy"), "num_outputs >= 2"),
+        (dict(name="x", num_outputs=3, loss="hinge"), "loss must be one of"),
+        (dict(name="x", num_outputs=3, loss="bce", level="word"), "level must be one of"),
+        (dict(name="x", num_outputs=3, loss="bce", label_smoothing=0.1), "only for cross_entropy"),
+        (dict(name="x", num_outputs=3, loss="cross_entropy", label_smoothing=1.5), "label_smoothing"),
+    ],
+)
+def test_bad_task_definitions(task_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Task(**task_kwargs)
+
+
+def test_duplicate_task_names():
+    with pytest.raises(ValueError, match="unique"):
+        MultiTaskHeads(D, [Task("a", 2, "bce"), Task("a", 3, "mse")])
+
+
+def test_unknown_task_name():
+    labels = _good()
+    labels["sentimen"] = labels.pop("sentiment")
+    with pytest.raises(ValueError, match="sentimen"):
+        _call(labels)
+
+
+def test_hidden_size_mismatch():
+    with pytest.raises(ValueError, match="hidden size 7"):
+        _call(_good(), hidden=torch.randn(B, S, 7))
+
+
+def test_token_task_with_2d_hidden():
+    with pytest.raises(ValueError, match="task 'ner'.*\\[B, S, D\\]"):
+        _call(_good(), hidden=torch.randn(B, D))
+
+
+@pytest.mark.parametrize(
+    "name, value, error, match",
+    [
+        ("sentiment", torch.tensor([0.0, 1.0]), TypeError, "task 'sentiment'.*integer class ids"),
+        ("topics", torch.ones(B, 4, dtype=torch.long), TypeError, "task 'topics'.*floating-point"),
+        ("ner", torch.zeros(B, S + 1, dtype=torch.long), ValueError, "task 'ner'.*shape"),
+        ("topics", torch.rand(B, 5), ValueError, "task 'topics'.*shape"),
+        ("score", torch.rand(B, 2), ValueError, "task 'score'.*shape"),
+        ("sentiment", [0, 1], TypeError, "task 'sentiment'.*torch.Tensor"),
+    ],
+)
+def test_bad_labels(name, value, error, match):
+    labels = _good()
+    labels[name] = value
+    with pytest.raises(error, match=match):
+        _call(labels)
+
+
+@pytest.mark.parametrize("bad", [3, -1, -7])
+def test_class_ids_out_of_range(bad):
+    labels = _good()
+    labels["sentiment"] = torch.tensor([0, bad])
+    with pytest.raises(ValueError, match="task 'sentiment'.*class ids"):
+        _call(labels)
+
+
+def test_masked_positions_are_not_validated():
+    labels = _good()
+    labels["ner"][1, 4] = 99
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 4] = 0
+    assert torch.isfinite(_call(labels, attention_mask=mask).loss)
+    with pytest.raises(ValueError, match="task 'ner'"):
+        _call(labels)
+
+
+def test_bce_targets_outside_unit_interval():
+    labels = _good()
+    labels["topics"][0, 1] = 1.5
+    with pytest.raises(ValueError, match="task 'topics'.*\\[0, 1\\]"):
+        _call(labels)
+
+
+def test_bad_num_items_and_options():
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
+        _call(_good(), num_items_in_batch={"ner": -3})
+    with pytest.raises(TypeError, match="task 'ner'"):
+        _call(_good(), num_items_in_batch={"ner": 2.5})
+    with pytest.raises(ValueError, match="unknown tasks"):
+        _call(_good(), num_items_in_batch={"nope": 3})
+    with pytest.raises(ValueError, match="attention_mask"):
+        _call(_good(), attention_mask=torch.ones(B, S + 1))
+    with pytest.raises(ValueError, match="pooled"):
+        _call(_good(), pooled=torch.randn(B, D + 1))
+    with pytest.raises(ValueError, match="unknown backend"):
+        MultiTaskHeads(D, TASKS, backend="cuda-graphs")
+    with pytest.raises(ValueError, match="weighting"):
+        MultiTaskHeads(D, TASKS, weighting="gradnorm")
+    with pytest.raises(TypeError, match="hidden_states must be floating"):
+        _call(_good(), hidden=torch.ones(B, S, D, dtype=torch.long))
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter enabled")
+    heads = MultiTaskHeads(D, TASKS, backend="triton")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        heads(torch.randn(B, S, D), _good())
