@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -70,26 +69,33 @@ def cpu_peak_extra_mb_here(runner) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def cpu_peak_extra_mb(workload: str, provider: str) -> float:
-    """:func:`cpu_peak_extra_mb_here` in a fresh subprocess, so providers do not share a heap."""
+def cpu_subprocess(workload: str, provider: str, timed: bool = False) -> dict:
+    """Peak RSS growth of one step (and, with ``timed``, the median step time) measured in a
+    fresh subprocess, so that providers do not share a heap."""
     code = "from mtlfast.bench.measure import _worker; _worker()"
     result = subprocess.run(
-        [sys.executable, "-c", code, workload, provider],
+        [sys.executable, "-c", code, workload, provider, "timed" if timed else "peak"],
         capture_output=True,
         text=True,
-        env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
-        timeout=900,
+        timeout=1800,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"memory worker failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+        raise RuntimeError(f"measurement worker failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cpu_peak_extra_mb(workload: str, provider: str) -> float:
+    return cpu_subprocess(workload, provider)["peak_mb"]
 
 
 def _worker() -> None:
-    workload, provider = sys.argv[1], sys.argv[2]
+    workload, provider, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     runner = StepRunner(provider, WORKLOADS[workload], "cpu", torch.float32)
     runner.step()
-    print(json.dumps({"peak_mb": cpu_peak_extra_mb_here(runner)}))
+    result = {"peak_mb": cpu_peak_extra_mb_here(runner)}
+    if mode == "timed":
+        result["ms"] = time_ms(runner.step, "cpu", quick=False)
+    print(json.dumps(result))
 
 
 class StepRunner:

@@ -150,6 +150,7 @@ def _cuda_backend_reason(device: str) -> str | None:
 PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
     "eager": (lambda w, lin, dt: eager_loss_fn(w, lin), lambda d: None),
     "mtlfast-torch": (_mtlfast("torch"), lambda d: None),
+    "mtlfast-reference": (_mtlfast("reference"), lambda d: None),
     "mtlfast-triton": (_mtlfast("triton"), _triton_reason),
     "mtlfast-cuda": (None, _cuda_backend_reason),
     "liger": (_liger, lambda d: _needs_module("liger_kernel", d)),

@@ -86,6 +86,12 @@ WORKLOADS: dict[str, Workload] = {
         Workload("bert-base-4task-cpu", 8, 128, 768, _bert_tasks(), note="B=8, S=128"),
         Workload("many-tasks-64-cpu", 4, 128, 256, _many_tasks(), note="B=4, S=128, D=256"),
         Workload("big-head-128k-cpu", 1, 512, 256, _big_head(32000), note="B=1, S=512, D=256, 32000 classes"),
+        Workload(
+            "memory-32k-cpu", 8, 256, 256,
+            (Task("vocab", 32000, "cross_entropy", level="token"), Task("ner", 9, "cross_entropy", level="token"),
+             Task("sentiment", 3, "cross_entropy")),
+            note="the foundation issue's memory step: B=8, S=256, D=256",
+        ),  # fmt: skip
     )
 }
 GPU_WORKLOADS = ("bert-base-4task", "many-tasks-64", "big-head-128k")
