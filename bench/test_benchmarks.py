@@ -7,7 +7,6 @@ CPU hosts get the ``-cpu`` workloads, CUDA hosts the full ones (bf16 autocast).
 
 import pytest
 import torch
-
 from mtlfast.bench.measure import StepRunner
 from mtlfast.bench.providers import PROVIDERS, skip_reason
 from mtlfast.bench.workloads import CPU_WORKLOADS, GPU_WORKLOADS, WORKLOADS
