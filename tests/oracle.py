@@ -183,6 +183,49 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
     return losses
 
 
+def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
+    """What users write today: per-task ``F.linear`` + PyTorch's losses on the given tensors
+    (bf16 ones, or fp32 ones under autocast), summed with the case's weighting."""
+    import torch.nn.functional as F
+
+    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
+    index = {t.name: i for i, t in enumerate(case.tasks)}
+    col, terms = 0, []
+    for task in case.tasks:
+        cols = slice(col, col + task.num_outputs)
+        col += task.num_outputs
+        if task.name not in case.labels:
+            continue
+        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
+        logits = F.linear(rows, w[cols], b[cols])
+        y = case.labels[task.name].to(h.device)
+        n = rows.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=h.device)
+        if task.level == "token" and case.attention_mask is not None:
+            keep &= case.attention_mask.to(h.device).reshape(-1) != 0
+        if task.loss == "cross_entropy":
+            y = torch.where(keep, y.reshape(n), task.ignore_index)
+            summed = F.cross_entropy(logits, y, ignore_index=task.ignore_index, label_smoothing=task.label_smoothing,
+                                     reduction="sum")  # fmt: skip
+            count = (y != task.ignore_index).sum()
+        else:
+            y = y.reshape(n, task.num_outputs)
+            keep &= ~torch.isnan(y).any(dim=1)
+            y = torch.where(keep[:, None], y, 0.0).to(logits.dtype)
+            fn = F.binary_cross_entropy_with_logits if task.loss == "bce" else F.mse_loss
+            summed = (fn(logits, y, reduction="none") * keep[:, None]).sum()
+            count = keep.sum() * task.num_outputs
+        if case.num_items and task.name in case.num_items:
+            count = torch.as_tensor(case.num_items[task.name], device=h.device)
+        loss = torch.where(count > 0, summed / count.clamp_min(1), 0.0)
+        if case.weighting == "uncertainty":
+            s = (log_vars if log_vars is not None else case.log_vars.to(h.device))[index[task.name]]
+            terms.append(0.5 * torch.exp(-s) * loss + 0.5 * s)
+        else:
+            terms.append(task.weight * loss)
+    return torch.stack([t.float() for t in terms]).sum() if terms else h.sum() * 0
+
+
 def oracle(case: Case, compute_dtype: torch.dtype):
     """float64 loss, per-task losses and gradients of the case, inputs rounded to ``compute_dtype``."""
     h = case.hidden.to(compute_dtype).double().requires_grad_(True)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from oracle import TOLERANCE, Case, assert_matches_oracle, fresh_seed, oracle, random_case, rel_error, run_heads
+from oracle import eager_total as oracle_eager_total
 
 from mtlfast import Task
 
@@ -28,77 +29,24 @@ def test_autocast_fp16_keeps_fp32_parameter_grads(backend):
     assert_matches_oracle(case, out, grads, torch.float16, TOLERANCE[torch.float16], f"{backend}/autocast-fp16")
 
 
-def _eager_bf16_errors(case: Case):
-    """Errors of what users write today (per-task nn.Linear + losses in bf16) vs the oracle."""
-    out, grads = run_heads(case, "reference", torch.bfloat16)  # computes from bf16 inputs, fp32 math
-    return out, grads
-
-
 @pytest.mark.parametrize("trial", range(4))
 def test_torch_backend_bf16_within_eager_error(trial):
     case = random_case()
     ref_total, _, ref_grads = oracle(case, torch.bfloat16)
-    # eager bf16: logits and losses computed in bf16 end to end
+    # eager bf16: per-task F.linear and losses on bf16 tensors
     h = case.hidden.bfloat16().requires_grad_(True)
     w = case.weight.bfloat16().requires_grad_(True)
     b = case.bias.bfloat16().requires_grad_(True)
     pooled = case.pooled.bfloat16().requires_grad_(True) if case.pooled is not None else None
-    eager_case = Case(case.tasks, h, case.labels, w, b, case.attention_mask, pooled, case.num_items,
-                      case.weighting, case.log_vars, case.seed)  # fmt: skip
-    eager_total = _eager_total(eager_case)
-    leaves = [h, w, b] + ([pooled] if pooled is not None else [])
-    eager_grads = torch.autograd.grad(eager_total, leaves, allow_unused=True)
-    out, grads = run_heads(case, "torch", torch.bfloat16)
+    eager_total = oracle_eager_total(case, h, pooled, w, b)
     names = ["hidden", "weight", "bias"] + (["pooled"] if pooled is not None else [])
+    leaves = [h, w, b] + ([pooled] if pooled is not None else [])
+    eager_grads = dict(zip(names, torch.autograd.grad(eager_total, leaves, allow_unused=True)))
+    out, grads = run_heads(case, "torch", torch.bfloat16)
     assert rel_error(out.loss, ref_total) <= rel_error(eager_total, ref_total) + 1e-2, case.describe()
-    for name, eager_grad in zip(names, eager_grads):
-        eager_grad = torch.zeros_like(ref_grads[name]) if eager_grad is None else eager_grad
-        got = grads[name] if grads.get(name) is not None else torch.zeros_like(ref_grads[name])
-        bound = rel_error(eager_grad, ref_grads[name]) + 1e-2
-        assert rel_error(got, ref_grads[name]) <= bound, f"{name}: {case.describe()}"
-
-
-def _eager_total(case: Case) -> torch.Tensor:
-    """Per-task linear + torch loss in the inputs' dtype (bf16), as HF heads do."""
-    import torch.nn.functional as F
-
-    h, pooled = case.hidden, case.pooled
-    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
-    index = {t.name: i for i, t in enumerate(case.tasks)}
-    col, terms = 0, []
-    for task in case.tasks:
-        cols = slice(col, col + task.num_outputs)
-        col += task.num_outputs
-        if task.name not in case.labels:
-            continue
-        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
-        logits = F.linear(rows, case.weight[cols], case.bias[cols])
-        y = case.labels[task.name]
-        n = rows.shape[0]
-        keep = torch.ones(n, dtype=torch.bool)
-        if task.level == "token" and case.attention_mask is not None:
-            keep &= case.attention_mask.reshape(-1) != 0
-        if task.loss == "cross_entropy":
-            y = torch.where(keep, y.reshape(n), torch.full((n,), task.ignore_index))
-            summed = F.cross_entropy(logits, y, ignore_index=task.ignore_index,
-                                     label_smoothing=task.label_smoothing, reduction="sum")  # fmt: skip
-            count = (y != task.ignore_index).sum()
-        else:
-            y = y.reshape(n, task.num_outputs)
-            keep &= ~torch.isnan(y).any(dim=1)
-            y = torch.where(keep[:, None], y, torch.zeros_like(y)).to(logits.dtype)
-            fn = F.binary_cross_entropy_with_logits if task.loss == "bce" else F.mse_loss
-            summed = (fn(logits, y, reduction="none") * keep[:, None]).sum()
-            count = keep.sum() * task.num_outputs
-        if case.num_items and task.name in case.num_items:
-            count = torch.as_tensor(case.num_items[task.name])
-        loss = summed / count if count > 0 else summed * 0
-        if case.weighting == "uncertainty":
-            s = case.log_vars[index[task.name]]
-            terms.append(0.5 * torch.exp(-s) * loss + 0.5 * s)
-        else:
-            terms.append(task.weight * loss)
-    return torch.stack([t.float() for t in terms]).sum() if terms else h.sum() * 0
+    for name in names:
+        bound = rel_error(eager_grads[name], ref_grads[name]) + 1e-2
+        assert rel_error(grads.get(name), ref_grads[name]) <= bound, f"{name}: {case.describe()}"
 
 
 EDGE_CASES = {

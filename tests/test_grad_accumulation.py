@@ -67,3 +67,24 @@ def test_k16_accumulation_within_1e5_of_float64(backend, dtype, capsys):
         print(f"\n[K=16 {backend} {dtype}] mtlfast dW {err_w:.1e} db {err_b:.1e}; eager autocast dW {eager_w:.1e} "
               f"db {eager_b:.1e}")  # fmt: skip
     assert err_w <= 1e-5 and err_b <= 1e-5
+
+
+def test_grad_scaler_round_trip():
+    """torch.amp.GradScaler: scaled backward, unscale_, then the same fp32 gradients as unscaled."""
+    case = case_for(TASKS, (3, 9, 24), ignore_rate=0.0, nan_rate=0.0)
+    grads = []
+    for use_scaler in (False, True):
+        heads = MultiTaskHeads(24, TASKS, backend="torch")
+        with torch.no_grad():
+            heads.weight.copy_(case.weight)
+            heads.bias.copy_(case.bias)
+        optimizer = torch.optim.SGD(heads.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = heads(case.hidden, case.labels).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grads.append(heads.weight.grad.clone())
+        scaler.step(optimizer)
+        scaler.update()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
