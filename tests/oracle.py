@@ -93,7 +93,6 @@ def random_case(
     """Random tasks, sizes and options; odd sizes on purpose."""
     seed = fresh_seed() if seed is None else seed
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
     num_tasks = num_tasks or rng.randint(1, 6)
     tasks = []
     for k in range(num_tasks):
@@ -140,7 +139,6 @@ def random_case(
 
 
 def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
-    batch = h.shape[0]
     seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
     losses = {}
     col = 0
@@ -179,7 +177,6 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
         if case.num_items and task.name in case.num_items:
             divisor = torch.as_tensor(case.num_items[task.name], dtype=torch.float64)
         losses[task.name] = total / divisor if divisor > 0 else total * 0.0
-        _ = batch
     return losses
 
 
