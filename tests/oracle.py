@@ -138,9 +138,10 @@ def random_case(
     return case
 
 
-def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
+def _present_tasks(case: Case, h, pooled):
+    """Per task with labels: ``(task, rows [n, D], its columns, labels, keep [n])``, ``keep``
+    holding the attention mask for token tasks."""
     seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
-    losses = {}
     col = 0
     for task in case.tasks:
         cols = slice(col, col + task.num_outputs)
@@ -148,12 +149,17 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
         if task.name not in case.labels:
             continue
         rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
-        logits = rows @ w[cols].T + b[cols]
-        y = case.labels[task.name]
-        n = rows.shape[0]
-        keep = torch.ones(n, dtype=torch.bool)
+        keep = torch.ones(rows.shape[0], dtype=torch.bool, device=h.device)
         if task.level == "token" and case.attention_mask is not None:
-            keep &= case.attention_mask.reshape(-1) != 0
+            keep &= case.attention_mask.to(h.device).reshape(-1) != 0
+        yield task, rows, cols, case.labels[task.name].to(h.device), keep
+
+
+def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
+    losses = {}
+    for task, rows, cols, y, keep in _present_tasks(case, h, pooled):
+        logits = rows @ w[cols].T + b[cols]
+        n = rows.shape[0]
         if task.loss == "cross_entropy":
             y = y.reshape(n)
             keep &= y != task.ignore_index
@@ -185,21 +191,11 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
     (bf16 ones, or fp32 ones under autocast), summed with the case's weighting."""
     import torch.nn.functional as F
 
-    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
     index = {t.name: i for i, t in enumerate(case.tasks)}
-    col, terms = 0, []
-    for task in case.tasks:
-        cols = slice(col, col + task.num_outputs)
-        col += task.num_outputs
-        if task.name not in case.labels:
-            continue
-        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
+    terms = []
+    for task, rows, cols, y, keep in _present_tasks(case, h, pooled):
         logits = F.linear(rows, w[cols], b[cols])
-        y = case.labels[task.name].to(h.device)
         n = rows.shape[0]
-        keep = torch.ones(n, dtype=torch.bool, device=h.device)
-        if task.level == "token" and case.attention_mask is not None:
-            keep &= case.attention_mask.to(h.device).reshape(-1) != 0
         if task.loss == "cross_entropy":
             y = torch.where(keep, y.reshape(n), task.ignore_index)
             summed = F.cross_entropy(logits, y, ignore_index=task.ignore_index, label_smoothing=task.label_smoothing,
