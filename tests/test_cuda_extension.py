@@ -9,7 +9,7 @@ from mtlfast import cuda_ext
 def test_extension_state_is_reported():
     info = cuda_ext.build_info()
     if torch.version.cuda is None:
-        assert info is None or "cuda_archs" in info
+        assert info is None  # a CPU build of torch cannot have built it
         return
     if info is None:
         pytest.skip("built without the CUDA extension (MTLFAST_BUILD_CUDA=0 or no toolkit)")

@@ -2,19 +2,13 @@
 
 import pytest
 import torch
-from oracle import TOLERANCE, Case, assert_matches_oracle, case_for, oracle, random_case, rel_error, run_heads
+from bench_eager import eager_errors
+from oracle import TOLERANCE, assert_matches_oracle, case_for, oracle, random_case, rel_error, run_heads
 
 from mtlfast import MultiTaskHeads, Task, cuda_ext
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICE = "cuda"
-
-
-def _eager_bf16_error(case: Case) -> dict[str, float]:
-    """Errors of per-task nn.Linear + torch losses in bf16 autocast (what users write) vs the oracle."""
-    from bench_eager import eager_errors
-
-    return eager_errors(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -30,7 +24,7 @@ def test_triton_random_cases(dtype, trial):
 def test_triton_bf16_within_eager_error(trial):
     case = random_case(shape=(4, 33, 96))
     ref_total, _, ref_grads = oracle(case, torch.bfloat16)
-    eager = _eager_bf16_error(case)
+    eager = eager_errors(case)
     out, grads = run_heads(case, "triton", torch.bfloat16, device=DEVICE, autocast=True)
     assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
     for name in ("hidden", "weight", "bias"):

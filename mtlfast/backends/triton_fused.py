@@ -10,7 +10,8 @@ Tasks are split in two paths, picked per task:
   its columns with an online log-sum-exp (``large_ce_lse_kernel``); the backward
   recomputes tiles (``large_ce_backward_kernel``), as Cut Cross-Entropy does.
 
-Forward keeps only each task's gradient scale (task weight / divisor) and, per large task, the row log-sum-exp [rows];
+Forward keeps each task's gradient scale (task weight / divisor), the table of label
+addresses and, per large task, the row log-sum-exp [rows];
 backward recomputes the logits. Nothing synchronises with the host. fp64 inputs, a
 bce/mse task wider than ``MAX_BLOCK_C``, and ``deterministic=True`` together with a
 large task run the ``torch`` backend instead.
@@ -152,8 +153,14 @@ def _large_target(problem: HeadProblem, index: int) -> Tensor:
     return torch.where(problem.valid_rows(index), problem.targets[index], -1).to(torch.int32)
 
 
+@cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 stand in for the interpreter on the CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _splits(rows: int, n_cols: int, device: torch.device) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device)
     row_blocks = max(1, -(-rows // 128))
     return max(1, min(-(-2 * sms // row_blocks), -(-n_cols // 128)))
 
@@ -161,8 +168,7 @@ def _splits(rows: int, n_cols: int, device: torch.device) -> int:
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
     """Programs owning partial dW/db buffers, or 0 for float atomics."""
     per_program = plan.n_groups * plan.block_c * (problem.hidden.shape[1] + 1) * 4
-    device = problem.hidden.device
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(problem.hidden.device)
     rows = problem.hidden.shape[0] + (problem.pooled.shape[0] if problem.pooled is not None else 0)
     wanted = max(1, min(2 * sms, -(-rows // 32)))
     if wanted * per_program <= PARTIAL_BYTES:
@@ -205,12 +211,13 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
     heads = problem.heads
     sums_counts = torch.zeros((2, len(heads)), dtype=torch.float32, device=device)
     sums, counts = sums_counts[0], sums_counts[1]
+    table = _target_table(problem)
     if any(not _is_large(h) for h in heads):
         plan = _small_plan(heads, device)
         programs = _partial_programs(problem, plan) if problem.deterministic else 0
         loss = torch.zeros((programs, plan.n_groups * plan.block_c), dtype=torch.float32, device=device) if (
             programs) else sums  # fmt: skip
-        _launch_small(problem, plan, _target_table(problem), backward=False, loss=loss, count=counts,
+        _launch_small(problem, plan, table, backward=False, loss=loss, count=counts,
                       partial_programs=programs)  # fmt: skip
         if programs:
             sums = sums + (loss.sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
@@ -234,14 +241,14 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
     override = problem.divisor_override.to(torch.float32)
     divisors = torch.where(override >= 0, override, counts)
     losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), 0.0)
-    return losses, [problem.loss_scales(divisors), *saved_lse]
+    return losses, [problem.loss_scales(divisors), table, *saved_lse]
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if _delegates(problem):
         return torch_chunked.backward(problem, saved, grad_total)
     _, large_ce = _kernels()
-    loss_scale, *saved_lse = saved
+    loss_scale, table, *saved_lse = saved
     device = problem.hidden.device
     cdtype = problem.compute_dtype
     heads = problem.heads
@@ -289,7 +296,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         else:
             dw_target, db_target = grad_weight, grad_bias
         _launch_small(
-            problem, plan, _target_table(problem), backward=True, task_scale=scale, grad_hidden=grad_hidden,
+            problem, plan, table, backward=True, task_scale=scale, grad_hidden=grad_hidden,
             grad_pooled=grad_pooled, dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
             has_dh_init=dh_large is not None, partial_programs=programs,
         )  # fmt: skip
@@ -315,7 +322,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
 def saved_like(problem: HeadProblem) -> list[Tensor]:
     if _delegates(problem):
         return torch_chunked.saved_like(problem)
-    saved = [problem.hidden.new_empty((len(problem.heads),), dtype=torch.float32)]
+    count = len(problem.heads)
+    saved = [problem.hidden.new_empty((count,), dtype=torch.float32), problem.hidden.new_empty((count,), dtype=torch.int64)]
     for head in problem.heads:
         if _is_large(head):
             saved.append(problem.hidden.new_empty((problem.rows_for(head).shape[0],), dtype=torch.float32))
