@@ -52,7 +52,7 @@ def small_heads_kernel(
     w_ptr, stride_wc, stride_wd, b_ptr, D,
     slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups,
     target_table_ptr, mask_ptr,
-    task_scale_ptr, loss_ptr, count_ptr,
+    task_scale_ptr, grad_out_ptr, loss_ptr, count_ptr,
     dh_ptr, stride_dhn, dp_ptr, stride_dpn, dh_acc_ptr,
     dw_ptr, db_ptr,
     ROWS_BUCKET,
@@ -62,13 +62,14 @@ def small_heads_kernel(
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
     counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``,
-    computation dtype) and adds dW, db (fp32), with ``task_scale_ptr`` [T] the factor of
-    each task's summed-loss gradient.
+    computation dtype) and adds dW, db (fp32); the summed loss of task ``t`` has the
+    gradient ``task_scale_ptr[t] * grad_out_ptr[0]`` (fp32).
 
     ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
-    ``[programs, G * BLOCK_C]``) and adds with plain loads and stores; otherwise float
-    atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
+    ``[programs, G * BLOCK_C]``), stores them at its first row block and adds with plain
+    loads and stores after that, so they need no zeroing; otherwise float atomics add into
+    ``[T]``, ``[sum C, D]`` and ``[sum C]``.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -77,6 +78,7 @@ def small_heads_kernel(
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
+        first_visit = block == pid
         from_pooled = block >= n_blocks_hidden
         if from_pooled:
             rows = (block - n_blocks_hidden) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,13 +167,15 @@ def small_heads_kernel(
                 bce_grad = 1.0 / (1.0 + tl.exp(-x)) - y
                 mse_grad = 2.0 * (x - y)
                 grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
-                scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0)
+                scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(h_ptr.dtype.element_ty)
                 bias_grad = tl.sum(grad, axis=0)
                 if PARTIALS:
                     bias_part = (pid * n_groups + group) * BLOCK_C + slots
-                    tl.store(db_ptr + bias_part, tl.load(db_ptr + bias_part) + bias_grad)
+                    if not first_visit:
+                        bias_grad += tl.load(db_ptr + bias_part)
+                    tl.store(db_ptr + bias_part, bias_grad)
                 else:
                     tl.atomic_add(db_ptr + w_rows, bias_grad, mask=slot_ok)
                 is_last = group == n_groups - 1
@@ -199,7 +203,9 @@ def small_heads_kernel(
                         weight_part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
                         dw_ptrs = dw_ptr + weight_part[:, None] * D + (k0 + ks)[None, :]
                         dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
-                        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw, mask=dw_mask)
+                        if not first_visit:
+                            dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+                        tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
                         dw_ptrs = dw_ptr + w_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         tl.atomic_add(dw_ptrs, dw, mask=slot_ok[:, None] & k_ok[None, :])
@@ -218,12 +224,45 @@ def small_heads_kernel(
                 tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
                 if PARTIALS:
                     loss_part = (pid * n_groups + group) * BLOCK_C + slots
-                    tl.store(loss_ptr + loss_part, tl.load(loss_ptr + loss_part) + slot_loss)
+                    if not first_visit:
+                        slot_loss += tl.load(loss_ptr + loss_part)
+                    tl.store(loss_ptr + loss_part, slot_loss)
                 else:
                     tl.atomic_add(loss_ptr + task, slot_loss, mask=slot_ok)
         if PARTIALS:
             # The next row block re-reads the partial rows this program's threads wrote.
             tl.debug_barrier()
+
+
+@triton.jit
+def small_heads_reduce_kernel(
+    dw_part_ptr, db_part_ptr, n_programs, n_slots, D, row_slot_ptr, dw_ptr, db_ptr,
+    WRITE_ALL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Sums the partials ``[programs, slots, D]`` and ``[programs, slots]`` over the programs
+    into each slot's packed weight row of ``dw_ptr`` [sum C, D] and ``db_ptr`` [sum C] (fp32),
+    in a fixed order. ``row_slot_ptr`` [sum C] int32 holds each packed row's slot, -1 for
+    none; such rows get zeros with ``WRITE_ALL`` and are left alone otherwise. The grid is
+    (packed rows, blocks of D)."""
+    row = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    slot = tl.load(row_slot_ptr + row)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    ps = tl.arange(0, BLOCK_P)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if slot >= 0:
+        for p0 in range(0, n_programs, BLOCK_P):
+            p_ok = (p0 + ps) < n_programs
+            part = ((p0 + ps).to(tl.int64) * n_slots + slot)
+            dw += tl.sum(tl.load(dw_part_ptr + part[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
+                                 other=0.0), axis=0)  # fmt: skip
+            db += tl.load(db_part_ptr + part, mask=p_ok, other=0.0)
+    if (slot >= 0) or WRITE_ALL:
+        tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
+        if pid_d == 0:
+            tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
 def _configs() -> list[triton.Config]:
@@ -261,6 +300,7 @@ def launch_small_heads(
     group_segments: torch.Tensor,
     target_table: torch.Tensor,
     task_scale: torch.Tensor,
+    grad_out: torch.Tensor,
     loss: torch.Tensor,
     count: torch.Tensor,
     grad_hidden: torch.Tensor,
@@ -270,19 +310,23 @@ def launch_small_heads(
     grad_bias: torch.Tensor,
     has_dh_init: bool,
     partial_programs: int,
-) -> None:
-    """One launch of :func:`small_heads_kernel`. ``partial_programs > 0`` runs that
-    many persistent programs, each adding into its own slot-indexed partial buffers
-    (reproducible bit for bit); 0 uses float atomics.
+) -> int:
+    """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
+    ``partial_programs > 0`` runs at most that many persistent programs, each owning
+    slot-indexed partial buffers (reproducible bit for bit); only the first rows of those,
+    one per program launched, are written. 0 uses float atomics.
     Buffers a direction does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
     partials = partial_programs > 0
 
+    launched = []
+
     def grid(meta):
         blocks = triton.cdiv(hidden.shape[0], meta["BLOCK_M"]) + triton.cdiv(n_pooled, meta["BLOCK_M"])
-        return (max(1, min(blocks, partial_programs) if partials else blocks),)
+        launched.append(max(1, min(blocks, partial_programs) if partials else blocks))
+        return (launched[-1],)
 
     kernel = _backward_kernel if backward else _forward_kernel
     precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
@@ -294,11 +338,29 @@ def launch_small_heads(
         weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
         slot_int, slot_flt, group_segments, n_groups,
         target_table, mask,
-        task_scale, loss, count,
+        task_scale, grad_out, loss, count,
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
         grad_weight, grad_bias,
         rows_bucket(hidden.shape[0]),
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1,
         PRECISION=precision,
+    )  # fmt: skip
+    return launched[-1]
+
+
+REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
+
+
+def reduce_partials(
+    dw_part: torch.Tensor, db_part: torch.Tensor, row_slot: torch.Tensor, grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor, write_all: bool,
+) -> None:
+    """``grad_weight[row] = dw_part[:, slot].sum(0)`` and ``grad_bias[row] = db_part[:, slot].sum(0)``
+    for every packed row with a slot (see :func:`small_heads_reduce_kernel`)."""
+    programs, slots, hidden_size = dw_part.shape
+    grid = (grad_weight.shape[0], triton.cdiv(hidden_size, REDUCE_BLOCK_D))
+    small_heads_reduce_kernel[grid](
+        dw_part, db_part, programs, slots, hidden_size, row_slot, grad_weight, grad_bias,
+        WRITE_ALL=write_all, BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
     )  # fmt: skip

@@ -183,7 +183,7 @@ def multitask_loss(
             for i, t in zip(present, present_tasks)
         ),  # fmt: skip
         seq_stride=seq_stride,
-        backend=resolve_backend(backend, device, max((t.num_outputs for t in present_tasks), default=0)),
+        backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,
         deterministic=deterministic,
         compute_grad=torch.is_grad_enabled()

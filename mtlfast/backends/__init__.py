@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from functools import cache
 from types import ModuleType
 
 import torch
@@ -12,6 +13,7 @@ BACKENDS = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch_chunked", "triton": ".triton_fused"}
 
 
+@cache
 def get_backend(name: str) -> ModuleType:
     """The backend module ``name`` (one of :data:`BACKENDS`)."""
     if name not in _MODULES:
@@ -19,6 +21,7 @@ def get_backend(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name], __name__)
 
 
+@cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -31,18 +34,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# With a head this wide, "auto" picks the chunked cuBLAS path: on an H100 the Triton
-# large-vocabulary path took 598 ms per step on big-head-128k (eager: 49 ms), bound by its
-# float atomics (bench/results/h100_2026-11-23_6ed4158.md).
-AUTO_TRITON_MAX_OUTPUTS = 16384
-
-
-def resolve_backend(name: str, device: torch.device, widest_head: int = 0) -> str:
-    """Maps ``"auto"`` to the best backend for ``device`` and the widest task present, and
-    checks an explicit choice."""
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice."""
     if name == "auto":
-        use_triton = device.type == "cuda" and triton_available() and widest_head <= AUTO_TRITON_MAX_OUTPUTS
-        return "triton" if use_triton else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton":

@@ -130,8 +130,9 @@ class Backend(Protocol):
 
     name: str
 
-    def forward(self, problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
-        """Returns the per-task mean losses [T] (acc dtype) and ``saved``."""
+    def forward(self, problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Returns the weighted total (0-dim), the per-task mean losses [T] (both in the acc
+        dtype) and ``saved``."""
 
     def backward(
         self, problem: HeadProblem, saved: list[Tensor], grad_total: Tensor
@@ -139,6 +140,11 @@ class Backend(Protocol):
         """Returns gradients of ``grad_total * total`` for hidden, pooled, weight and bias."""
 
     def saved_like(self, problem: HeadProblem) -> list[Tensor]: ...
+
+
+def weighted_total(losses: Tensor, task_weights: Tensor) -> Tensor:
+    """``sum_t task_weights[t] * losses[t]``, 0-dim in the dtype of ``losses``."""
+    return (losses * task_weights.to(losses.dtype)).sum()
 
 
 def empty_saved(problem: HeadProblem) -> list[Tensor]:
@@ -165,3 +171,32 @@ def split_spans(heads: tuple[HeadSpec, ...], level: int) -> list[tuple[int, int,
 def weight_in(dtype: torch.dtype, weight: Tensor) -> Tensor:
     """The weight as the matrix products see it: rounded to the computation dtype."""
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _has_out_dtype_mm() -> bool:
+    try:
+        return "out_dtype" in str(torch.ops.aten.mm.dtype._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_MM_OUT_DTYPE = _has_out_dtype_mm()
+
+
+def mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` with the result in ``acc`` and products accumulated in ``acc``."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
+def addmm_acc_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` accumulated in ``out.dtype`` (beta = 1, no temporary for 16-bit a, b on CUDA)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))

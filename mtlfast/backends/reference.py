@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..task import BCE, CROSS_ENTROPY
-from .base import HeadProblem, empty_saved, weight_in
+from .base import HeadProblem, empty_saved, weight_in, weighted_total
 
 name = "reference"
 saved_like = empty_saved
@@ -61,12 +61,14 @@ def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
     return grad * valid[:, None]
 
 
-def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     divisors = problem.divisors()
-    if not problem.heads:
-        return divisors, []
-    sums = torch.stack([_summed_loss(problem, i, _task_logits(problem, i)[0]) for i in range(len(problem.heads))])
-    return torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), torch.zeros_like(sums)), []
+    if problem.heads:
+        sums = torch.stack([_summed_loss(problem, i, _task_logits(problem, i)[0]) for i in range(len(problem.heads))])
+        losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), torch.zeros_like(sums))
+    else:
+        losses = divisors
+    return weighted_total(losses, problem.task_weights), losses, []
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):

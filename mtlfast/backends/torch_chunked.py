@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..task import BCE, CROSS_ENTROPY
-from .base import HeadProblem, HeadSpec, split_spans, weight_in
+from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, split_spans, weight_in, weighted_total
 
 name = "torch"
 
@@ -34,35 +34,6 @@ def auto_chunk_rows(widest_span: int, hidden_size: int, device_type: str = "cpu"
     budget = LOGITS_CHUNK_ELEMENTS.get(device_type, LOGITS_CHUNK_ELEMENTS["cpu"])
     rows = budget // max(1, widest_span + hidden_size)
     return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
-
-
-def _has_out_dtype_mm() -> bool:
-    try:
-        return "out_dtype" in str(torch.ops.aten.mm.dtype._schema)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_MM_OUT_DTYPE = _has_out_dtype_mm()
-
-
-def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``a @ b`` with the result in ``acc`` and products accumulated in ``acc``."""
-    if a.dtype == acc:
-        return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=acc)
-    return a.to(acc) @ b.to(acc)
-
-
-def _addmm_acc_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` accumulated in ``out.dtype`` (beta = 1, no temporary for 16-bit a, b on CUDA)."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-    else:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
 def _cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
@@ -115,7 +86,7 @@ def _loss_and_dlogits_(x: Tensor, problem: HeadProblem, index: int, rows: slice,
     return _dense_(x, target, valid, head, scale)
 
 
-def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     acc, cdtype = problem.acc_dtype, problem.compute_dtype
     weight = weight_in(cdtype, problem.weight)
     bias = problem.bias.to(acc)
@@ -159,20 +130,20 @@ def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
                 h = rows_all[rows]
-                logits = _mm_acc(h, w_span.t(), acc).add_(bias[cols])
+                logits = mm_acc(h, w_span.t(), acc).add_(bias[cols])
                 for i in members:
                     x = logits[:, problem.heads[i].col_start - start : problem.heads[i].col_end - start]
                     sums[i] = sums[i] + _loss_and_dlogits_(x, problem, i, rows, None if scales is None else scales[i])
                 if not problem.compute_grad:
                     continue
                 dlogits = logits.to(cdtype) if wide16 else logits
-                _addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
-                _addmm_acc_(grad_weight[cols], dlogits.t(), h if wide16 else h.to(acc))
+                addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
+                addmm_acc_(grad_weight[cols], dlogits.t(), h if wide16 else h.to(acc))
                 grad_bias[cols] += logits.sum(dim=0)
 
     summed = torch.stack(sums) if sums else divisors
     losses = torch.where(divisors > 0, summed / divisors.clamp_min(1e-30), torch.zeros_like(summed))
-    return losses, saved
+    return weighted_total(losses, problem.task_weights), losses, saved
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):

@@ -6,27 +6,31 @@ Tasks are split in two paths, picked per task:
   ``MAX_BLOCK_C`` outputs goes through one launch of ``small_heads_kernel`` in forward
   and one in backward, whatever the number of tasks, both levels together; the kernel
   reads the label tensors itself, so the host issues a handful of small ops per call;
-- large path: a cross-entropy task with more classes (a vocabulary head) is tiled over
-  its columns with an online log-sum-exp (``large_ce_lse_kernel``); the backward
-  recomputes tiles (``large_ce_backward_kernel``), as Cut Cross-Entropy does.
+- large path: a cross-entropy task with more classes (a vocabulary head) is walked in
+  chunks of columns (and rows, when there are many) of at most ``LARGE_CHUNK_ELEMENTS``
+  logits. Forward computes each chunk with a cuBLAS GEMM (fp32 output) and folds it into
+  an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
+  turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
+  ``dH += dlogits @ W`` and ``dW += dlogits^T @ H`` with GEMMs that accumulate in fp32
+  (beta = 1). No N x C buffer, no float atomics.
 
 Forward keeps each task's gradient scale (task weight / divisor), the table of label
-addresses and, per large task, the row log-sum-exp [rows];
-backward recomputes the logits. Nothing synchronises with the host. fp64 inputs, a
-bce/mse task wider than ``MAX_BLOCK_C``, and ``deterministic=True`` together with a
-large task run the ``torch`` backend instead.
+addresses and, per large task, the row log-sum-exp [rows]. Nothing synchronises with
+the host. fp64 inputs and a bce/mse task wider than ``MAX_BLOCK_C`` run the ``torch``
+backend instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from . import torch_chunked
-from .base import HeadProblem, HeadSpec
+from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in
 
 name = "triton"
 
@@ -37,21 +41,24 @@ MAX_BLOCK_C = 128
 # partials, with up to DETERMINISTIC_PARTIAL_BYTES.
 PARTIAL_BYTES = 64 << 20
 DETERMINISTIC_PARTIAL_BYTES = 256 << 20
-# Cut Cross-Entropy skips vocabulary tiles whose dlogits all lie below ~2**-12. That drops
-# the whole softmax mass of a near-uniform row, beyond the numerics rules, so the large
-# path keeps every tile (None); a float here would turn the skipping on for 16-bit compute.
-LARGE_FILTER_EPS: float | None = None
+# Logits per chunk of the large path (fp32 chunk plus its 16-bit dlogits: 384 MiB at most),
+# and the narrowest chunk of columns, so that each GEMM stays large.
+LARGE_CHUNK_ELEMENTS = 1 << 26
+LARGE_MIN_CHUNK_COLS = 1024
 
 
 def alloc_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Allocates a buffer the kernels overwrite entirely (tests poison it)."""
+    """Allocates a buffer the kernels overwrite (tests poison it); only the part a kernel
+    reports as written is ever read."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _kernels():
-    from ..kernels import large_ce, small_heads
+@cache
+def _kernels() -> SimpleNamespace:
+    """The kernel modules, imported on first use (this module imports without triton)."""
+    from ..kernels import large_ce, loss_finalize, small_heads
 
-    return small_heads, large_ce
+    return SimpleNamespace(small_heads=small_heads, large_ce=large_ce, loss_finalize=loss_finalize)
 
 
 def _is_large(head: HeadSpec) -> bool:
@@ -61,9 +68,7 @@ def _is_large(head: HeadSpec) -> bool:
 def _delegates(problem: HeadProblem) -> bool:
     if problem.compute_dtype == torch.float64:
         return True
-    if any(_is_large(h) and not h.is_ce for h in problem.heads):
-        return True
-    return problem.deterministic and any(_is_large(h) for h in problem.heads)
+    return any(_is_large(h) and not h.is_ce for h in problem.heads)
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,8 @@ class _SmallPlan:
     slot_int: Tensor  # int32 [G, SLOT_FIELDS, BLOCK_C]
     slot_flt: Tensor  # fp32 [G, 2, BLOCK_C]
     group_segments: Tensor  # int32 [G]: tasks per group
-    slot_rows: Tensor  # int64 [valid slots]: packed weight row of each slot
-    slot_index: Tensor  # int64 [valid slots]: position of each slot in G * BLOCK_C
+    row_slot: Tensor  # int32 [sum C]: the slot (in G * BLOCK_C) of each packed weight row, -1 for none
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
-    count_scale: Tensor  # fp32 [T]: C for bce/mse (divisor = kept rows * C), 1 for cross-entropy
 
     @property
     def n_groups(self) -> int:
@@ -86,9 +89,10 @@ class _SmallPlan:
 
 
 @cache
-def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan:
-    """Packs the small tasks into groups of slots (one slot per packed weight row)."""
-    small_heads, _ = _kernels()
+def _small_plan(heads: tuple[HeadSpec, ...], packed_rows: int, device: torch.device) -> _SmallPlan:
+    """Packs the small tasks into groups of slots (one slot per row of the packed weight,
+    which has ``packed_rows`` rows)."""
+    small_heads = _kernels().small_heads
     small = sorted((i for i, h in enumerate(heads) if not _is_large(h)), key=lambda i: heads[i].col_start)
     total = sum(heads[i].num_cols for i in small)
     block_c = min(MAX_BLOCK_C, max(16, 1 << (max(total, 1) - 1).bit_length()))
@@ -126,17 +130,21 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
     cols = slot_int[:, small_heads.SLOT_COL, :].reshape(-1)
-    valid = cols >= 0
-    count_scale = torch.tensor([1.0 if h.is_ce else float(h.num_cols) for h in heads], dtype=torch.float32)
+    row_slot = torch.full((packed_rows,), -1, dtype=torch.int32)
+    row_slot[cols[cols >= 0].long()] = (cols >= 0).nonzero().squeeze(1).to(torch.int32)
     return _SmallPlan(
         slot_int=slot_int.to(device),
         slot_flt=slot_flt.to(device),
         group_segments=torch.tensor([len(m) for m in groups], dtype=torch.int32, device=device),
-        slot_rows=cols[valid].long().to(device),
-        slot_index=valid.nonzero().squeeze(1).to(device),
+        row_slot=row_slot.to(device),
         slot_to_task=slot_to_task.to(device),
-        count_scale=count_scale.to(device),
     )
+
+
+@cache
+def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
+    """fp32 [T]: C for bce/mse (their divisor is kept rows * C), 1 for cross-entropy."""
+    return torch.tensor([1.0 if h.is_ce else float(h.num_cols) for h in heads], dtype=torch.float32, device=device)
 
 
 def _target_table(problem: HeadProblem) -> Tensor:
@@ -159,10 +167,66 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _splits(rows: int, n_cols: int, device: torch.device) -> int:
-    sms = _multiprocessors(device)
-    row_blocks = max(1, -(-rows // 128))
-    return max(1, min(-(-2 * sms // row_blocks), -(-n_cols // 128)))
+def _spans(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _large_chunk_shape(n_rows: int, n_cols: int, chunk_rows: int) -> tuple[int, int]:
+    """``(rows, columns)`` of one chunk of a large head's logits: columns split evenly into
+    pieces of at least ``LARGE_MIN_CHUNK_COLS`` (a multiple of 64), rows filling the rest of
+    ``LARGE_CHUNK_ELEMENTS`` unless ``chunk_rows`` is given."""
+    widest = max(LARGE_MIN_CHUNK_COLS, LARGE_CHUNK_ELEMENTS // max(n_rows, 1))
+    pieces = -(-n_cols // widest)
+    cols = min(n_cols, -(-n_cols // (64 * pieces)) * 64)
+    rows = chunk_rows or max(1, LARGE_CHUNK_ELEMENTS // cols)
+    return min(rows, max(n_rows, 1)), cols
+
+
+def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row log-sum-exp, target logit and sum of logits of a large head (fp32 [rows] each)."""
+    large_ce = _kernels().large_ce
+    rows_all = problem.rows_for(head)
+    n = rows_all.shape[0]
+    state = torch.zeros((4, n), dtype=torch.float32, device=rows_all.device)
+    state[0].fill_(float("-inf"))
+    chunk_rows, chunk_cols = _large_chunk_shape(n, head.num_cols, problem.chunk_size)
+    for c0, c1 in _spans(head.num_cols, chunk_cols):
+        cols = slice(head.col_start + c0, head.col_start + c1)
+        weight = weight_in(problem.compute_dtype, problem.weight[cols])
+        for r0, r1 in _spans(n, chunk_rows):
+            logits = mm_acc(rows_all[r0:r1], weight.t(), torch.float32)
+            large_ce.lse_merge(logits, problem.bias[cols], target[r0:r1], c0, state[:, r0:r1])
+    run_max, run_sum, target_logit, logit_sum = state.unbind(0)
+    return run_max + run_sum.log(), target_logit, logit_sum
+
+
+def _large_backward(
+    problem: HeadProblem, head: HeadSpec, target: Tensor, lse: Tensor, row_scale: Tensor, grad_rows: Tensor,
+    grad_weight: Tensor, grad_bias: Tensor,
+) -> None:
+    """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]), ``grad_weight`` and
+    ``grad_bias`` (fp32): per chunk, logits recomputed, scaled dlogits in the computation
+    dtype, then two GEMMs accumulating in fp32."""
+    large_ce = _kernels().large_ce
+    rows_all = problem.rows_for(head)
+    n = rows_all.shape[0]
+    device, cdtype = rows_all.device, problem.compute_dtype
+    chunk_rows, chunk_cols = _large_chunk_shape(n, head.num_cols, problem.chunk_size)
+    for c0, c1 in _spans(head.num_cols, chunk_cols):
+        cols = slice(head.col_start + c0, head.col_start + c1)
+        weight = weight_in(cdtype, problem.weight[cols])
+        for r0, r1 in _spans(n, chunk_rows):
+            h = rows_all[r0:r1]
+            logits = mm_acc(h, weight.t(), torch.float32)
+            dlogits = alloc_output((r1 - r0, c1 - c0), cdtype, device)
+            splits = large_ce.dlogits_splits(r1 - r0, c1 - c0, 2 * _multiprocessors(device))
+            col_sums = alloc_output((splits, c1 - c0), torch.float32, device)
+            large_ce.dlogits(logits, problem.bias[cols], target[r0:r1], c0, lse[r0:r1], row_scale[r0:r1],
+                             head.label_smoothing, head.num_cols, dlogits, col_sums)  # fmt: skip
+            del logits
+            grad_bias[cols] += col_sums.sum(dim=0)
+            addmm_acc_(grad_rows[r0:r1], dlogits, weight)
+            addmm_acc_(grad_weight[cols], dlogits.t(), h)
 
 
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
@@ -178,16 +242,16 @@ def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
     return max(1, min(wanted, DETERMINISTIC_PARTIAL_BYTES // per_program))
 
 
-def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, backward: bool, **buffers) -> None:
-    small_heads, _ = _kernels()
+def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, backward: bool, **buffers) -> int:
+    """One launch of the small-heads kernel; returns the number of programs launched."""
     dummy = buffers.get("loss", table)
     args = {
-        "task_scale": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
+        "task_scale": dummy, "grad_out": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
         "grad_pooled": problem.hidden, "dh_acc": dummy, "grad_weight": dummy, "grad_bias": dummy,
         "has_dh_init": False, "partial_programs": 0,
     }  # fmt: skip
     args.update(buffers)
-    small_heads.launch_small_heads(
+    return _kernels().small_heads.launch_small_heads(
         backward=backward,
         hidden=problem.hidden,
         pooled=problem.pooled,
@@ -203,66 +267,67 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
     )
 
 
-def forward(problem: HeadProblem) -> tuple[Tensor, list[Tensor]]:
+def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _delegates(problem):
         return torch_chunked.forward(problem)
-    _, large_ce = _kernels()
     device = problem.hidden.device
     heads = problem.heads
-    sums_counts = torch.zeros((2, len(heads)), dtype=torch.float32, device=device)
-    sums, counts = sums_counts[0], sums_counts[1]
+    n_tasks = len(heads)
+    sums, counts = torch.zeros((2, n_tasks), dtype=torch.float32, device=device).unbind(0)
     table = _target_table(problem)
     if any(not _is_large(h) for h in heads):
-        plan = _small_plan(heads, device)
+        plan = _small_plan(heads, problem.weight.shape[0], device)
         programs = _partial_programs(problem, plan) if problem.deterministic else 0
-        loss = torch.zeros((programs, plan.n_groups * plan.block_c), dtype=torch.float32, device=device) if (
-            programs) else sums  # fmt: skip
-        _launch_small(problem, plan, table, backward=False, loss=loss, count=counts,
-                      partial_programs=programs)  # fmt: skip
+        loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
+        launched = _launch_small(problem, plan, table, backward=False, loss=loss, count=counts,
+                                 partial_programs=programs)  # fmt: skip
         if programs:
-            sums = sums + (loss.sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
-        counts = counts * plan.count_scale
+            sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
     saved_lse = []
     for i, head in enumerate(heads):
         if not _is_large(head):
             continue
-        rows = problem.rows_for(head)
         target = _large_target(problem, i)
-        lse, target_logit, logit_sum = large_ce.large_ce_lse(
-            rows, problem.weight, problem.bias, head.col_start, head.num_cols, target,
-            _splits(rows.shape[0], head.num_cols, device),
-        )  # fmt: skip
+        lse, target_logit, logit_sum = _large_lse(problem, head, target)
         eps = head.label_smoothing
         row_loss = lse - (1.0 - eps) * target_logit - (eps / head.num_cols) * logit_sum
         kept = target >= 0
         sums[i] = torch.where(kept, row_loss, 0.0).sum()
         counts[i] = kept.sum(dtype=torch.float32)
         saved_lse.append(lse)
-    override = problem.divisor_override.to(torch.float32)
-    divisors = torch.where(override >= 0, override, counts)
-    losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), 0.0)
-    return losses, [problem.loss_scales(divisors), table, *saved_lse]
+    losses = alloc_output((n_tasks,), torch.float32, device)
+    loss_scale = alloc_output((n_tasks,), torch.float32, device)
+    total = alloc_output((), torch.float32, device)
+    _kernels().loss_finalize.loss_finalize(sums, counts, _count_scale(heads, device), problem.divisor_override,
+                                           problem.task_weights, losses, loss_scale, total)  # fmt: skip
+    return total, losses, [loss_scale, table, *saved_lse]
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if _delegates(problem):
         return torch_chunked.backward(problem, saved, grad_total)
-    _, large_ce = _kernels()
+    small_heads = _kernels().small_heads
     loss_scale, table, *saved_lse = saved
     device = problem.hidden.device
     cdtype = problem.compute_dtype
     heads = problem.heads
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
-    scale = loss_scale * grad_total.to(torch.float32)
-    grad_weight = torch.zeros(problem.weight.shape, dtype=torch.float32, device=device)
-    grad_bias = torch.zeros(problem.bias.shape, dtype=torch.float32, device=device)
+    grad_out = grad_total.to(torch.float32).contiguous()
+    large = [i for i, h in enumerate(heads) if _is_large(h)]
+    plan = _small_plan(heads, problem.weight.shape[0], device) if len(large) < len(heads) else None
+    programs = _partial_programs(problem, plan) if plan is not None else 0
+    if plan is not None and programs and not large:  # the reduction writes every row of dW and db
+        grad_weight = alloc_output(problem.weight.shape, torch.float32, device)
+        grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
+    else:
+        grad_weight = torch.zeros(problem.weight.shape, dtype=torch.float32, device=device)
+        grad_bias = torch.zeros(problem.bias.shape, dtype=torch.float32, device=device)
 
     dh_large = None
-    large = [i for i, h in enumerate(heads) if _is_large(h)]
     if large:
+        scale = loss_scale * grad_out
         dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
-        filter_eps = LARGE_FILTER_EPS if cdtype in (torch.float16, torch.bfloat16) else None
         for i, lse in zip(large, saved_lse):
             head = heads[i]
             target = _large_target(problem, i)
@@ -272,14 +337,10 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
                 grad_rows = dh_large[n_hidden:]
             else:
                 grad_rows = dh_large[:n_hidden][:: problem.seq_stride]
-            large_ce.large_ce_backward(
-                problem.rows_for(head), problem.weight, problem.bias, head.col_start, head.num_cols, target, lse,
-                torch.where(target >= 0, scale[i], 0.0), head.label_smoothing, grad_rows, grad_weight, grad_bias,
-                filter_eps,
-            )  # fmt: skip
+            row_scale = torch.where(target >= 0, scale[i], 0.0)
+            _large_backward(problem, head, target, lse, row_scale, grad_rows, grad_weight, grad_bias)
 
-    if len(large) < len(heads):
-        plan = _small_plan(heads, device)
+    if plan is not None:
         grad_hidden = alloc_output((n_hidden, hidden_size), cdtype, device)
         grad_pooled = alloc_output((n_pooled, hidden_size), cdtype, device) if n_pooled else grad_hidden
         if dh_large is not None:
@@ -288,21 +349,20 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
         else:
             dh_acc = grad_bias
-        programs = _partial_programs(problem, plan)
         if programs:
             slots = plan.n_groups * plan.block_c
-            dw_target = torch.zeros((programs, slots, hidden_size), dtype=torch.float32, device=device)
-            db_target = torch.zeros((programs, slots), dtype=torch.float32, device=device)
+            dw_target = alloc_output((programs, slots, hidden_size), torch.float32, device)
+            db_target = alloc_output((programs, slots), torch.float32, device)
         else:
             dw_target, db_target = grad_weight, grad_bias
-        _launch_small(
-            problem, plan, table, backward=True, task_scale=scale, grad_hidden=grad_hidden,
+        launched = _launch_small(
+            problem, plan, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_hidden=grad_hidden,
             grad_pooled=grad_pooled, dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
             has_dh_init=dh_large is not None, partial_programs=programs,
         )  # fmt: skip
         if programs:
-            grad_weight.index_copy_(0, plan.slot_rows, dw_target.sum(dim=0)[plan.slot_index])
-            grad_bias.index_copy_(0, plan.slot_rows, db_target.sum(dim=0)[plan.slot_index])
+            small_heads.reduce_partials(dw_target[:launched], db_target[:launched], plan.row_slot, grad_weight,
+                                        grad_bias, write_all=not large)  # fmt: skip
         grad_pooled = grad_pooled if n_pooled else None
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(cdtype)
