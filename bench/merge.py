@@ -22,6 +22,11 @@ def merge(paths: list[str]) -> dict:
     merged = dict(docs[0])
     merged["results"] = [row for doc in docs for row in doc["results"]]
     merged["command"] = " ; ".join(doc["command"] for doc in docs)
+    runs = [doc for doc in docs if doc.get("ceilings")]
+    if runs:
+        # each run measured its own ceilings (its rows' floor ratios use them): keep them all
+        merged["ceilings"] = [dict(doc["ceilings"], workloads=sorted({r["workload"] for r in doc["results"]}))
+                              for doc in runs]  # fmt: skip
     return merged
 
 

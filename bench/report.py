@@ -26,9 +26,10 @@ def markdown(doc: dict) -> str:
         f"Command: `{doc['command']}`",
         "",
     ]
-    if doc.get("ceilings"):
-        c = doc["ceilings"]
-        lines += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+    ceilings = doc.get("ceilings")
+    for c in [ceilings] if isinstance(ceilings, dict) else ceilings or []:
+        where = f" ({', '.join(c['workloads'])} run)" if c.get("workloads") else ""
+        lines += [f"Measured ceilings{where}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                   f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]  # fmt: skip
     lines += [
         "| workload | provider | ms | speed vs eager | extra peak MB | memory vs eager | tokens/s | time / floor | status |",

@@ -26,3 +26,19 @@ def test_cli_writes_results(tmp_path):
     assert "| bert-base-4task-cpu | mtlfast-torch |" in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert os.path.exists(tmp_path / "results.png")
+
+
+def test_merge_keeps_each_runs_ceilings(tmp_path):
+    from mtlfast.bench import merge, report
+
+    for name, copy_rate in (("bert", 2.9e12), ("big", 3.1e12)):
+        run = {"device": "gpu", "torch": "t", "triton": "t", "commit": "c", "date": "d", "command": f"run {name}",
+               "ceilings": {"copy_bytes_per_s": copy_rate, "bf16_flops_per_s": 7e14},
+               "results": [{"workload": name, "provider": "eager", "ms": 1.0, "peak_mb": 1.0, "status": "ok"}]}  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(run))
+    doc = merge.merge([str(tmp_path / "bert"), str(tmp_path / "big")])
+    assert [c["workloads"] for c in doc["ceilings"]] == [["bert"], ["big"]]
+    text = report.markdown(doc)
+    assert "(bert run): copy 2.90 TB/s" in text and "(big run): copy 3.10 TB/s" in text
+    assert doc["command"] == "run bert ; run big" and len(doc["results"]) == 2
