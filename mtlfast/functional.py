@@ -84,6 +84,14 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     return tensor
 
 
+def _divisor_on(device: torch.device, value: int | float | Tensor | None) -> Tensor:
+    """A task's divisor override as a 0-dim fp32 tensor on ``device`` (-1: none), without a
+    host sync: numbers become a device fill, CPU tensors a non-blocking copy."""
+    if isinstance(value, Tensor):
+        return value.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+    return torch.full((), -1.0 if value is None else float(value), dtype=torch.float32, device=device)
+
+
 def multitask_loss(
     hidden_states: Tensor,
     weight: Tensor,
@@ -165,9 +173,7 @@ def multitask_loss(
     if all(value is None for value in overrides):
         divisor_override = _constant((-1.0,) * len(present), torch.float32, device)
     else:
-        divisor_override = torch.stack(
-            [torch.as_tensor(-1.0 if v is None else v, dtype=torch.float32).to(device) for v in overrides]
-        )
+        divisor_override = torch.stack([_divisor_on(device, v) for v in overrides])
     weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     if weighting == "uncertainty":
         index = _constant(tuple(present), torch.long, log_vars.device)

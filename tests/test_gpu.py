@@ -137,3 +137,30 @@ def test_k16_accumulation_on_gpu(backend):
         (out.loss / K).backward()
     ref_w, ref_b = _oracle_grads(cases, torch.bfloat16)
     assert rel_error(heads.weight.grad, ref_w) <= 1e-5 and rel_error(heads.bias.grad, ref_b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_training_step_never_syncs(backend):
+    """With validate=False a step (small and vocabulary heads, a divisor override) runs under
+    torch.cuda.set_sync_debug_mode("error") once kernels are compiled, tuned and planned."""
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"), Task("r", 1, "mse"),
+             Task("lm", 300, "cross_entropy", level="token")]  # fmt: skip
+    heads = MultiTaskHeads(64, tasks, backend=backend, validate=False).to(DEVICE)
+    h = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
+    labels = {"cls": torch.randint(0, 3, (2,), device=DEVICE), "ner": torch.randint(0, 9, (2, 17), device=DEVICE),
+              "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE)}  # fmt: skip
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = heads(h, labels, num_items_in_batch={"ner": 11, "lm": torch.tensor(20)})
+        out.loss.backward()
+        return out.loss
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -153,7 +153,12 @@ def _target_table(problem: HeadProblem) -> Tensor:
         expected = torch.int64 if head.is_ce else torch.float32
         if target.dtype != expected or not target.is_contiguous():
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
-    return torch.tensor([t.data_ptr() for t in problem.targets], dtype=torch.int64, device=problem.hidden.device)
+    addresses = [t.data_ptr() for t in problem.targets]
+    device = problem.hidden.device
+    if device.type != "cuda":
+        return torch.tensor(addresses, dtype=torch.int64, device=device)
+    # From pinned memory, non-blocking: a pageable host-to-device copy would sync the stream.
+    return torch.tensor(addresses, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
