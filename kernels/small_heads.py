@@ -78,7 +78,7 @@ def small_heads_kernel(
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
-        first_visit = block == pid
+        revisit = block != pid  # the program's first row block stores its partials, later ones add
         from_pooled = block >= n_blocks_hidden
         if from_pooled:
             rows = (block - n_blocks_hidden) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,7 +173,7 @@ def small_heads_kernel(
                 bias_grad = tl.sum(grad, axis=0)
                 if PARTIALS:
                     bias_part = (pid * n_groups + group) * BLOCK_C + slots
-                    if not first_visit:
+                    if revisit:
                         bias_grad += tl.load(db_ptr + bias_part)
                     tl.store(db_ptr + bias_part, bias_grad)
                 else:
@@ -203,7 +203,7 @@ def small_heads_kernel(
                         weight_part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
                         dw_ptrs = dw_ptr + weight_part[:, None] * D + (k0 + ks)[None, :]
                         dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
-                        if not first_visit:
+                        if revisit:
                             dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                         tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
@@ -224,7 +224,7 @@ def small_heads_kernel(
                 tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
                 if PARTIALS:
                     loss_part = (pid * n_groups + group) * BLOCK_C + slots
-                    if not first_visit:
+                    if revisit:
                         slot_loss += tl.load(loss_ptr + loss_part)
                     tl.store(loss_ptr + loss_part, slot_loss)
                 else:
@@ -259,10 +259,11 @@ def small_heads_reduce_kernel(
             dw += tl.sum(tl.load(dw_part_ptr + part[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
                                  other=0.0), axis=0)  # fmt: skip
             db += tl.load(db_part_ptr + part, mask=p_ok, other=0.0)
-    if (slot >= 0) or WRITE_ALL:
-        tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
-        if pid_d == 0:
-            tl.store(db_ptr + row, tl.sum(db, axis=0))
+    write = slot >= 0
+    if WRITE_ALL:
+        write = row >= 0
+    tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok & write)
+    tl.store(db_ptr + row, tl.sum(db, axis=0), mask=write & (pid_d == 0))
 
 
 def _configs() -> list[triton.Config]:

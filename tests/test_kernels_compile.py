@@ -1,0 +1,91 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (front end, LLVM and ptxas,
+no GPU needed), with each of its autotuning configurations and the variants the backend
+launches. The interpreter tests check what the kernels compute; this catches what only
+the real compiler rejects (unsupported constructs, register or shared-memory overflow)."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from mtlfast.kernels import large_ce, loss_finalize, small_heads  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
+# Opt-in shared memory per block: A100 (sm_80) and H100/H200 (sm_90).
+SHARED_BYTES = {"sm80": 166912, "sm90": 232448}
+
+
+def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, **options):
+    """Compiles ``fn``: arguments named in ``pointers`` get those types, the other
+    non-constexpr arguments are i32 scalars. Checks that the kernel fits the shared memory."""
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
+    }  # fmt: skip
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=TARGETS[target], options=options)
+    assert kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
+    return kernel
+
+
+def _small_heads_pointers(compute: str) -> dict[str, str]:
+    pointers = {name: "*fp32" for name in small_heads.small_heads_kernel.arg_names if name.endswith("_ptr")}
+    pointers.update({"h_ptr": compute, "p_ptr": compute, "dh_ptr": compute, "dp_ptr": compute,
+                     "slot_int_ptr": "*i32", "group_segments_ptr": "*i32", "target_table_ptr": "*i64",
+                     "mask_ptr": "*u8"})  # fmt: skip
+    return pointers
+
+
+def _small_heads_variants():
+    """(config, BLOCK_C, backward, partials, compute dtype) for every config the pruner keeps."""
+    variants = []
+    for n, config in enumerate(small_heads._configs()):
+        for block_c in (16, 128):
+            if config.kwargs["BLOCK_M"] * block_c > 8192:
+                continue
+            for backward in (False, True):
+                compute = "*fp32" if n == 0 and block_c == 16 else "*bf16"
+                variants.append((n, block_c, backward, (n + block_c + backward) % 2 == 0, compute))
+    return variants
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("variant", _small_heads_variants(), ids=lambda v: "cfg{}-C{}-{}-{}-{}".format(
+    v[0], v[1], "bwd" if v[2] else "fwd", "partials" if v[3] else "atomics", v[4][1:]))  # fmt: skip
+def test_small_heads_kernel_compiles(target, variant):
+    n, block_c, backward, partials, compute = variant
+    config = small_heads._configs()[n]
+    constexprs = dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
+                      PARTIALS=partials, HAS_MASK=True, HAS_DH_INIT=backward and partials, USE_DH_ACC=backward,
+                      PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
+    compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute), constexprs,
+                num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("write_all", [False, True])
+def test_reduce_kernel_compiles(target, write_all):
+    pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "row_slot_ptr": "*i32", "dw_ptr": "*fp32",
+                "db_ptr": "*fp32"}  # fmt: skip
+    constexprs = {"WRITE_ALL": write_all, "BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
+    compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_loss_finalize_kernel_compiles(target):
+    pointers = {name: "*fp32" for name in loss_finalize.loss_finalize_kernel.arg_names if name.endswith("_ptr")}
+    compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("compute", ["*bf16", "*fp16", "*fp32"])
+def test_large_ce_kernels_compile(target, compute):
+    lse_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "run_max_ptr": "*fp32",
+                    "run_sum_ptr": "*fp32", "target_logit_ptr": "*fp32", "logit_sum_ptr": "*fp32"}  # fmt: skip
+    compile_for(target, large_ce.large_ce_lse_merge_kernel, lse_pointers,
+                {"BLOCK_M": large_ce.LSE_BLOCK_M, "BLOCK_V": large_ce.LSE_BLOCK_V}, num_warps=large_ce.NUM_WARPS)  # fmt: skip
+    grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
+                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32"}  # fmt: skip
+    grad_kernel = large_ce.large_ce_dlogits_kernel
+    signature_floats = {"smoothing": "fp32", "inv_classes": "fp32"}
+    compile_for(target, grad_kernel, {**grad_pointers, **signature_floats},
+                {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V},
+                num_warps=large_ce.NUM_WARPS)  # fmt: skip
