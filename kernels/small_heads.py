@@ -290,6 +290,11 @@ _backward_kernel = autotune(
 )(small_heads_kernel)
 
 
+# Launch options per shape once tuned: later launches skip Autotuner.run, whose Python
+# per call (argument dicts, key) is a noticeable share of a small step's host time.
+_TUNED: dict[tuple, dict] = {}
+
+
 def launch_small_heads(
     *,
     backward: bool,
@@ -332,10 +337,9 @@ def launch_small_heads(
         launched.append(max(1, min(blocks, partial_programs) if partials else blocks))
         return (launched[-1],)
 
-    kernel = _backward_kernel if backward else _forward_kernel
     precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
     mask = token_mask.view(torch.uint8) if token_mask is not None else target_table
-    kernel[grid](
+    args = (
         hidden, hidden.stride(0), hidden.stride(1), hidden.shape[0],
         pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
         seq_stride,
@@ -346,10 +350,22 @@ def launch_small_heads(
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
         grad_weight, grad_bias,
         rows_bucket(hidden.shape[0]),
+    )  # fmt: skip
+    constexprs = dict(
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1,
         PRECISION=precision,
     )  # fmt: skip
+    # The autotuner's key plus everything else that selects a compiled variant.
+    key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
+           *constexprs.values())  # fmt: skip
+    tuned = _TUNED.get(key)
+    if tuned is None:
+        kernel = _backward_kernel if backward else _forward_kernel
+        kernel[grid](*args, **constexprs)
+        _TUNED[key] = kernel.best_config.all_kwargs()
+    else:
+        small_heads_kernel[grid](*args, **constexprs, **tuned)
     return launched[-1]
 
 
