@@ -6,7 +6,8 @@
 #
 # On a GPU host with no network: prints the machine and versions, installs mtlfast
 # (building csrc/), runs the whole test suite on the GPU and the full benchmark (one
-# process per workload), and leaves logs and results in OUT_DIR. Carried wheels in
+# process per workload) plus a profile of one bert-base-4task step, and leaves logs and
+# results in OUT_DIR. Carried wheels in
 # .whl/ (liger-kernel, cut-cross-entropy) are installed to /tmp/site first.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [tests|bench|all]}
@@ -53,6 +54,9 @@ if [[ $PART == bench || $PART == all ]]; then
             >"$OUT/bench-$workload.log" 2>&1 || status=1
         grep -E "^\[" "$OUT/bench-$workload.log"
     done
+    # where a small step's time goes (host vs kernels), for the issue notes
+    timeout 120 "$PY" -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 >"$OUT/profile-bert-triton.txt" 2>&1
+    head -1 "$OUT/profile-bert-triton.txt"
     "$PY" -m mtlfast.bench.merge "$OUT"/bench-* --out "$OUT" >/dev/null && cat "$OUT/results.md"
 fi
 exit $status
