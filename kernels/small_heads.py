@@ -45,6 +45,18 @@ def _slot_field(slot_int_ptr, group, field: tl.constexpr, slots, BLOCK_C: tl.con
 
 
 @triton.jit
+def _add_per_slot(partial_ptrs, atomic_ptrs, value, atomic_mask, revisit, PARTIALS: tl.constexpr):
+    """Adds a per-slot ``[BLOCK_C]`` vector: into this program's partial row (stored at its
+    first row block, added to after that) with ``PARTIALS``, else by float atomics."""
+    if PARTIALS:
+        if revisit:
+            value += tl.load(partial_ptrs)
+        tl.store(partial_ptrs, value)
+    else:
+        tl.atomic_add(atomic_ptrs, value, mask=atomic_mask)
+
+
+@triton.jit
 def small_heads_kernel(
     h_ptr, stride_hn, stride_hd, n_hidden_rows,
     p_ptr, stride_pn, stride_pd, n_pooled_rows,
@@ -120,6 +132,7 @@ def small_heads_kernel(
             smoothing = tl.load(slot_flt_ptr + (group * 2) * BLOCK_C + slots)
             inv_classes = tl.load(slot_flt_ptr + (group * 2 + 1) * BLOCK_C + slots)
             slot_ok = w_rows >= 0
+            part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's partial rows
             is_ce = (kind == 0) & slot_ok
             is_dense = (kind != 0) & slot_ok
             is_bce = (kind == 1)[None, :]
@@ -170,14 +183,7 @@ def small_heads_kernel(
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(h_ptr.dtype.element_ty)
-                bias_grad = tl.sum(grad, axis=0)
-                if PARTIALS:
-                    bias_part = (pid * n_groups + group) * BLOCK_C + slots
-                    if revisit:
-                        bias_grad += tl.load(db_ptr + bias_part)
-                    tl.store(db_ptr + bias_part, bias_grad)
-                else:
-                    tl.atomic_add(db_ptr + w_rows, bias_grad, mask=slot_ok)
+                _add_per_slot(db_ptr + part_slots, db_ptr + w_rows, tl.sum(grad, axis=0), slot_ok, revisit, PARTIALS)
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
                 for k0 in range(0, D, BLOCK_K):
@@ -200,8 +206,7 @@ def small_heads_kernel(
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
                     dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
                     if PARTIALS:
-                        weight_part = ((pid * n_groups + group) * BLOCK_C + slots).to(tl.int64)
-                        dw_ptrs = dw_ptr + weight_part[:, None] * D + (k0 + ks)[None, :]
+                        dw_ptrs = dw_ptr + part_slots.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
                         if revisit:
                             dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
@@ -222,13 +227,7 @@ def small_heads_kernel(
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
                 kept = tl.sum(active.to(tl.float32), axis=0)
                 tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
-                if PARTIALS:
-                    loss_part = (pid * n_groups + group) * BLOCK_C + slots
-                    if revisit:
-                        slot_loss += tl.load(loss_ptr + loss_part)
-                    tl.store(loss_ptr + loss_part, slot_loss)
-                else:
-                    tl.atomic_add(loss_ptr + task, slot_loss, mask=slot_ok)
+                _add_per_slot(loss_ptr + part_slots, loss_ptr + task, slot_loss, slot_ok, revisit, PARTIALS)
         if PARTIALS:
             # The next row block re-reads the partial rows this program's threads wrote.
             tl.debug_barrier()

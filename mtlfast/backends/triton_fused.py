@@ -15,13 +15,14 @@ Tasks are split in two paths, picked per task:
   (beta = 1). No N x C buffer, no float atomics.
 
 Forward keeps each task's gradient scale (task weight / divisor), the table of label
-addresses and, per large task, the row log-sum-exp [rows]. Nothing synchronises with
+addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing synchronises with
 the host. fp64 inputs and a bce/mse task wider than ``MAX_BLOCK_C`` run the ``torch``
 backend instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
@@ -187,20 +188,27 @@ def _large_chunk_shape(n_rows: int, n_cols: int, chunk_rows: int) -> tuple[int, 
     return min(rows, max(n_rows, 1)), cols
 
 
-def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Row log-sum-exp, target logit and sum of logits of a large head (fp32 [rows] each)."""
-    large_ce = _kernels().large_ce
+def _large_chunks(problem: HeadProblem, head: HeadSpec) -> Iterator[tuple[int, slice, Tensor, slice, Tensor]]:
+    """Walks a large head chunk by chunk, yielding ``(c0, cols, weight, rows, logits)``: the
+    chunk's first class, its packed weight rows (``cols``) and their weight in the computation
+    dtype, its rows, and its fp32 logits ``[rows, cols]`` (cuBLAS, without the bias)."""
     rows_all = problem.rows_for(head)
     n = rows_all.shape[0]
-    state = torch.zeros((4, n), dtype=torch.float32, device=rows_all.device)
-    state[0].fill_(float("-inf"))
     chunk_rows, chunk_cols = _large_chunk_shape(n, head.num_cols, problem.chunk_size)
     for c0, c1 in _spans(head.num_cols, chunk_cols):
         cols = slice(head.col_start + c0, head.col_start + c1)
         weight = weight_in(problem.compute_dtype, problem.weight[cols])
         for r0, r1 in _spans(n, chunk_rows):
-            logits = mm_acc(rows_all[r0:r1], weight.t(), torch.float32)
-            large_ce.lse_merge(logits, problem.bias[cols], target[r0:r1], c0, state[:, r0:r1])
+            yield c0, cols, weight, slice(r0, r1), mm_acc(rows_all[r0:r1], weight.t(), torch.float32)
+
+
+def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row log-sum-exp, target logit and sum of logits of a large head (fp32 [rows] each)."""
+    large_ce = _kernels().large_ce
+    state = torch.zeros((4, target.shape[0]), dtype=torch.float32, device=target.device)
+    state[0].fill_(float("-inf"))
+    for c0, cols, _, rows, logits in _large_chunks(problem, head):
+        large_ce.lse_merge(logits, problem.bias[cols], target[rows], c0, state[:, rows])
     run_max, run_sum, target_logit, logit_sum = state.unbind(0)
     return run_max + run_sum.log(), target_logit, logit_sum
 
@@ -214,24 +222,17 @@ def _large_backward(
     dtype, then two GEMMs accumulating in fp32."""
     large_ce = _kernels().large_ce
     rows_all = problem.rows_for(head)
-    n = rows_all.shape[0]
-    device, cdtype = rows_all.device, problem.compute_dtype
-    chunk_rows, chunk_cols = _large_chunk_shape(n, head.num_cols, problem.chunk_size)
-    for c0, c1 in _spans(head.num_cols, chunk_cols):
-        cols = slice(head.col_start + c0, head.col_start + c1)
-        weight = weight_in(cdtype, problem.weight[cols])
-        for r0, r1 in _spans(n, chunk_rows):
-            h = rows_all[r0:r1]
-            logits = mm_acc(h, weight.t(), torch.float32)
-            dlogits = alloc_output((r1 - r0, c1 - c0), cdtype, device)
-            splits = large_ce.dlogits_splits(r1 - r0, c1 - c0, 2 * _multiprocessors(device))
-            col_sums = alloc_output((splits, c1 - c0), torch.float32, device)
-            large_ce.dlogits(logits, problem.bias[cols], target[r0:r1], c0, lse[r0:r1], row_scale[r0:r1],
-                             head.label_smoothing, head.num_cols, dlogits, col_sums)  # fmt: skip
-            del logits
-            grad_bias[cols] += col_sums.sum(dim=0)
-            addmm_acc_(grad_rows[r0:r1], dlogits, weight)
-            addmm_acc_(grad_weight[cols], dlogits.t(), h)
+    device = rows_all.device
+    for c0, cols, weight, rows, logits in _large_chunks(problem, head):
+        dlogits = alloc_output(logits.shape, problem.compute_dtype, device)
+        splits = large_ce.dlogits_splits(*logits.shape, 2 * _multiprocessors(device))
+        col_sums = alloc_output((splits, logits.shape[1]), torch.float32, device)
+        large_ce.dlogits(logits, problem.bias[cols], target[rows], c0, lse[rows], row_scale[rows],
+                         head.label_smoothing, head.num_cols, dlogits, col_sums)  # fmt: skip
+        del logits
+        grad_bias[cols] += col_sums.sum(dim=0)
+        addmm_acc_(grad_rows[rows], dlogits, weight)
+        addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows])
 
 
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
@@ -288,7 +289,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
                                  partial_programs=programs)  # fmt: skip
         if programs:
             sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
-    saved_lse = []
+    saved_large = []
     for i, head in enumerate(heads):
         if not _is_large(head):
             continue
@@ -299,20 +300,20 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         kept = target >= 0
         sums[i] = torch.where(kept, row_loss, 0.0).sum()
         counts[i] = kept.sum(dtype=torch.float32)
-        saved_lse.append(lse)
+        saved_large += [lse, target]
     losses = alloc_output((n_tasks,), torch.float32, device)
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
     _kernels().loss_finalize.loss_finalize(sums, counts, _count_scale(heads, device), problem.divisor_override,
                                            problem.task_weights, losses, loss_scale, total)  # fmt: skip
-    return total, losses, [loss_scale, table, *saved_lse]
+    return total, losses, [loss_scale, table, *saved_large]
 
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if _delegates(problem):
         return torch_chunked.backward(problem, saved, grad_total)
     small_heads = _kernels().small_heads
-    loss_scale, table, *saved_lse = saved
+    loss_scale, table, *saved_large = saved
     device = problem.hidden.device
     cdtype = problem.compute_dtype
     heads = problem.heads
@@ -333,9 +334,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if large:
         scale = loss_scale * grad_out
         dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
-        for i, lse in zip(large, saved_lse):
+        for i, lse, target in zip(large, saved_large[::2], saved_large[1::2]):
             head = heads[i]
-            target = _large_target(problem, i)
             if head.is_token:
                 grad_rows = dh_large[:n_hidden]
             elif problem.pooled is not None:
@@ -391,5 +391,6 @@ def saved_like(problem: HeadProblem) -> list[Tensor]:
     saved = [problem.hidden.new_empty((count,), dtype=torch.float32), problem.hidden.new_empty((count,), dtype=torch.int64)]
     for head in problem.heads:
         if _is_large(head):
-            saved.append(problem.hidden.new_empty((problem.rows_for(head).shape[0],), dtype=torch.float32))
+            rows = (problem.rows_for(head).shape[0],)
+            saved += [problem.hidden.new_empty(rows, dtype=torch.float32), problem.hidden.new_empty(rows, dtype=torch.int32)]
     return saved
