@@ -264,8 +264,11 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     in_dtype = torch.float32 if autocast else dtype
     if not autocast and dtype == torch.float64:
         heads = heads.double()
-    h = case.hidden.to(device=device, dtype=in_dtype).requires_grad_(True)
-    pooled = case.pooled.to(device=device, dtype=in_dtype).requires_grad_(True) if case.pooled is not None else None
+    # Fresh leaves: .to() can return case.hidden itself, whose .grad would add up across runs.
+    h = case.hidden.to(device=device, dtype=in_dtype).detach().clone().requires_grad_(True)
+    pooled = None
+    if case.pooled is not None:
+        pooled = case.pooled.to(device=device, dtype=in_dtype).detach().clone().requires_grad_(True)
     labels = {k: v.to(device) for k, v in case.labels.items()}
     mask = case.attention_mask.to(device) if case.attention_mask is not None else None
     num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
