@@ -86,7 +86,8 @@ def small_heads_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_blocks_hidden = tl.cdiv(n_hidden_rows, BLOCK_M)
-    n_blocks_total = n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M)
+    # At least one (fully masked) block, so that partials are stored even with no rows.
+    n_blocks_total = tl.maximum(n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M), 1)
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
@@ -235,34 +236,31 @@ def small_heads_kernel(
 
 @triton.jit
 def small_heads_reduce_kernel(
-    dw_part_ptr, db_part_ptr, n_programs, n_slots, D, row_slot_ptr, dw_ptr, db_ptr,
-    WRITE_ALL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    dw_part_ptr, db_part_ptr, n_programs, n_slots, D, slot_row_ptr, dw_ptr, db_ptr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Sums the partials ``[programs, slots, D]`` and ``[programs, slots]`` over the programs
-    into each slot's packed weight row of ``dw_ptr`` [sum C, D] and ``db_ptr`` [sum C] (fp32),
-    in a fixed order. ``row_slot_ptr`` [sum C] int32 holds each packed row's slot, -1 for
-    none; such rows get zeros with ``WRITE_ALL`` and are left alone otherwise. The grid is
-    (packed rows, blocks of D)."""
-    row = tl.program_id(0)
+    """Sums the partials ``[programs, slots, D]`` and ``[programs, slots]`` over the programs,
+    in a fixed order, and stores each slot's sums in its packed weight row of ``dw_ptr``
+    [sum C, D] and ``db_ptr`` [sum C] (fp32). ``slot_row_ptr`` [slots] int32 holds each
+    slot's row, -1 for an unused slot. The grid is (slots, blocks of D)."""
+    slot = tl.program_id(0)
     pid_d = tl.program_id(1)
-    slot = tl.load(row_slot_ptr + row)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
-    ps = tl.arange(0, BLOCK_P)
-    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    if slot >= 0:
+    row = tl.load(slot_row_ptr + slot)
+    if row >= 0:
+        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        ps = tl.arange(0, BLOCK_P)
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for p0 in range(0, n_programs, BLOCK_P):
             p_ok = (p0 + ps) < n_programs
-            part = ((p0 + ps).to(tl.int64) * n_slots + slot)
+            part = (p0 + ps).to(tl.int64) * n_slots + slot
             dw += tl.sum(tl.load(dw_part_ptr + part[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
                                  other=0.0), axis=0)  # fmt: skip
             db += tl.load(db_part_ptr + part, mask=p_ok, other=0.0)
-    write = slot >= 0
-    if WRITE_ALL:
-        write = row >= 0
-    tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok & write)
-    tl.store(db_ptr + row, tl.sum(db, axis=0), mask=write & (pid_d == 0))
+        tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
+        if pid_d == 0:
+            tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
 def _configs() -> list[triton.Config]:
@@ -372,14 +370,15 @@ REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
 
 
 def reduce_partials(
-    dw_part: torch.Tensor, db_part: torch.Tensor, row_slot: torch.Tensor, grad_weight: torch.Tensor,
-    grad_bias: torch.Tensor, write_all: bool,
+    dw_part: torch.Tensor, db_part: torch.Tensor, slot_row: torch.Tensor, grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
 ) -> None:
     """``grad_weight[row] = dw_part[:, slot].sum(0)`` and ``grad_bias[row] = db_part[:, slot].sum(0)``
-    for every packed row with a slot (see :func:`small_heads_reduce_kernel`)."""
+    for every used slot and its packed row (see :func:`small_heads_reduce_kernel`); other rows
+    are left alone."""
     programs, slots, hidden_size = dw_part.shape
-    grid = (grad_weight.shape[0], triton.cdiv(hidden_size, REDUCE_BLOCK_D))
+    grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
     small_heads_reduce_kernel[grid](
-        dw_part, db_part, programs, slots, hidden_size, row_slot, grad_weight, grad_bias,
-        WRITE_ALL=write_all, BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
+        dw_part, db_part, programs, slots, hidden_size, slot_row, grad_weight, grad_bias,
+        BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
     )  # fmt: skip

@@ -80,11 +80,10 @@ def test_untuned_small_heads_config_fits(target, compute, backward, block_c):
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("write_all", [False, True])
-def test_reduce_kernel_compiles(target, write_all):
-    pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "row_slot_ptr": "*i32", "dw_ptr": "*fp32",
+def test_reduce_kernel_compiles(target):
+    pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "dw_ptr": "*fp32",
                 "db_ptr": "*fp32"}  # fmt: skip
-    constexprs = {"WRITE_ALL": write_all, "BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
+    constexprs = {"BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
     compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
 
 

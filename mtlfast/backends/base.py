@@ -192,11 +192,12 @@ def mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return a.to(acc) @ b.to(acc)
 
 
-def addmm_acc_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` accumulated in ``out.dtype`` (beta = 1, no temporary for 16-bit a, b on CUDA)."""
+def addmm_acc_(out: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0) -> None:
+    """``out = beta * out + a @ b`` accumulated in ``out.dtype`` (no temporary for 16-bit a, b on
+    CUDA). With ``beta = 0`` the old contents of ``out`` are never read, NaN included."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        out.addmm_(a, b, beta=beta)
     elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        torch.addmm(out, a, b, beta=beta, out_dtype=out.dtype, out=out)
     else:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta)

@@ -22,6 +22,7 @@ backend instead.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -77,7 +78,7 @@ class _SmallPlan:
     slot_int: Tensor  # int32 [G, SLOT_FIELDS, BLOCK_C]
     slot_flt: Tensor  # fp32 [G, 2, BLOCK_C]
     group_segments: Tensor  # int32 [G]: tasks per group
-    row_slot: Tensor  # int32 [sum C]: the slot (in G * BLOCK_C) of each packed weight row, -1 for none
+    slot_row: Tensor  # int32 [G * BLOCK_C]: the packed weight row of each slot, -1 for none
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
 
     @property
@@ -90,9 +91,8 @@ class _SmallPlan:
 
 
 @cache
-def _small_plan(heads: tuple[HeadSpec, ...], packed_rows: int, device: torch.device) -> _SmallPlan:
-    """Packs the small tasks into groups of slots (one slot per row of the packed weight,
-    which has ``packed_rows`` rows)."""
+def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan:
+    """Packs the small tasks into groups of slots, one slot per row of the packed weight."""
     small_heads = _kernels().small_heads
     small = sorted((i for i, h in enumerate(heads) if not _is_large(h)), key=lambda i: heads[i].col_start)
     total = sum(heads[i].num_cols for i in small)
@@ -130,16 +130,28 @@ def _small_plan(heads: tuple[HeadSpec, ...], packed_rows: int, device: torch.dev
                 slot_flt[g, 1, s] = 1.0 / head.num_cols
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
-    cols = slot_int[:, small_heads.SLOT_COL, :].reshape(-1)
-    row_slot = torch.full((packed_rows,), -1, dtype=torch.int32)
-    row_slot[cols[cols >= 0].long()] = (cols >= 0).nonzero().squeeze(1).to(torch.int32)
     return _SmallPlan(
         slot_int=slot_int.to(device),
         slot_flt=slot_flt.to(device),
         group_segments=torch.tensor([len(m) for m in groups], dtype=torch.int32, device=device),
-        row_slot=row_slot.to(device),
+        slot_row=slot_int[:, small_heads.SLOT_COL, :].reshape(-1).to(device),
         slot_to_task=slot_to_task.to(device),
     )
+
+
+@cache
+def _unwritten_rows(heads: tuple[HeadSpec, ...], packed_rows: int, small_written: bool) -> tuple[tuple[int, int], ...]:
+    """``[start, end)`` runs of packed weight rows that backward's kernels do not write: rows of
+    absent tasks, and of the small tasks unless their partials are reduced (``small_written``)."""
+    written = sorted((h.col_start, h.col_end) for h in heads if small_written or _is_large(h))
+    gaps, start = [], 0
+    for begin, end in written:
+        if begin > start:
+            gaps.append((start, begin))
+        start = max(start, end)
+    if start < packed_rows:
+        gaps.append((start, packed_rows))
+    return tuple(gaps)
 
 
 @cache
@@ -148,18 +160,43 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
     return torch.tensor([1.0 if h.is_ce else float(h.num_cols) for h in heads], dtype=torch.float32, device=device)
 
 
+# Device tables of label addresses by (device, addresses): a training loop that reallocates
+# its label tensors each step mostly gets the same addresses back from the caching allocator.
+_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_TABLES_KEPT = 64
+# Tables made while a CUDA graph is being captured, with their pinned sources: every replay
+# reads both, so they are never freed.
+_CAPTURED_TABLES: list[tuple[Tensor, Tensor]] = []
+
+
 def _target_table(problem: HeadProblem) -> Tensor:
     """int64 [T]: the address of each task's targets (int64 [rows] or fp32 [rows, C], contiguous)."""
     for target, head in zip(problem.targets, problem.heads):
         expected = torch.int64 if head.is_ce else torch.float32
         if target.dtype != expected or not target.is_contiguous():
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
-    addresses = [t.data_ptr() for t in problem.targets]
     device = problem.hidden.device
+    key = (device, *(t.data_ptr() for t in problem.targets))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        if capturing:
+            _CAPTURED_TABLES.append((table, table))
+        return table
     if device.type != "cuda":
-        return torch.tensor(addresses, dtype=torch.int64, device=device)
-    # From pinned memory, non-blocking: a pageable host-to-device copy would sync the stream.
-    return torch.tensor(addresses, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        table = torch.tensor(key[1:], dtype=torch.int64, device=device)
+    else:
+        # From pinned memory, non-blocking: a pageable host-to-device copy would sync the stream.
+        source = torch.tensor(key[1:], dtype=torch.int64, pin_memory=True)
+        table = source.to(device, non_blocking=True)
+        if capturing:
+            _CAPTURED_TABLES.append((source, table))
+            return table
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
@@ -217,12 +254,16 @@ def _large_backward(
     problem: HeadProblem, head: HeadSpec, target: Tensor, lse: Tensor, row_scale: Tensor, grad_rows: Tensor,
     grad_weight: Tensor, grad_bias: Tensor,
 ) -> None:
-    """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]), ``grad_weight`` and
-    ``grad_bias`` (fp32): per chunk, logits recomputed, scaled dlogits in the computation
-    dtype, then two GEMMs accumulating in fp32."""
+    """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]) and writes its rows of
+    ``grad_weight`` and ``grad_bias`` (fp32, old contents never read): per chunk, logits
+    recomputed, scaled dlogits in the computation dtype, then two GEMMs accumulating in fp32."""
     large_ce = _kernels().large_ce
     rows_all = problem.rows_for(head)
     device = rows_all.device
+    if rows_all.shape[0] == 0:  # no chunks to walk
+        grad_weight[head.col_start : head.col_end].zero_()
+        grad_bias[head.col_start : head.col_end].zero_()
+        return
     for c0, cols, weight, rows, logits in _large_chunks(problem, head):
         dlogits = alloc_output(logits.shape, problem.compute_dtype, device)
         splits = large_ce.dlogits_splits(*logits.shape, 2 * _multiprocessors(device))
@@ -230,9 +271,13 @@ def _large_backward(
         large_ce.dlogits(logits, problem.bias[cols], target[rows], c0, lse[rows], row_scale[rows],
                          head.label_smoothing, head.num_cols, dlogits, col_sums)  # fmt: skip
         del logits
-        grad_bias[cols] += col_sums.sum(dim=0)
+        first = rows.start == 0
+        if first:
+            torch.sum(col_sums, dim=0, out=grad_bias[cols])
+        else:
+            grad_bias[cols] += col_sums.sum(dim=0)
         addmm_acc_(grad_rows[rows], dlogits, weight)
-        addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows])
+        addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=0.0 if first else 1.0)
 
 
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
@@ -282,7 +327,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     sums, counts = torch.zeros((2, n_tasks), dtype=torch.float32, device=device).unbind(0)
     table = _target_table(problem)
     if any(not _is_large(h) for h in heads):
-        plan = _small_plan(heads, problem.weight.shape[0], device)
+        plan = _small_plan(heads, device)
         programs = _partial_programs(problem, plan) if problem.deterministic else 0
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
         launched = _launch_small(problem, plan, table, backward=False, loss=loss, count=counts,
@@ -321,14 +366,15 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
     grad_out = grad_total.to(torch.float32).contiguous()
     large = [i for i, h in enumerate(heads) if _is_large(h)]
-    plan = _small_plan(heads, problem.weight.shape[0], device) if len(large) < len(heads) else None
+    plan = _small_plan(heads, device) if len(large) < len(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
-    if plan is not None and programs and not large:  # the reduction writes every row of dW and db
-        grad_weight = alloc_output(problem.weight.shape, torch.float32, device)
-        grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
-    else:
-        grad_weight = torch.zeros(problem.weight.shape, dtype=torch.float32, device=device)
-        grad_bias = torch.zeros(problem.bias.shape, dtype=torch.float32, device=device)
+    # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
+    # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here.
+    grad_weight = alloc_output(problem.weight.shape, torch.float32, device)
+    grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
+    for start, end in _unwritten_rows(heads, problem.weight.shape[0], programs > 0):
+        grad_weight[start:end].zero_()
+        grad_bias[start:end].zero_()
 
     dh_large = None
     if large:
@@ -366,8 +412,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             has_dh_init=dh_large is not None, partial_programs=programs,
         )  # fmt: skip
         if programs:
-            small_heads.reduce_partials(dw_target[:launched], db_target[:launched], plan.row_slot, grad_weight,
-                                        grad_bias, write_all=not large)  # fmt: skip
+            small_heads.reduce_partials(dw_target[:launched], db_target[:launched], plan.slot_row, grad_weight, grad_bias)
         grad_pooled = grad_pooled if n_pooled else None
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(cdtype)

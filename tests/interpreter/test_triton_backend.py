@@ -105,6 +105,36 @@ def test_large_head_alone_with_pooled_sequence_head():
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/large-only")
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("with_large", [False, True], ids=["small", "small+large"])
+def test_empty_batch(deterministic, with_large):
+    """A batch of no rows: losses 0 and every gradient written as 0 (the buffers start as NaN)."""
+    tasks = [Task("ner", 5, "cross_entropy", level="token"), Task("score", 2, "mse"), Task("tags", 3, "bce")]
+    if with_large:
+        tasks.append(Task("vocab", 201, "cross_entropy", level="token"))
+    case = case_for(tasks, (0, 4, 11))
+    out, grads = run_heads(case, "triton", torch.float32, deterministic=deterministic)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/empty")
+    assert all(not g.isnan().any() for g in grads.values())
+
+
+def test_labels_rewritten_in_place():
+    """Label tensors refilled in place keep their addresses, so the cached table of label
+    addresses is reused; every step must still read the new labels."""
+    from oracle import random_labels
+
+    case = random_case(shape=(3, 6, 13), allow_extras=False)
+    buffers = {name: y.clone() for name, y in case.labels.items()}
+    gen = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(3):
+        for task in case.tasks:
+            fresh = random_labels(task, 3, 6, gen, ignore_rate=0.2, nan_rate=0.0)
+            buffers[task.name].copy_(fresh.reshape(buffers[task.name].shape))
+        case.labels = buffers
+        out, grads = run_heads(case, "triton", torch.float32)
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/in-place labels")
+
+
 def test_deterministic_is_bitwise_repeatable():
     case = random_case(num_tasks=6, shape=(3, 7, 21), allow_extras=False)
     first = run_heads(case, "triton", torch.float32, deterministic=True)[1]
