@@ -134,3 +134,18 @@ def test_attention_mask_and_pooled(backend):
     out, grads = run_heads(case, backend, torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], backend)
     assert grads["pooled"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fp32_accumulating_gemm_on_cpu(beta, dtype):
+    """``addmm_acc_``: ``out = beta * out + a @ b`` in fp32; beta 0 never reads ``out`` (NaN)."""
+    from mtlfast.backends.base import addmm_acc_
+
+    a = torch.randn(31, 17).to(dtype)
+    b = torch.randn(13, 17).to(dtype).t()
+    start = torch.randn(31, 13)
+    out = torch.full_like(start, float("nan")) if beta == 0 else start.clone()
+    addmm_acc_(out, a, b, beta=beta)
+    expected = a.double() @ b.double() + (start.double() if beta else 0)
+    assert rel_error(out, expected) <= 1e-6

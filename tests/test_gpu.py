@@ -214,3 +214,19 @@ def test_cuda_graph_replays_a_training_step():
         expected = [eager_loss, h.grad, *(p.grad for p in heads.parameters())]
         for got, want in zip(replayed, expected):
             assert rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_accumulating_gemm(beta, dtype):
+    """``addmm_acc_`` on CUDA (out_dtype GEMMs; beta 0 never reads ``out``, NaN included)
+    against float64, with odd sizes and a transposed operand."""
+    from mtlfast.backends.base import addmm_acc_
+
+    a = torch.randn(67, 45, device=DEVICE).to(dtype)
+    b = torch.randn(29, 45, device=DEVICE).to(dtype).t()
+    start = torch.randn(67, 29, device=DEVICE)
+    out = torch.full_like(start, float("nan")) if beta == 0 else start.clone()
+    addmm_acc_(out, a, b, beta=beta)
+    expected = a.double() @ b.double() + (start.double() if beta else 0)
+    assert rel_error(out, expected) <= 1e-6

@@ -8,6 +8,7 @@ losses and whatever it wants to keep for its own backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 import torch
@@ -192,12 +193,30 @@ def mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return a.to(acc) @ b.to(acc)
 
 
+@cache
+def _addmm_adds_to_fp32(device: torch.device) -> bool:
+    """Whether this torch adds 16-bit products into an fp32 ``self`` with ``addmm(out_dtype=)``
+    (older releases require ``self`` in the input dtype)."""
+    out = torch.zeros((1, 1), dtype=torch.float32, device=device)
+    a = torch.zeros((1, 1), dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except RuntimeError:
+        return False
+    return True
+
+
 def addmm_acc_(out: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0) -> None:
-    """``out = beta * out + a @ b`` accumulated in ``out.dtype`` (no temporary for 16-bit a, b on
-    CUDA). With ``beta = 0`` the old contents of ``out`` are never read, NaN included."""
+    """``out = beta * out + a @ b`` (beta 0 or 1) accumulated in ``out.dtype``, with no fp32 copy of
+    16-bit ``a``, ``b`` on CUDA. With ``beta = 0`` the old contents of ``out`` are never read, NaN included."""
     if a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta)
     elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
-        torch.addmm(out, a, b, beta=beta, out_dtype=out.dtype, out=out)
+        if beta == 0:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        elif _addmm_adds_to_fp32(out.device):
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            out += torch.mm(a, b, out_dtype=out.dtype)
     else:
         out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta)
