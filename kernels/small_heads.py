@@ -86,8 +86,9 @@ def small_heads_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_blocks_hidden = tl.cdiv(n_hidden_rows, BLOCK_M)
+    n_blocks_total = n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M)
     # At least one (fully masked) block, so that partials are stored even with no rows.
-    n_blocks_total = tl.maximum(n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M), 1)
+    n_blocks_total += (n_blocks_total == 0).to(tl.int32)
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):

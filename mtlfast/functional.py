@@ -183,11 +183,7 @@ def multitask_loss(
         task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
 
     call = HeadCall(
-        heads=tuple(
-            HeadSpec(layout.col_start[i], t.num_outputs, t.loss_code, t.level_code, t.ignore_index,
-                     float(t.label_smoothing))
-            for i, t in zip(present, present_tasks)
-        ),  # fmt: skip
+        heads=tuple(HeadSpec._make(layout.head_codes[i]) for i in present),
         seq_stride=seq_stride,
         backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,
@@ -202,6 +198,6 @@ def multitask_loss(
     detached = losses.detach()
     return MultiTaskOutput(
         loss=total,
-        losses={task.name: detached[k] for k, task in enumerate(present_tasks)},
+        losses={task.name: loss for task, loss in zip(present_tasks, detached.unbind(0))},
         logits=logits,
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 LOSSES = ("cross_entropy", "bce", "mse")
 LEVELS = ("sequence", "token")
@@ -73,9 +73,18 @@ class Task:
 
 @dataclass(frozen=True)
 class TaskLayout:
-    """Where each task's rows sit in the packed ``weight`` [sum C, D] and ``bias`` [sum C]."""
+    """Where each task's rows sit in the packed ``weight`` [sum C, D] and ``bias`` [sum C].
+
+    ``index`` maps task names to positions, ``col_start`` holds each task's first packed
+    row and ``head_codes`` each task's ``(col_start, num_outputs, loss code, level code,
+    ignore_index, label_smoothing)``. They are computed here, not lazily, so that
+    ``torch.compile`` finds plain attributes (a ``cached_property`` takes a lock on Python 3.11).
+    """
 
     tasks: tuple[Task, ...]
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+    col_start: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    head_codes: tuple[tuple[int, int, int, int, int, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -87,18 +96,14 @@ class TaskLayout:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
-
-    @cached_property
-    def index(self) -> dict[str, int]:
-        return {task.name: i for i, task in enumerate(self.tasks)}
-
-    @cached_property
-    def col_start(self) -> tuple[int, ...]:
-        starts, total = [], 0
-        for task in self.tasks:
-            starts.append(total)
-            total += task.num_outputs
-        return tuple(starts)
+        starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
+        codes = tuple(
+            (start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing))
+            for start, t in zip(starts, self.tasks)
+        )
+        object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})
+        object.__setattr__(self, "col_start", starts)
+        object.__setattr__(self, "head_codes", codes)
 
     @property
     def total_outputs(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -17,10 +17,10 @@ from torch import Tensor
 from ..task import CROSS_ENTROPY, TOKEN
 
 
-@dataclass(frozen=True)
-class HeadSpec:
+class HeadSpec(NamedTuple):
     """One task taking part in a call: its columns ``[col_start, col_start + num_cols)``
-    of the packed weight, its loss kind and level codes, and its cross-entropy options."""
+    of the packed weight, its loss kind and level codes, and its cross-entropy options.
+    A tuple, so that the caches keyed by a call's heads hash and compare them in C."""
 
     col_start: int
     num_cols: int

@@ -67,10 +67,16 @@ def _is_large(head: HeadSpec) -> bool:
     return head.num_cols > MAX_BLOCK_C
 
 
+@cache
+def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
+    """Indices of the tasks that take the large path."""
+    return tuple(i for i, h in enumerate(heads) if _is_large(h))
+
+
 def _delegates(problem: HeadProblem) -> bool:
     if problem.compute_dtype == torch.float64:
         return True
-    return any(_is_large(h) and not h.is_ce for h in problem.heads)
+    return any(not problem.heads[i].is_ce for i in _large_tasks(problem.heads))
 
 
 @dataclass(frozen=True)
@@ -326,7 +332,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     n_tasks = len(heads)
     sums, counts = torch.zeros((2, n_tasks), dtype=torch.float32, device=device).unbind(0)
     table = _target_table(problem)
-    if any(not _is_large(h) for h in heads):
+    large = _large_tasks(heads)
+    if len(large) < n_tasks:
         plan = _small_plan(heads, device)
         programs = _partial_programs(problem, plan) if problem.deterministic else 0
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
@@ -335,9 +342,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         if programs:
             sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
     saved_large = []
-    for i, head in enumerate(heads):
-        if not _is_large(head):
-            continue
+    for i in large:
+        head = heads[i]
         target = _large_target(problem, i)
         lse, target_logit, logit_sum = _large_lse(problem, head, target)
         eps = head.label_smoothing
@@ -365,7 +371,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
     grad_out = grad_total.to(torch.float32).contiguous()
-    large = [i for i, h in enumerate(heads) if _is_large(h)]
+    large = _large_tasks(heads)
     plan = _small_plan(heads, device) if len(large) < len(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
