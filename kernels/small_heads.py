@@ -29,11 +29,13 @@ bce/mse targets fp32 ``[rows, C]``, both contiguous.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
 
-from .tiling import autotune, logits_tile, rows_bucket
+from .tiling import TUNING, logits_tile, rows_bucket
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
@@ -280,12 +282,15 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
-_forward_kernel = autotune(
-    _configs(), _KEY, reset_to_zero=["loss_ptr", "count_ptr"], prune_configs_by={"early_config_prune": _prune}
-)(small_heads_kernel)
-_backward_kernel = autotune(
-    _configs(), _KEY, restore_value=["dw_ptr", "db_ptr", "dh_acc_ptr"], prune_configs_by={"early_config_prune": _prune}
-)(small_heads_kernel)
+
+
+@cache
+def _tuned_kernel(backward: bool):
+    """The autotuned kernel, built on first use (an Autotuner needs a GPU driver)."""
+    protect = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
+    return triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}, **protect)(
+        small_heads_kernel
+    )
 
 
 # Launch options per shape once tuned: later launches skip Autotuner.run, whose Python
@@ -358,12 +363,15 @@ def launch_small_heads(
     key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
            *constexprs.values())  # fmt: skip
     tuned = _TUNED.get(key)
-    if tuned is None:
-        kernel = _backward_kernel if backward else _forward_kernel
+    if tuned is None and TUNING:
+        kernel = _tuned_kernel(backward)
         kernel[grid](*args, **constexprs)
         _TUNED[key] = kernel.best_config.all_kwargs()
-    else:
-        small_heads_kernel[grid](*args, **constexprs, **tuned)
+        return launched[-1]
+    if tuned is None:  # the first config; only its universal options (older interpreters take no others)
+        first = _configs()[0]
+        tuned = _TUNED[key] = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+    small_heads_kernel[grid](*args, **constexprs, **tuned)
     return launched[-1]
 
 

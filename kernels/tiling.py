@@ -1,4 +1,4 @@
-"""Shared pieces of the kernels: the logits tile and interpreter-aware autotuning."""
+"""Shared pieces of the kernels: the logits tile and when to autotune."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("MTLFAST_AUTOTUNE", "1") != "0"
-
-
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` over ``configs``. The first config alone under the Triton
-    interpreter (with more, it tries to time them and fails on a host without a GPU) and
-    with ``MTLFAST_AUTOTUNE=0`` (tests: no tuning runs for every new shape)."""
-    return triton.autotune(configs if AUTOTUNE and not INTERPRETED else configs[:1], key=key, **kwargs)
+# Autotuning runs on a GPU unless MTLFAST_AUTOTUNE=0 (tests: no tuning runs for every new
+# shape). Otherwise kernels launch with their first config: the interpreter cannot time
+# configs, and older triton releases cannot even build an Autotuner without a GPU.
+TUNING = os.environ.get("MTLFAST_AUTOTUNE", "1") != "0" and not INTERPRETED
 
 
 def rows_bucket(n: int) -> int:

@@ -183,7 +183,7 @@ def multitask_loss(
         task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
 
     call = HeadCall(
-        heads=tuple(HeadSpec._make(layout.head_codes[i]) for i in present),
+        heads=tuple(HeadSpec(*layout.head_codes[i]) for i in present),
         seq_stride=seq_stride,
         backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,

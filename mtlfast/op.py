@@ -8,9 +8,13 @@ autograd registered to ``mtlfast::fused_heads_loss_backward``), so that
 ``fullgraph=True`` sees no graph break. Both run the same backend functions.
 """
 
+# The custom ops' annotations use typing's List/Optional: torch.library.infer_schema in
+# torch < 2.7 rejects list[...] and X | None.
+# ruff: noqa: UP006, UP007, UP035, UP045
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -117,25 +121,25 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
 @torch.library.custom_op("mtlfast::fused_heads_loss", mutates_args=())
 def _custom_forward(
     hidden: Tensor,
-    pooled: Tensor | None,
+    pooled: Optional[Tensor],
     seq_stride: int,
-    token_mask: Tensor | None,
+    token_mask: Optional[Tensor],
     weight: Tensor,
     bias: Tensor,
-    targets: list[Tensor],
+    targets: List[Tensor],
     divisor_override: Tensor,
     task_weights: Tensor,
-    col_start: list[int],
-    num_cols: list[int],
-    kind: list[int],
-    level: list[int],
-    ignore_index: list[int],
-    label_smoothing: list[float],
+    col_start: List[int],
+    num_cols: List[int],
+    kind: List[int],
+    level: List[int],
+    ignore_index: List[int],
+    label_smoothing: List[float],
     backend: str,
     chunk_size: int,
     deterministic: bool,
     compute_grad: bool,
-) -> list[Tensor]:
+) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
                               chunk_size, deterministic, compute_grad)  # fmt: skip
@@ -157,26 +161,26 @@ def _custom_forward_fake(hidden, pooled, seq_stride, token_mask, weight, bias, t
 @torch.library.custom_op("mtlfast::fused_heads_loss_backward", mutates_args=())
 def _custom_backward(
     grad_total: Tensor,
-    saved: list[Tensor],
+    saved: List[Tensor],
     hidden: Tensor,
-    pooled: Tensor | None,
+    pooled: Optional[Tensor],
     seq_stride: int,
-    token_mask: Tensor | None,
+    token_mask: Optional[Tensor],
     weight: Tensor,
     bias: Tensor,
-    targets: list[Tensor],
+    targets: List[Tensor],
     divisor_override: Tensor,
     task_weights: Tensor,
-    col_start: list[int],
-    num_cols: list[int],
-    kind: list[int],
-    level: list[int],
-    ignore_index: list[int],
-    label_smoothing: list[float],
+    col_start: List[int],
+    num_cols: List[int],
+    kind: List[int],
+    level: List[int],
+    ignore_index: List[int],
+    label_smoothing: List[float],
     backend: str,
     chunk_size: int,
     deterministic: bool,
-) -> list[Tensor]:
+) -> List[Tensor]:
     """``[d hidden, d pooled (empty without pooled), d weight, d bias]`` of ``grad_total * total``."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
                               chunk_size, deterministic, True)  # fmt: skip

@@ -316,5 +316,10 @@ def assert_matches_oracle(case: Case, out, grads, compute_dtype: torch.dtype, to
         err = rel_error(out.losses[name], ref)
         assert err <= tol, f"{context}: loss of {name} rel error {err:.3e} > {tol}"
     for name, ref in ref_grads.items():
-        err = rel_error(grads.get(name), ref)
+        got = grads.get(name)
+        if name == "log_vars" and got is not None:
+            # d/ds_t = 0.5 - 0.5 exp(-s_t) L_t: the exact 0.5 can cancel the loss term to near
+            # zero, so the error is measured on the loss term (both sides shifted by 0.5).
+            got, ref = got - 0.5, ref - 0.5
+        err = rel_error(got, ref)
         assert err <= tol, f"{context}: grad of {name} rel error {err:.3e} > {tol}"
