@@ -36,16 +36,17 @@ lint: install
 	$(PY) -m ruff check mtlfast kernels bench tests setup.py
 
 # The suite on the CPU against another torch and triton, by default the GPU hosts' (torch
-# 2.11, triton 3.6; triton 3.6's interpreter needs numpy < 2.3). mtlfast is installed
-# into .venv-compat as a copy, not editable, so the in-tree build stays .venv's, and
-# pytest runs from that venv's bin so that the copy is the one imported.
+# 2.11, triton 3.6; triton 3.6's interpreter needs numpy < 2.3), in a venv per version pair.
+# mtlfast is installed there as a copy, not editable, so the in-tree build stays .venv's,
+# and pytest runs from that venv's bin so that the copy is the one imported.
 COMPAT_TORCH ?= 2.11.0
 COMPAT_TRITON ?= 3.6.0
+COMPAT_VENV := .venv-compat-torch$(COMPAT_TORCH)-triton$(COMPAT_TRITON)
 compat:
-	$(PYTHON) -m venv .venv-compat
-	.venv-compat/bin/pip install "torch==$(COMPAT_TORCH)" "triton==$(COMPAT_TRITON)" "numpy<2.3" setuptools wheel pybind11 ninja
-	.venv-compat/bin/pip install --no-build-isolation ".[test]"
-	cd tests && ../.venv-compat/bin/pytest -q -p no:cacheprovider --rootdir . .
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install "torch==$(COMPAT_TORCH)" "triton==$(COMPAT_TRITON)" "numpy<2.3" setuptools wheel pybind11 ninja
+	$(COMPAT_VENV)/bin/pip install --no-build-isolation ".[test]"
+	cd tests && ../$(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider --rootdir . .
 
 clean:
-	rm -rf build *.egg-info mtlfast/_C*.so $(BENCH_OUT) .venv-compat
+	rm -rf build *.egg-info mtlfast/_C*.so $(BENCH_OUT) .venv-compat-*
