@@ -55,7 +55,7 @@ def _add_per_slot(partial_ptrs, atomic_ptrs, value, atomic_mask, revisit, PARTIA
             value += tl.load(partial_ptrs)
         tl.store(partial_ptrs, value)
     else:
-        tl.atomic_add(atomic_ptrs, value, mask=atomic_mask)
+        tl.atomic_add(atomic_ptrs, value, mask=atomic_mask, sem="relaxed")
 
 
 @triton.jit
@@ -217,7 +217,7 @@ def small_heads_kernel(
                         tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
                         dw_ptrs = dw_ptr + w_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
-                        tl.atomic_add(dw_ptrs, dw, mask=slot_ok[:, None] & k_ok[None, :])
+                        tl.atomic_add(dw_ptrs, dw, mask=slot_ok[:, None] & k_ok[None, :], sem="relaxed")
                 if USE_DH_ACC:
                     # Later groups read the fp32 partial dH this program's own threads wrote.
                     tl.debug_barrier()
@@ -230,7 +230,7 @@ def small_heads_kernel(
                 term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
                 kept = tl.sum(active.to(tl.float32), axis=0)
-                tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1))
+                tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1), sem="relaxed")
                 _add_per_slot(loss_ptr + part_slots, loss_ptr + task, slot_loss, slot_ok, revisit, PARTIALS)
         if PARTIALS:
             # The next row block re-reads the partial rows this program's threads wrote.

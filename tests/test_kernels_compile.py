@@ -107,3 +107,15 @@ def test_large_ce_kernels_compile(target, compute):
     compile_for(target, grad_kernel, {**grad_pointers, **signature_floats},
                 {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V},
                 num_warps=large_ce.NUM_WARPS)  # fmt: skip
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_float_atomics_are_relaxed(backward):
+    """The atomics path only accumulates (kernel boundaries order it), so its atomics must be
+    relaxed: triton's default acq_rel atomics order memory around each add and are slower."""
+    import re
+
+    kernel = compile_for("sm90", small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
+                         _small_heads_constexprs(0, 16, backward, False, "*bf16"), num_warps=4, num_stages=2)  # fmt: skip
+    atomics = re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", kernel.asm["ptx"])
+    assert atomics and all(".relaxed." in op for op in atomics), atomics
