@@ -266,19 +266,38 @@ def small_heads_reduce_kernel(
             tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
-def _configs() -> list[triton.Config]:
-    # The first runs without tuning (MTLFAST_AUTOTUNE=0, the interpreter): it fits the shared
-    # memory of sm_80 for every BLOCK_C. Tuning skips the others where they do not fit.
-    shapes = [(32, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 2), (64, 128, 8, 2), (128, 32, 8, 4),
-              (32, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in shapes]
+# Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages); the first
+# runs untuned (MTLFAST_AUTOTUNE=0, the interpreter). The kernel holds a dozen
+# [BLOCK_M, BLOCK_C] tiles at once, so wide heads take short row blocks over more warps: each
+# candidate compiles for sm_80 and sm_90 with (almost) no register spills, which
+# tests/test_kernels_compile.py checks. The untuned first ones spill nothing and fit sm_80's
+# shared memory.
+SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
+    16: [(32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 8, 2), (32, 64, 8, 2)],
+    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
+    64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2)],
+    128: [(16, 16, 8, 2), (16, 32, 8, 2)],
+}
+
+
+def _config(shape: tuple[int, int, int, int]) -> triton.Config:
+    block_m, block_k, warps, stages = shape
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+def configs_for(block_c: int) -> list[triton.Config]:
+    """The candidates for one head-group width, the untuned one first."""
+    return [_config(shape) for shape in SHAPES_BY_BLOCK_C[block_c]]
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keeps the tile of logits and its temporaries in registers: BLOCK_M * BLOCK_C <= 8192."""
-    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_c <= 8192]
-    return kept or configs[-1:]
+    """Keeps the candidates of the launch's BLOCK_C."""
+    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C"))
+    return [c for c in configs if _shape(c) in SHAPES_BY_BLOCK_C[block_c]]
 
 
 _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
@@ -288,7 +307,8 @@ _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
 def _tuned_kernel(backward: bool):
     """The autotuned kernel, built on first use (an Autotuner needs a GPU driver)."""
     protect = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
-    return triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}, **protect)(
+    every = [_config(shape) for shape in dict.fromkeys(s for shapes in SHAPES_BY_BLOCK_C.values() for s in shapes)]
+    return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": _prune}, **protect)(
         small_heads_kernel
     )
 
@@ -369,7 +389,7 @@ def launch_small_heads(
         _TUNED[key] = kernel.best_config.all_kwargs()
         return launched[-1]
     if tuned is None:  # the first config; only its universal options (older interpreters take no others)
-        first = _configs()[0]
+        first = configs_for(block_c)[0]
         tuned = _TUNED[key] = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
     small_heads_kernel[grid](*args, **constexprs, **tuned)
     return launched[-1]

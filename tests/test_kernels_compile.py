@@ -3,6 +3,11 @@ no GPU needed), with each of its autotuning configurations and the variants the 
 launches. The interpreter tests check what the kernels compute; this catches what only
 the real compiler rejects (unsupported constructs, register or shared-memory overflow)."""
 
+import os
+import re
+import subprocess
+import tempfile
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -36,47 +41,52 @@ def _small_heads_pointers(compute: str) -> dict[str, str]:
     return pointers
 
 
-def _small_heads_constexprs(n: int, block_c: int, backward: bool, partials: bool, compute: str) -> dict:
-    config = small_heads._configs()[n]
+def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str) -> dict:
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
                 PARTIALS=partials, HAS_MASK=True, HAS_DH_INIT=backward and partials, USE_DH_ACC=backward,
                 PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
 
 
-def _tuned_variants():
-    """(config, BLOCK_C, backward, partials, compute dtype) for every tuned config the pruner keeps."""
+def stack_bytes(kernel) -> int | None:
+    """Per-thread stack of a compiled kernel (register spills land there), read from its cubin
+    with the cuobjdump that ships with triton; None where there is none."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as cubin:
+            cubin.write(kernel.asm["cubin"])
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def _variants():
+    """(BLOCK_C, candidate index, backward, partials, compute dtype): every candidate of every
+    head-group width, both directions, alternating partials and atomics."""
     variants = []
-    for n, config in enumerate(small_heads._configs()[1:], start=1):
-        for block_c in (16, 128):
-            if config.kwargs["BLOCK_M"] * block_c > 8192:
-                continue
+    for block_c, shapes in small_heads.SHAPES_BY_BLOCK_C.items():
+        for n in range(len(shapes)):
             for backward in (False, True):
-                compute = "*fp32" if n == 1 and block_c == 16 else "*bf16"
-                variants.append((n, block_c, backward, (n + block_c + backward) % 2 == 0, compute))
+                compute = "*fp32" if n == 0 and block_c == 16 else "*bf16"
+                variants.append((block_c, n, backward, (n + backward) % 2 == 0, compute))
     return variants
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("variant", _tuned_variants(), ids=lambda v: "cfg{}-C{}-{}-{}-{}".format(
+@pytest.mark.parametrize("variant", _variants(), ids=lambda v: "C{}-cfg{}-{}-{}-{}".format(
     v[0], v[1], "bwd" if v[2] else "fwd", "partials" if v[3] else "atomics", v[4][1:]))  # fmt: skip
-def test_small_heads_kernel_compiles(target, variant):
-    n, block_c, backward, partials, compute = variant
-    config = small_heads._configs()[n]
-    compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
-                _small_heads_constexprs(*variant), fits=False, num_warps=config.num_warps,
-                num_stages=config.num_stages)  # fmt: skip
-
-
-@pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("compute", ["*bf16", "*fp32"])
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("block_c", [16, 128])
-def test_untuned_small_heads_config_fits(target, compute, backward, block_c):
-    """The first config runs whenever tuning is off: it must fit every GPU, every head width."""
-    config = small_heads._configs()[0]
-    compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
-                _small_heads_constexprs(0, block_c, backward, True, compute), num_warps=config.num_warps,
-                num_stages=config.num_stages)  # fmt: skip
+def test_small_heads_candidates_compile_without_spills(target, variant):
+    """Every autotuning candidate compiles and keeps its tiles in registers (a few bytes of stack
+    at most; the candidates before this check spilled up to 11 KB per thread); the untuned
+    first candidate of each width spills nothing and fits the shared memory of every GPU."""
+    block_c, n, backward, partials, compute = variant
+    config = small_heads.configs_for(block_c)[n]
+    kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
+                         _small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
+                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    stack = stack_bytes(kernel)
+    assert stack is None or stack <= (0 if n == 0 else 32), stack
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -113,9 +123,9 @@ def test_large_ce_kernels_compile(target, compute):
 def test_float_atomics_are_relaxed(backward):
     """The atomics path only accumulates (kernel boundaries order it), so its atomics must be
     relaxed: triton's default acq_rel atomics order memory around each add and are slower."""
-    import re
-
+    config = small_heads.configs_for(16)[0]
     kernel = compile_for("sm90", small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
-                         _small_heads_constexprs(0, 16, backward, False, "*bf16"), num_warps=4, num_stages=2)  # fmt: skip
+                         _small_heads_constexprs(config, 16, backward, False, "*bf16"), num_warps=config.num_warps,
+                         num_stages=config.num_stages)  # fmt: skip
     atomics = re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", kernel.asm["ptx"])
     assert atomics and all(".relaxed." in op for op in atomics), atomics
