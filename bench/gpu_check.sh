@@ -8,7 +8,8 @@
 # (building csrc/), runs the whole test suite on the GPU and the full benchmark (one
 # process per workload) plus a profile of one bert-base-4task step, and leaves logs and
 # results in OUT_DIR. Carried wheels in
-# .whl/ (liger-kernel, cut-cross-entropy) are installed to /tmp/site first.
+# .whl/ (liger-kernel, cut-cross-entropy) are installed to /tmp/site first; fetch them on a
+# host with network with `pip download --no-deps -d .whl liger-kernel cut-cross-entropy`.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [tests|bench|all]}
 PART=${2:-all}
