@@ -300,7 +300,8 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if _shape(c) in SHAPES_BY_BLOCK_C[block_c]]
 
 
-_KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups"]
+# BLOCK_C picks the candidate set, so a result tuned at one width must not serve another.
+_KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "BLOCK_C"]
 
 
 @cache
