@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 
 # Memory-bound streaming passes: one tile shape serves sm_80 and sm_90, small enough to stay
-# within 128 registers a thread (occupancy; tests/test_kernels_compile.py checks). 16x256 and
-# 32x128 tiles took 168-255.
+# within 128 registers a thread for occupancy (tests/test_kernels_compile.py checks).
 LSE_BLOCK_M, LSE_BLOCK_V = 8, 256
 DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 8, 256
 NUM_WARPS = 4

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import resolve_backend
-from .backends.base import HeadSpec
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values
@@ -183,7 +182,7 @@ def multitask_loss(
         task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
 
     call = HeadCall(
-        heads=tuple(HeadSpec(*layout.head_codes[i]) for i in present),
+        heads=tuple(layout.heads[i] for i in present),
         seq_stride=seq_stride,
         backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 LOSSES = ("cross_entropy", "bce", "mse")
 LEVELS = ("sequence", "token")
@@ -13,6 +14,31 @@ LEVELS = ("sequence", "token")
 LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
 CROSS_ENTROPY, BCE, MSE = 0, 1, 2
 SEQUENCE, TOKEN = 0, 1
+
+
+class HeadSpec(NamedTuple):
+    """One task as the fused op sees it: its columns ``[col_start, col_start + num_cols)``
+    of the packed weight, its loss kind and level codes, and its cross-entropy options.
+    A tuple, so that the caches keyed by a call's heads hash and compare them in C."""
+
+    col_start: int
+    num_cols: int
+    kind: int
+    level: int
+    ignore_index: int
+    label_smoothing: float
+
+    @property
+    def col_end(self) -> int:
+        return self.col_start + self.num_cols
+
+    @property
+    def is_ce(self) -> bool:
+        return self.kind == CROSS_ENTROPY
+
+    @property
+    def is_token(self) -> bool:
+        return self.level == TOKEN
 
 
 @dataclass(frozen=True)
@@ -76,15 +102,15 @@ class TaskLayout:
     """Where each task's rows sit in the packed ``weight`` [sum C, D] and ``bias`` [sum C].
 
     ``index`` maps task names to positions, ``col_start`` holds each task's first packed
-    row and ``head_codes`` each task's ``(col_start, num_outputs, loss code, level code,
-    ignore_index, label_smoothing)``. They are computed here, not lazily, so that
-    ``torch.compile`` finds plain attributes (a ``cached_property`` takes a lock on Python 3.11).
+    row and ``heads`` each task's :class:`HeadSpec`. They are computed here, not lazily, so
+    that ``torch.compile`` finds plain attributes (a ``cached_property`` takes a lock on
+    Python 3.11).
     """
 
     tasks: tuple[Task, ...]
     index: dict[str, int] = field(init=False, repr=False, compare=False)
     col_start: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    head_codes: tuple[tuple[int, int, int, int, int, float], ...] = field(init=False, repr=False, compare=False)
+    heads: tuple[HeadSpec, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -97,13 +123,13 @@ class TaskLayout:
         if duplicates:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
-        codes = tuple(
-            (start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing))
+        heads = tuple(
+            HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing))
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})
         object.__setattr__(self, "col_start", starts)
-        object.__setattr__(self, "head_codes", codes)
+        object.__setattr__(self, "heads", heads)
 
     @property
     def total_outputs(self) -> int:

@@ -9,37 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ..task import CROSS_ENTROPY, TOKEN
-
-
-class HeadSpec(NamedTuple):
-    """One task taking part in a call: its columns ``[col_start, col_start + num_cols)``
-    of the packed weight, its loss kind and level codes, and its cross-entropy options.
-    A tuple, so that the caches keyed by a call's heads hash and compare them in C."""
-
-    col_start: int
-    num_cols: int
-    kind: int
-    level: int
-    ignore_index: int
-    label_smoothing: float
-
-    @property
-    def col_end(self) -> int:
-        return self.col_start + self.num_cols
-
-    @property
-    def is_ce(self) -> bool:
-        return self.kind == CROSS_ENTROPY
-
-    @property
-    def is_token(self) -> bool:
-        return self.level == TOKEN
+from ..task import HeadSpec
 
 
 @dataclass(frozen=True)

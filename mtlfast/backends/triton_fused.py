@@ -170,9 +170,9 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
 # its label tensors each step mostly gets the same addresses back from the caching allocator.
 _TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
 _TABLES_KEPT = 64
-# Tables made while a CUDA graph is being captured, with their pinned sources: every replay
-# reads both, so they are never freed.
-_CAPTURED_TABLES: list[tuple[Tensor, Tensor]] = []
+# Tables a captured CUDA graph reads, and their pinned sources: every replay reads them, so
+# they are never freed.
+_CAPTURED: list[Tensor] = []
 
 
 def _target_table(problem: HeadProblem) -> Tensor:
@@ -188,7 +188,7 @@ def _target_table(problem: HeadProblem) -> Tensor:
     if table is not None:
         _TABLES.move_to_end(key)
         if capturing:
-            _CAPTURED_TABLES.append((table, table))
+            _CAPTURED.append(table)
         return table
     if device.type != "cuda":
         table = torch.tensor(key[1:], dtype=torch.int64, device=device)
@@ -197,7 +197,7 @@ def _target_table(problem: HeadProblem) -> Tensor:
         source = torch.tensor(key[1:], dtype=torch.int64, pin_memory=True)
         table = source.to(device, non_blocking=True)
         if capturing:
-            _CAPTURED_TABLES.append((source, table))
+            _CAPTURED.extend((source, table))
             return table
     _TABLES[key] = table
     if len(_TABLES) > _TABLES_KEPT:
