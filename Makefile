@@ -11,7 +11,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: install test bench lint compat clean
+.PHONY: install test bench lint compat gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ compat:
 	$(COMPAT_VENV)/bin/pip install "torch==$(COMPAT_TORCH)" "triton==$(COMPAT_TRITON)" "numpy<2.3" setuptools wheel pybind11 ninja
 	$(COMPAT_VENV)/bin/pip install --no-build-isolation ".[test]"
 	cd tests && ../$(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider --rootdir . .
+
+# The pure-Python peers the GPU benchmark compares with, as wheels for the GPU hosts (no
+# network there): bench/gpu_check.sh installs .whl/*.whl when the device call carries .whl.
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel cut-cross-entropy
 
 clean:
 	rm -rf build *.egg-info mtlfast/_C*.so $(BENCH_OUT) .venv-compat-*

@@ -1,63 +1,144 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh OUT_DIR [tests|bench|all]
 #
-# Set MTLFAST_COMMIT=<sha> when the tree was copied without .git, so that the results
-# record the commit; WORKLOADS="..." picks benchmark workloads.
+# One call on a GPU host with no network: the machine and versions, the install
+# (`pip install --no-build-isolation --no-deps -e .`, which builds csrc/), the whole test
+# suite on the GPU (pytest-xdist spreads it over the cores when installed), the benchmark
+# of every workload (one process each) and a profile of one bert-base-4task step.
 #
-# On a GPU host with no network: prints the machine and versions, installs mtlfast
-# (building csrc/), runs the whole test suite on the GPU and the full benchmark (one
-# process per workload) plus a profile of one bert-base-4task step, and leaves logs and
-# results in OUT_DIR. Carried wheels in
-# .whl/ (liger-kernel, cut-cross-entropy) are installed to /tmp/site first; fetch them on a
-# host with network with `pip download --no-deps -d .whl liger-kernel cut-cross-entropy`.
+# It finishes inside BUDGET_S seconds (default 510): the install, the tests (at most
+# TESTS_S, default 200, under `all`) and each workload get a share of what is left,
+# every part under its own timeout, so a device call of 10 minutes brings all of it back.
+# A part cut short says so in summary.txt; benchmark rows measured before a cut are kept.
+#
+# OUT_DIR receives six files, under the device tool's limit of eight: summary.txt
+# (versions, stage times, test and benchmark outcome), tests.txt (the tests' short
+# summary), results.json / results.md / results.png (all workloads merged) and
+# logs.tar.gz (every log and per-workload result). They are refreshed after each part.
+#
+# Environment: MTLFAST_COMMIT=<sha> records the commit (the device copy of the tree has
+# no .git); WORKLOADS and PROVIDERS pick the benchmark's; BENCH_DEVICE=cpu runs the
+# same flow on a CPU host (a dry run, with -cpu workloads). Wheels carried in .whl/
+# (liger-kernel, cut-cross-entropy: `make gpu-wheels` fetches them) go to /tmp/site.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [tests|bench|all]}
 PART=${2:-all}
+case $PART in tests|bench|all) ;; *) echo "unknown part '$PART': tests, bench or all" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-510}
+TESTS_S=${TESTS_S:-200}
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+WORKLOADS=${WORKLOADS:-bert-base-4task big-head-128k many-tasks-64}
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+DEADLINE=$((SECONDS + BUDGET_S))
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mtlfast-gpu-check.XXXXXX")
+SUMMARY=$WORK/summary.txt
+status=0
+exec 3>&1
+
+say() { echo "$*" | tee -a "$SUMMARY" >&3; }
+left() { echo $((DEADLINE - SECONDS)); }
+
+# Runs "$@" under a timeout of $1 seconds (at most what is left), logging how it ended.
+timed() {
+    local limit=$1 name=$2 start=$SECONDS rc
+    shift 2
+    ((limit > $(left))) && limit=$(left)
+    if ((limit < 10)); then
+        say "-- $name: not run (budget spent)"
+        status=1
+        return 124
+    fi
+    timeout --kill-after=15 "$limit" "$@"
+    rc=$?
+    if ((rc == 124 || rc == 137)); then
+        say "-- $name: CUT SHORT at its ${limit} s timeout"
+    else
+        say "-- $name: exit $rc after $((SECONDS - start)) s"
+    fi
+    ((rc == 0)) || status=1
+    return $rc
+}
+
+# The tests' outcome: pytest's short summary and closing line, or, for a run cut short,
+# the outcomes so far.
+tests_summary() {
+    grep -E "^(FAILED|ERROR|SKIPPED|XFAIL|XPASS) " "$WORK/tests.log" | head -60
+    grep -E "[0-9]+ (passed|failed|errors?)[ ,]" "$WORK/tests.log" | tail -1 | grep . ||
+        echo "no closing line; so far: $(grep -c " PASSED" "$WORK/tests.log") passed, $(grep -c " FAILED" "$WORK/tests.log") failed"
+}
+
+# Copies what there is so far into OUT (merged results, summaries, a tarball of the logs).
+pack() {
+    cp "$SUMMARY" "$OUT/summary.txt"
+    [[ -f $WORK/tests.log ]] && tests_summary >"$OUT/tests.txt"
+    if compgen -G "$WORK/bench-*/results.json" >/dev/null; then
+        "$PY" -m mtlfast.bench.merge "$WORK"/bench-*/ --out "$OUT" >/dev/null 2>>"$WORK/merge.log"
+    fi
+    tar czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
+}
 
 {
-    nvidia-smi
+    date -u "+%Y-%m-%d %H:%M:%S UTC"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__)"
-    nvcc --version | tail -2
-    git rev-parse HEAD 2>/dev/null
-} 2>&1 | tee "$OUT/env.txt"
+    nvcc --version 2>/dev/null | tail -1
+    echo "commit ${MTLFAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown: set MTLFAST_COMMIT')}"
+    echo "part $PART, budget ${BUDGET_S} s"
+} 2>&1 | tee "$SUMMARY"
+nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$OUT/install.log" 2>&1 &&
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$WORK/install.log" 2>&1 &&
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-echo "== install" | tee -a "$OUT/install.log"
-if ! (time "$PY" -m pip install --no-build-isolation --no-deps -e .) >>"$OUT/install.log" 2>&1; then
-    tail -40 "$OUT/install.log"
-    echo "install failed"
+if ! timed 180 install "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$WORK/install.log" 2>&1; then
+    tail -30 "$WORK/install.log" | tee -a "$SUMMARY"
+    pack
     exit 1
 fi
-tail -3 "$OUT/install.log"
+"$PY" -c "from mtlfast import cuda_ext; print('CUDA extension:', cuda_ext.available())" 2>&1 | tee -a "$SUMMARY"
+pack
 
-status=0
 if [[ $PART == tests || $PART == all ]]; then
-    echo "== tests"
-    # one tuning config: the tests check results, not tuning; the benchmark tunes
-    MTLFAST_AUTOTUNE=${MTLFAST_AUTOTUNE:-0} timeout 540 "$PY" -m pytest -q -ra tests --junitxml="$OUT/junit.xml" \
-        >"$OUT/tests.log" 2>&1 || status=1
-    grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+    # One tuning config: the tests check results, not tuning; the benchmark tunes.
+    xdist=()
+    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist load)
+    limit=$(left)
+    [[ $PART == all ]] && limit=$TESTS_S
+    MTLFAST_AUTOTUNE=${MTLFAST_AUTOTUNE:-0} timed "$limit" tests "$PY" -m pytest -v -ra -p no:cacheprovider \
+        "${xdist[@]}" tests >"$WORK/tests.log" 2>&1
+    tests_summary | grep -v "^SKIPPED" | tee -a "$SUMMARY"
+    pack
 fi
+
 if [[ $PART == bench || $PART == all ]]; then
-    for workload in ${WORKLOADS:-bert-base-4task many-tasks-64 big-head-128k}; do
-        echo "== bench $workload"
-        timeout 400 "$PY" -m mtlfast.bench --device cuda --workloads "$workload" --out "$OUT/bench-$workload" \
-            >"$OUT/bench-$workload.log" 2>&1 || status=1
-        grep -E "^\[" "$OUT/bench-$workload.log"
+    providers=()
+    [[ -n ${PROVIDERS:-} ]] && read -ra providers <<<"--providers $PROVIDERS"
+    read -ra workloads <<<"$WORKLOADS"
+    profile_s=0
+    [[ $BENCH_DEVICE == cuda ]] && profile_s=45
+    for i in "${!workloads[@]}"; do
+        workload=${workloads[$i]}
+        # a fair share of what is left, keeping the profile's time
+        share=$((($(left) - profile_s) / (${#workloads[@]} - i)))
+        timed "$share" "bench $workload" "$PY" -m mtlfast.bench --device "$BENCH_DEVICE" --workloads "$workload" \
+            "${providers[@]}" --out "$WORK/bench-$workload" >"$WORK/bench-$workload.log" 2>&1
+        grep -E "^\[" "$WORK/bench-$workload.log" | tee -a "$SUMMARY"
+        pack
     done
     # where a small step's time goes (host vs kernels), for the issue notes
-    timeout 120 "$PY" -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 >"$OUT/profile-bert-triton.txt" 2>&1
-    head -1 "$OUT/profile-bert-triton.txt"
-    "$PY" -m mtlfast.bench.merge "$OUT"/bench-* --out "$OUT" >/dev/null && cat "$OUT/results.md"
+    if [[ $BENCH_DEVICE == cuda ]]; then
+        timed "$profile_s" profile "$PY" -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 \
+            >"$WORK/profile-bert-triton.txt" 2>&1
+        head -1 "$WORK/profile-bert-triton.txt" | tee -a "$SUMMARY"
+    fi
+    [[ -f $OUT/results.md ]] && cat "$OUT/results.md" | tee -a "$SUMMARY"
 fi
+say "== done in $SECONDS s, status $status"
+pack
 exit $status
