@@ -42,3 +42,14 @@ def test_merge_keeps_each_runs_ceilings(tmp_path):
     text = report.markdown(doc)
     assert "(bert run): copy 2.90 TB/s" in text and "(big run): copy 3.10 TB/s" in text
     assert doc["command"] == "run bert ; run big" and len(doc["results"]) == 2
+
+
+def test_warm_runs_each_provider_once(capsys):
+    from mtlfast.bench import warm
+
+    warm.main(["--device", "cpu", "--workloads", "bert-base-4task-cpu", "--providers", "eager", "mtlfast-torch",
+               "mtlfast-cuda"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("[warm bert-base-4task-cpu] eager: ") and lines[0].endswith(" ok")
+    assert lines[1].endswith(" ok") and "skipped: mtlfast has no 'cuda' backend" in lines[2]
