@@ -109,7 +109,8 @@ pack
 warm_pid=
 if [[ $PART == all && $BENCH_DEVICE == cuda ]]; then
     # Compiles the benchmark's kernels into the on-disk caches while the tests run.
-    "$PY" -m mtlfast.bench.warm --workloads $WORKLOADS >"$WORK/warm.log" 2>&1 &
+    # in a process group of its own, so that stopping it stops inductor's compile workers too
+    setsid "$PY" -m mtlfast.bench.warm --workloads $WORKLOADS >"$WORK/warm.log" 2>&1 &
     warm_pid=$!
 fi
 if [[ $PART == tests || $PART == all ]]; then
@@ -125,7 +126,7 @@ if [[ $PART == tests || $PART == all ]]; then
 fi
 if [[ -n $warm_pid ]]; then
     # the benchmark times on an idle GPU: warming stops here, done or not
-    kill "$warm_pid" 2>/dev/null
+    kill -- -"$warm_pid" 2>/dev/null || kill "$warm_pid" 2>/dev/null
     wait "$warm_pid" 2>/dev/null
     say "-- warm: $(grep -c ': [0-9.]* s ok' "$WORK/warm.log") provider steps compiled beside the tests"
 fi
