@@ -19,7 +19,7 @@ import sys
 import torch
 
 from . import report
-from .measure import StepRunner, cpu_peak_extra_mb, gpu_ceilings, gpu_peak_extra_mb, time_ms
+from .measure import StepRunner, cpu_peak_extra_mb, error_status, gpu_ceilings, gpu_peak_extra_mb, time_ms
 from .providers import PROVIDERS, skip_reason
 from .workloads import CPU_WORKLOADS, GPU_WORKLOADS, WORKLOADS
 
@@ -79,7 +79,7 @@ def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: boo
             row.update(floor_ms=floor * 1e3, floor_ratio=ms / (floor * 1e3))
         return row
     except Exception as exc:  # a provider failing is a result, not the end of the run
-        return {**row, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        return {**row, "status": error_status(exc)}
     finally:
         gc.collect()
         if device == "cuda":

@@ -15,6 +15,12 @@ from .providers import build_step
 from .workloads import WORKLOADS, Workload
 
 
+def error_status(exc: Exception) -> str:
+    """A provider's failure as a one-line status: its type and the first line of its message."""
+    text = str(exc)
+    return f"error: {type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

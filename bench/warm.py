@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .measure import StepRunner
+from .measure import StepRunner, error_status
 from .providers import PROVIDERS, skip_reason
 from .workloads import GPU_WORKLOADS, WORKLOADS
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                 runner.step()
                 outcome = "ok"
             except Exception as exc:  # the benchmark reports failures; warming only tries
-                outcome = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                outcome = error_status(exc)
             finally:
                 runner = None
                 gc.collect()
