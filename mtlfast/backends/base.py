@@ -18,7 +18,7 @@ from ..task import HeadSpec
 
 class HeadProblem(NamedTuple):
     """Everything one call of the fused heads computes on. A tuple: it is built twice per
-    training step, and a tuple builds in a fifth of a frozen dataclass's host time.
+    training step, in half the host time of a frozen dataclass.
 
     Shapes: N token rows, B sequence rows, D hidden size, T tasks present.
 
