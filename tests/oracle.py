@@ -8,7 +8,7 @@ rounded to the computation dtype first, as the heads see them.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -136,6 +136,21 @@ def random_case(
         case.log_vars = torch.randn(len(tasks), generator=gen) * 0.5
         case.notes.append("uncertainty")
     return case
+
+
+def bad_class_id_cases(classes: int) -> tuple[Case, Case]:
+    """A case whose cross-entropy labels hold class ids outside ``[0, C)`` (for a token head
+    of ``classes`` outputs and a 3-class sequence head), and the same case with those ids
+    replaced by ``ignore_index``: what a backend computes from the first with
+    ``validate=False``, by the README's promise that such ids are skipped."""
+    tasks = [Task("tags", classes, "cross_entropy", level="token"), Task("cls", 3, "cross_entropy")]
+    case = case_for(tasks, (3, 11, 24), ignore_rate=0.1)
+    bad = {name: label.clone() for name, label in case.labels.items()}
+    bad["tags"][0, :4] = torch.tensor([classes, classes + 1000, -7, -(2**40)])
+    bad["cls"][1] = 3
+    ignored = {name: torch.where((y >= 0) & (y < t.num_outputs), y, t.ignore_index)
+               for t in tasks for name, y in [(t.name, bad[t.name])]}  # fmt: skip
+    return replace(case, labels=bad), replace(case, labels=ignored)
 
 
 def _present_tasks(case: Case, h, pooled):

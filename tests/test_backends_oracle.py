@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from oracle import TOLERANCE, Case, assert_matches_oracle, fresh_seed, oracle, random_case, rel_error, run_heads
+from oracle import (
+    TOLERANCE,
+    Case,
+    assert_matches_oracle,
+    bad_class_id_cases,
+    fresh_seed,
+    oracle,
+    random_case,
+    rel_error,
+    run_heads,
+)
 from oracle import eager_total as oracle_eager_total
 
 from mtlfast import Task
@@ -134,6 +144,15 @@ def test_attention_mask_and_pooled(backend):
     out, grads = run_heads(case, backend, torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], backend)
     assert grads["pooled"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [7, 300], ids=["small-head", "vocab-head"])
+def test_validate_false_skips_bad_class_ids(backend, classes):
+    """With validate=False a class id outside [0, C) is skipped like ignore_index, never read."""
+    case, ignored = bad_class_id_cases(classes)
+    out, grads = run_heads(case, backend, torch.float32, validate=False)
+    assert_matches_oracle(ignored, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend}/bad ids")
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])

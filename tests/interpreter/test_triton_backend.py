@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from oracle import TOLERANCE, assert_matches_oracle, case_for, fresh_seed, random_case, run_heads
+from oracle import TOLERANCE, assert_matches_oracle, bad_class_id_cases, case_for, fresh_seed, random_case, run_heads
 
 from mtlfast import Task
 from mtlfast.backends import triton_fused
@@ -182,3 +182,12 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch):
 
     four, forty = count(4), count(40)
     assert four == forty <= 4, (four, forty)
+
+
+@pytest.mark.parametrize("classes", [7, 300], ids=["small-head", "vocab-head"])
+def test_validate_false_skips_bad_class_ids(classes):
+    """With validate=False a class id outside [0, C) is skipped like ignore_index, on both
+    paths, and never used as an address."""
+    case, ignored = bad_class_id_cases(classes)
+    out, grads = run_heads(case, "triton", torch.float32, validate=False)
+    assert_matches_oracle(ignored, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/bad ids")
