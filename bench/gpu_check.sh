@@ -152,7 +152,7 @@ if [[ $PART == bench || $PART == all ]]; then
             >"$WORK/profile-bert-triton.txt" 2>&1
         head -1 "$WORK/profile-bert-triton.txt" | tee -a "$SUMMARY"
     fi
-    [[ -f $OUT/results.md ]] && cat "$OUT/results.md" | tee -a "$SUMMARY"
+    [[ -f $OUT/results.md ]] && tee -a "$SUMMARY" <"$OUT/results.md"
 fi
 say "== done in $SECONDS s, status $status"
 pack

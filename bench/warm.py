@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 runner = StepRunner(provider, WORKLOADS[name], args.device, dtype)
                 runner.step()
-                runner.step()
                 outcome = "ok"
             except Exception as exc:  # the benchmark reports failures; warming only tries
                 outcome = error_status(exc)

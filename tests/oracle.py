@@ -148,8 +148,8 @@ def bad_class_id_cases(classes: int) -> tuple[Case, Case]:
     bad = {name: label.clone() for name, label in case.labels.items()}
     bad["tags"][0, :4] = torch.tensor([classes, classes + 1000, -7, -(2**40)])
     bad["cls"][1] = 3
-    ignored = {name: torch.where((y >= 0) & (y < t.num_outputs), y, t.ignore_index)
-               for t in tasks for name, y in [(t.name, bad[t.name])]}  # fmt: skip
+    ignored = {t.name: torch.where((bad[t.name] >= 0) & (bad[t.name] < t.num_outputs), bad[t.name], t.ignore_index)
+               for t in tasks}  # fmt: skip
     return replace(case, labels=bad), replace(case, labels=ignored)
 
 

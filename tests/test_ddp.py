@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from oracle import TOLERANCE, case_for, oracle, rel_error
+from oracle import TOLERANCE, case_for, make_heads, oracle, rel_error
 
-from mtlfast import MultiTaskHeads, Task
+from mtlfast import Task
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -28,10 +28,7 @@ def _rank(rank: int, init_file: str, cases: list, backend: str, out_dir: str) ->
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        heads = MultiTaskHeads(cases[0].hidden.shape[-1], TASKS, weighting="uncertainty", backend=backend)
-        with torch.no_grad():
-            heads.weight.copy_(cases[0].weight)
-            heads.bias.copy_(cases[0].bias)
+        heads = make_heads(cases[0], backend)
         model = DistributedDataParallel(heads)
         mine = cases[rank * MICRO_BATCHES : (rank + 1) * MICRO_BATCHES]
         hidden_grads = []
@@ -59,11 +56,11 @@ def test_ddp_all_reduces_the_fused_gradients(tmp_path, backend):
     mp.spawn(_rank, args=(str(tmp_path / "init"), cases, backend, str(tmp_path)), nprocs=WORLD, join=True)
 
     references = [oracle(case, torch.float32)[2] for case in cases]
+    # d/ds_t sums 0.5 - 0.5 exp(-s_t) L_t over the micro-batches holding task t: the exact
+    # 0.5s can cancel the loss terms, so log_vars is compared on the loss terms alone.
+    halves = torch.tensor([sum(0.5 for case in cases if t.name in case.labels) for t in TASKS]) / WORLD
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        # d/ds_t sums 0.5 - 0.5 exp(-s_t) L_t over the micro-batches holding task t: the exact
-        # 0.5s can cancel the loss terms, so log_vars is compared on the loss terms alone.
-        halves = torch.tensor([sum(0.5 for case in cases if t.name in case.labels) for t in TASKS]) / WORLD
         for name in ("weight", "bias", "log_vars"):
             expected = sum(ref[name] for ref in references) / WORLD
             shift = halves if name == "log_vars" else 0.0
