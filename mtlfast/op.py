@@ -74,13 +74,24 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def _on_device(device: torch.device):
+    """Makes the tensors' CUDA device the current one around a backend: Triton launches on the
+    current device, which is not the tensors' when a model is spread over GPUs
+    (``device_map``) without ``torch.cuda.set_device``. A no-op when it already is."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return nullcontext()
+
+
 def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
-    with _autocast_off(problem.hidden.device.type):
+    device = problem.hidden.device
+    with _autocast_off(device.type), _on_device(device):
         return get_backend(backend).forward(problem)
 
 
 def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor):
-    with _autocast_off(problem.hidden.device.type):
+    device = problem.hidden.device
+    with _autocast_off(device.type), _on_device(device):
         return get_backend(backend).backward(problem, saved, grad_total)
 
 

@@ -52,13 +52,17 @@ def check_call(
         )
     if hidden_states.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states has hidden size {hidden_states.shape[-1]}, the heads expect {hidden_size}")
+    device = hidden_states.device
+    for name, param in (("weight", weight), ("bias", bias), ("log_vars", log_vars)):
+        if param is not None and param.device != device:
+            raise ValueError(f"the heads' {name} is on {param.device}, hidden_states on {device}: move the heads "
+                             "to the encoder output's device")  # fmt: skip
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "uncertainty" and log_vars is None:
         raise ValueError("weighting='uncertainty' needs log_vars")
     batch = hidden_states.shape[0]
     seq_len = hidden_states.shape[1] if hidden_states.dim() == 3 else None
-    device = hidden_states.device
     if pooled is not None:
         if not isinstance(pooled, Tensor) or not pooled.dtype.is_floating_point:
             raise TypeError("pooled must be a floating-point torch.Tensor")

@@ -178,3 +178,15 @@ def test_eager_parity_of_the_plain_module():
         + F.binary_cross_entropy_with_logits(linears["topics"](hidden[:, 0]), labels["topics"])
     )
     assert rel_error(heads(hidden, labels).loss, expected) < 1e-6
+
+
+def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, so the op makes the tensors' device current
+    when another one is (tests/test_gpu.py runs it on a second GPU where there is one)."""
+    from mtlfast import op
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = op._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert not isinstance(op._on_device(device), torch.cuda.device)

@@ -42,6 +42,16 @@ def test_triton_bert_sized(dtype):
     assert_matches_oracle(case, out, grads, dtype, tol, f"bert-sized/{dtype}")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_on_a_device_that_is_not_current():
+    """Heads and encoder output on cuda:1 while cuda:0 is current (device_map-style placement)."""
+    case = random_case(shape=(3, 41, 80))
+    assert torch.cuda.current_device() == 0
+    out, grads = run_heads(case, "triton", torch.float32, device="cuda:1")
+    assert out.loss.device == torch.device("cuda:1")
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "cuda:1")
+
+
 def test_triton_many_tasks_deterministic_and_repeatable():
     case = random_case(num_tasks=40, max_classes=16, shape=(4, 64, 256), levels=("token",))
     first = run_heads(case, "triton", torch.float32, device=DEVICE, deterministic=True)

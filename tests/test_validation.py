@@ -136,3 +136,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error():
     heads = MultiTaskHeads(D, TASKS, backend="triton")
     with pytest.raises(ValueError, match="CUDA tensors"):
         heads(torch.randn(B, S, D), _good())
+
+
+@pytest.mark.parametrize("weighting", ["static", "uncertainty"])
+def test_heads_on_another_device_than_hidden(weighting):
+    """Heads left on one device and an encoder output on another ("meta" stands in for a
+    second device here) are an error naming both, before any kernel runs."""
+    heads = MultiTaskHeads(D, TASKS, backend="torch", weighting=weighting)
+    hidden = torch.randn(B, S, D, device="meta")
+    labels = {name: label.to("meta") for name, label in _good().items()}
+    with pytest.raises(ValueError, match="the heads' weight is on cpu, hidden_states on meta"):
+        heads(hidden, labels)
+    if weighting == "uncertainty":
+        heads.weight, heads.bias = torch.nn.Parameter(heads.weight.to("meta")), torch.nn.Parameter(heads.bias.to("meta"))
+        with pytest.raises(ValueError, match="the heads' log_vars is on cpu, hidden_states on meta"):
+            heads(hidden, labels)
