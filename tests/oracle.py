@@ -338,3 +338,34 @@ def assert_matches_oracle(case: Case, out, grads, compute_dtype: torch.dtype, to
             got, ref = got - 0.5, ref - 0.5
         err = rel_error(got, ref)
         assert err <= tol, f"{context}: grad of {name} rel error {err:.3e} > {tol}"
+
+
+def check_compiled_over_shapes(backend: str, device: str) -> None:
+    """Dynamic padding under ``torch.compile(fullgraph=True)``: every batch has its own B and S.
+    After the first shape, one recompile with dynamic sizes serves every later shape, and each
+    step matches the float64 oracle (a vocabulary-sized head included, which takes the Triton
+    backend's chunked path)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    hidden_size = 24
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"),
+             Task("lm", 301, "cross_entropy", level="token", label_smoothing=0.05), Task("reg", 2, "mse"),
+             Task("tags", 5, "bce", level="token")]  # fmt: skip
+    heads = MultiTaskHeads(hidden_size, tasks, backend=backend).to(device)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda h, y, m: heads(h, y, attention_mask=m), fullgraph=True, backend=counter)
+    for batch, seq_len in [(3, 9), (4, 13), (5, 21), (7, 6)]:
+        case = case_for(tasks, (batch, seq_len, hidden_size))
+        case.attention_mask = (torch.rand(batch, seq_len) > 0.2).long()
+        with torch.no_grad():
+            heads.weight.copy_(case.weight)
+            heads.bias.copy_(case.bias)
+        heads.zero_grad()
+        hidden = case.hidden.to(device).requires_grad_(True)
+        labels = {name: label.to(device) for name, label in case.labels.items()}
+        out = compiled(hidden, labels, case.attention_mask.to(device))
+        out.loss.backward()
+        grads = {"hidden": hidden.grad, "weight": heads.weight.grad, "bias": heads.bias.grad}
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"B={batch} S={seq_len}")
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 4 shapes"

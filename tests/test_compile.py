@@ -1,7 +1,9 @@
-"""torch.compile(fullgraph=True) traces through MultiTaskHeads (torch backend, CPU)."""
+"""torch.compile(fullgraph=True) traces through MultiTaskHeads: the torch backend on the CPU,
+and the triton backend where there is a GPU."""
 
+import pytest
 import torch
-from oracle import case_for
+from oracle import case_for, check_compiled_over_shapes
 
 from mtlfast import MultiTaskHeads, Task
 
@@ -28,3 +30,13 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, (hidden.grad, heads.weight.grad, heads.log_vars.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "backend, device",
+    [("torch", "cpu"),
+     pytest.param("triton", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA device")])],
+)  # fmt: skip
+def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
+    check_compiled_over_shapes(backend, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from functools import cache
 from types import ModuleType
@@ -21,13 +22,9 @@ def get_backend(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name], __name__)
 
 
-@cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Found, not imported: importing triton here would fix TRITON_INTERPRET before a test sets it,
+# and a plain constant is what torch.compile traces best.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreted() -> bool:
@@ -37,11 +34,11 @@ def triton_interpreted() -> bool:
 def resolve_backend(name: str, device: torch.device) -> str:
     """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if device.type == "cuda" and TRITON_INSTALLED else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton":
-        if not triton_available():
+        if not TRITON_INSTALLED:
             raise ValueError("backend 'triton' needs the triton package")
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(

@@ -9,7 +9,16 @@ import random
 
 import pytest
 import torch
-from oracle import TOLERANCE, assert_matches_oracle, bad_class_id_cases, case_for, fresh_seed, random_case, run_heads
+from oracle import (
+    TOLERANCE,
+    assert_matches_oracle,
+    bad_class_id_cases,
+    case_for,
+    check_compiled_over_shapes,
+    fresh_seed,
+    random_case,
+    run_heads,
+)
 
 from mtlfast import Task
 from mtlfast.backends import triton_fused
@@ -191,3 +200,8 @@ def test_validate_false_skips_bad_class_ids(classes):
     case, ignored = bad_class_id_cases(classes)
     out, grads = run_heads(case, "triton", torch.float32, validate=False)
     assert_matches_oracle(ignored, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/bad ids")
+
+
+def test_compile_over_changing_batch_and_sequence_lengths():
+    """The triton backend's fake implementation under dynamic shapes, kernels interpreted."""
+    check_compiled_over_shapes("triton", "cpu")
