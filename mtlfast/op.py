@@ -95,9 +95,31 @@ def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_tota
         return get_backend(backend).backward(problem, saved, grad_total)
 
 
+_TWICE = "mtlfast's fused heads are differentiable once: a derivative of their gradients (create_graph=True) is not supported"
+
+
+def _differentiable_once(grads: list) -> tuple:
+    """The gradients as they are, or, when autograd records a graph through backward
+    (``create_graph=True``), behind a node that raises if anything differentiates them:
+    the kernels' backward has no derivative of its own, and treating the gradients as
+    constants would silently drop the heads' part of a second derivative."""
+    if not torch.is_grad_enabled():
+        return tuple(grads)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    marked = torch._C._functions.DelayedError(_TWICE, len(present))(
+        *[grads[i].detach().requires_grad_(True) for i in present]
+    )
+    marked = marked if isinstance(marked, tuple) else (marked,)
+    for i, g in zip(present, marked):
+        grads[i] = g
+    return tuple(grads)
+
+
 class FusedHeadsLoss(torch.autograd.Function):
     """``(total, losses)`` of all heads; gradients for hidden, pooled, weight, bias and the
-    task weights. ``losses`` is not differentiable."""
+    task weights. ``losses`` is not differentiable, and the gradients are not either: a second
+    derivative (``create_graph=True``, then a backward through the gradient, as GradNorm
+    takes) raises instead of silently missing the heads' part."""
 
     @staticmethod
     def forward(ctx, call: HeadCall, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets):
@@ -112,6 +134,12 @@ class FusedHeadsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
+        with torch.no_grad():
+            grads = FusedHeadsLoss._backward(ctx, grad_total)
+        return _differentiable_once(grads)
+
+    @staticmethod
+    def _backward(ctx, grad_total) -> list:
         hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
         targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
         needs = ctx.needs_input_grad
@@ -121,7 +149,7 @@ class FusedHeadsLoss(torch.autograd.Function):
             grads[1], grads[2], grads[4], grads[5] = _backward(problem, ctx.call.backend, list(saved), grad_total)
         if needs[7]:
             grads[7] = (grad_total * losses).to(task_weights.dtype)
-        return tuple(grads)
+        return grads
 
 
 def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,

@@ -190,3 +190,20 @@ def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     for device in (torch.device("cuda", 0), torch.device("cpu")):
         assert not isinstance(op._on_device(device), torch.cuda.device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_second_derivative_through_the_heads_raises(backend):
+    """Gradients taken with create_graph=True may be used as values, but differentiating
+    them raises: treated as constants they would silently drop the heads' second-order part
+    (an input-gradient penalty, for instance)."""
+    case = case_for([Task("a", 3, "cross_entropy"), Task("r", 1, "mse", level="token")], (3, 5, 8))
+    heads = MultiTaskHeads(8, case.tasks, backend=backend, weighting="uncertainty")
+    hidden = case.hidden.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(heads(hidden, case.labels).loss, hidden)
+    out = heads(hidden, case.labels)
+    (grad_hidden,) = torch.autograd.grad(out.loss, hidden, create_graph=True)
+    torch.testing.assert_close(grad_hidden.detach(), plain)
+    penalty = out.loss + grad_hidden.square().sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        penalty.backward()
