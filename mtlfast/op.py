@@ -99,12 +99,10 @@ _TWICE = "mtlfast's fused heads are differentiable once: a derivative of their g
 
 
 def _differentiable_once(grads: list) -> tuple:
-    """The gradients as they are, or, when autograd records a graph through backward
-    (``create_graph=True``), behind a node that raises if anything differentiates them:
-    the kernels' backward has no derivative of its own, and treating the gradients as
-    constants would silently drop the heads' part of a second derivative."""
-    if not torch.is_grad_enabled():
-        return tuple(grads)
+    """For a backward that records a graph (``create_graph=True``): the gradients behind a
+    node that raises if anything differentiates them. The kernels' backward has no
+    derivative of its own, and gradients treated as constants would silently drop the
+    heads' part of a second derivative."""
     present = [i for i, g in enumerate(grads) if g is not None]
     marked = torch._C._functions.DelayedError(_TWICE, len(present))(
         *[grads[i].detach().requires_grad_(True) for i in present]
@@ -118,8 +116,8 @@ def _differentiable_once(grads: list) -> tuple:
 class FusedHeadsLoss(torch.autograd.Function):
     """``(total, losses)`` of all heads; gradients for hidden, pooled, weight, bias and the
     task weights. ``losses`` is not differentiable, and the gradients are not either: a second
-    derivative (``create_graph=True``, then a backward through the gradient, as GradNorm
-    takes) raises instead of silently missing the heads' part."""
+    derivative (``create_graph=True``, then a backward through a gradient, as an input-gradient
+    penalty takes) raises instead of silently missing the heads' part."""
 
     @staticmethod
     def forward(ctx, call: HeadCall, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets):
@@ -134,6 +132,8 @@ class FusedHeadsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
+        if not torch.is_grad_enabled():  # the usual backward, which records no graph
+            return tuple(FusedHeadsLoss._backward(ctx, grad_total))
         with torch.no_grad():
             grads = FusedHeadsLoss._backward(ctx, grad_total)
         return _differentiable_once(grads)
