@@ -1,5 +1,6 @@
-"""``python -m mtlfast.bench.profile_step WORKLOAD PROVIDER``: the device kernels of one
-training step (torch.profiler), with their total time, and the step's wall time."""
+"""``python -m mtlfast.bench.profile_step WORKLOAD PROVIDER [ROWS]``: the device kernels of one
+training step (torch.profiler), with their total time, and the step's wall time: to
+complete, and to issue on the host."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(10):
         runner.step()
+    issued = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"{workload.name} / {provider}: {(time.perf_counter() - start) * 100:.3f} ms per step (host clock, 10 steps)")
+    done = time.perf_counter()
+    # Issue time near the completion time means the host is the bottleneck; far below it, the GPU.
+    print(f"{workload.name} / {provider}: {(done - start) * 100:.3f} ms per step to complete, "
+          f"{(issued - start) * 100:.3f} ms to issue (host clock, 10 steps)")  # fmt: skip
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         runner.step()
