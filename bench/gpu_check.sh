@@ -5,8 +5,8 @@
 # (`pip install --no-build-isolation --no-deps -e .`, which builds csrc/), the whole test
 # suite on the GPU (pytest-xdist spreads it over the cores when installed; meanwhile
 # `python -m mtlfast.bench.warm` compiles the benchmark's kernels into the on-disk caches),
-# the benchmark of every workload (one process each) and a profile of one bert-base-4task
-# step.
+# the benchmark of every workload (one process each) and profiles of one bert-base-4task
+# step (mtlfast-triton's and eager's: issue against completion time, kernel times).
 #
 # It finishes inside BUDGET_S seconds (default 540): the install, the tests (at most
 # TESTS_S, default 180, under `all`) and each workload get a share of what is left,
@@ -136,7 +136,7 @@ if [[ $PART == bench || $PART == all ]]; then
     [[ -n ${PROVIDERS:-} ]] && read -ra providers <<<"--providers $PROVIDERS"
     read -ra workloads <<<"$WORKLOADS"
     profile_s=0
-    [[ $BENCH_DEVICE == cuda ]] && profile_s=45
+    [[ $BENCH_DEVICE == cuda ]] && profile_s=60
     for i in "${!workloads[@]}"; do
         workload=${workloads[$i]}
         # a fair share of what is left, keeping the profile's time
@@ -146,11 +146,13 @@ if [[ $PART == bench || $PART == all ]]; then
         grep -E "^\[" "$WORK/bench-$workload.log" | tee -a "$SUMMARY"
         pack
     done
-    # where a small step's time goes (host vs kernels), for the issue notes
+    # where a small step's time goes (host vs kernels), mtlfast's and eager's, for the issue notes
     if [[ $BENCH_DEVICE == cuda ]]; then
-        timed "$profile_s" profile "$PY" -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 \
-            >"$WORK/profile-bert-triton.txt" 2>&1
-        head -1 "$WORK/profile-bert-triton.txt" | tee -a "$SUMMARY"
+        for provider in mtlfast-triton eager; do
+            timed $((profile_s / 2)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+                "$provider" 25 >"$WORK/profile-bert-$provider.txt" 2>&1
+            head -1 "$WORK/profile-bert-$provider.txt" | tee -a "$SUMMARY"
+        done
     fi
     [[ -f $OUT/results.md ]] && tee -a "$SUMMARY" <"$OUT/results.md"
 fi
