@@ -16,6 +16,7 @@ from oracle import (
     case_for,
     check_compiled_over_shapes,
     fresh_seed,
+    make_heads,
     random_case,
     run_heads,
 )
@@ -158,6 +159,33 @@ def test_strided_hidden_view():
     case.hidden = case.hidden.transpose(0, 1).contiguous().transpose(0, 1)
     out, grads = run_heads(case, "triton", torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/strided")
+
+
+@pytest.mark.parametrize("layout", ["every-other-feature", "sequence-first"])
+def test_hidden_with_other_strides(layout):
+    """Token and sequence tasks on hidden states that are not row-major [B, S, D]: a view
+    taking every other feature of a wider tensor (the kernels read rows with a feature stride
+    of 2) and a Megatron-style [S, B, D] tensor seen as [B, S, D]."""
+    tasks = [Task("tags", 5, "cross_entropy", level="token"), Task("multi", 3, "bce", level="token"),
+             Task("cls", 4, "cross_entropy", label_smoothing=0.1), Task("score", 1, "mse")]  # fmt: skip
+    batch, seq_len, hidden_size = 3, 7, 19
+    case = case_for(tasks, (batch, seq_len, hidden_size))
+    if layout == "every-other-feature":
+        base = torch.zeros(batch, seq_len, 2 * hidden_size)
+        base[..., ::2] = case.hidden
+    else:
+        base = case.hidden.transpose(0, 1).contiguous()
+    base.requires_grad_(True)
+    hidden = base[..., ::2] if layout == "every-other-feature" else base.transpose(0, 1)
+    assert not hidden.is_contiguous()
+    heads = make_heads(case, "triton")
+    out = heads(hidden, case.labels)
+    out.loss.backward()
+    grad_hidden = base.grad[..., ::2] if layout == "every-other-feature" else base.grad.transpose(0, 1)
+    grads = {"hidden": grad_hidden, "weight": heads.weight.grad, "bias": heads.bias.grad}
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"triton/{layout}")
+    if layout == "every-other-feature":
+        assert torch.equal(base.grad[..., 1::2], torch.zeros_like(base.grad[..., 1::2]))
 
 
 def test_launch_count_does_not_grow_with_tasks(monkeypatch):
