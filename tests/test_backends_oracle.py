@@ -66,6 +66,7 @@ EDGE_CASES = {
     "dense_c1": dict(losses=("bce", "mse"), max_classes=1),
     "sequence_only": dict(levels=("sequence",)),
     "token_only": dict(levels=("token",)),
+    "wide_heads": dict(num_tasks=5, ce_classes=(120, 700)),
 }
 
 
