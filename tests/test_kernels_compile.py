@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (front end, LLVM and ptxas,
 no GPU needed), with each of its autotuning configurations and the variants the backend
-launches. The interpreter tests check what the kernels compute; this catches what only
+launches, and with its untuned configuration for sm_70 and sm_75 (V100, T4). The interpreter tests check what the kernels compute; this catches what only
 the real compiler rejects (unsupported constructs, register or shared-memory overflow)."""
 
 import os
@@ -20,8 +20,11 @@ from triton.compiler import ASTSource  # noqa: E402
 # checked from 3.6 on.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
-# Opt-in shared memory per block: A100 (sm_80) and H100/H200 (sm_90).
-SHARED_BYTES = {"sm80": 166912, "sm90": 232448}
+# Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
+# (sm_70) and T4 (sm_75).
+OLDER_TARGETS = {"sm70": GPUTarget("cuda", 70, 32), "sm75": GPUTarget("cuda", 75, 32)}
+# Opt-in shared memory per block: V100, T4, A100 (sm_80) and H100/H200 (sm_90).
+SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
 
 
 def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fits: bool = True, **options):
@@ -32,7 +35,8 @@ def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fit
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
     }  # fmt: skip
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=TARGETS[target], options=options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target={**TARGETS, **OLDER_TARGETS}[target],
+                            options=options)  # fmt: skip
     assert not fits or kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
     return kernel
 
@@ -99,38 +103,67 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
     assert stack <= (0 if n == 0 else 32), (registers, stack)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_reduce_kernel_compiles(target):
+def _compile_reduce(target: str):
     pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "dw_ptr": "*fp32",
                 "db_ptr": "*fp32"}  # fmt: skip
     constexprs = {"BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
-    compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
+    return compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_loss_finalize_kernel_compiles(target):
+def _compile_loss_finalize(target: str):
     pointers = {name: "*fp32" for name in loss_finalize.loss_finalize_kernel.arg_names if name.endswith("_ptr")}
-    compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
+    return compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("compute", ["*bf16", "*fp16", "*fp32"])
-def test_large_ce_kernels_compile(target, compute):
+def _compile_large_ce(target: str, compute: str) -> tuple:
+    """The vocabulary path's two streaming kernels: online LSE and dlogits."""
     lse_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "run_max_ptr": "*fp32",
                     "run_sum_ptr": "*fp32", "target_logit_ptr": "*fp32", "logit_sum_ptr": "*fp32"}  # fmt: skip
     lse = compile_for(target, large_ce.large_ce_lse_merge_kernel, lse_pointers,
                       {"BLOCK_M": large_ce.LSE_BLOCK_M, "BLOCK_V": large_ce.LSE_BLOCK_V},
                       num_warps=large_ce.NUM_WARPS)  # fmt: skip
     grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
-                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32"}  # fmt: skip
-    grad_kernel = large_ce.large_ce_dlogits_kernel
-    signature_floats = {"smoothing": "fp32", "inv_classes": "fp32"}
-    dlogits = compile_for(target, grad_kernel, {**grad_pointers, **signature_floats},
+                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32",
+                     "smoothing": "fp32", "inv_classes": "fp32"}  # fmt: skip
+    dlogits = compile_for(target, large_ce.large_ce_dlogits_kernel, grad_pointers,
                           {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V},
                           num_warps=large_ce.NUM_WARPS)  # fmt: skip
-    for kernel in (lse, dlogits):  # streaming passes: no spills, and room for 4+ blocks of 4 warps per SM
+    return lse, dlogits
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_reduce_kernel_compiles(target):
+    _compile_reduce(target)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_loss_finalize_kernel_compiles(target):
+    _compile_loss_finalize(target)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("compute", ["*bf16", "*fp16", "*fp32"])
+def test_large_ce_kernels_compile(target, compute):
+    for kernel in _compile_large_ce(target, compute):  # streaming passes: no spills, room for 4+ blocks per SM
         registers, stack = resource_usage(kernel)
         assert registers <= 128 and stack == 0, (registers, stack)
+
+
+@pytest.mark.parametrize("target", sorted(OLDER_TARGETS))
+@pytest.mark.parametrize("compute", ["*fp16", "*fp32"])
+def test_kernels_compile_for_older_gpus(target, compute):
+    """On a V100 or T4 (no bf16 tensor cores, no TF32) the untuned first candidate of every
+    head-group width compiles, both directions, and fits the shared memory; so do the other
+    kernels. Speed there is not a goal."""
+    for block_c in small_heads.SHAPES_BY_BLOCK_C:
+        config = small_heads.configs_for(block_c)[0]
+        for backward in (False, True):
+            compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
+                        _small_heads_constexprs(config, block_c, backward, backward, compute),
+                        num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    _compile_reduce(target)
+    _compile_loss_finalize(target)
+    _compile_large_ce(target, compute)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
