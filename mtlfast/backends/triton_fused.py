@@ -184,9 +184,9 @@ def _target_table(problem: HeadProblem) -> Tensor:
     device = problem.hidden.device
     key = (device, *(t.data_ptr() for t in problem.targets))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    table = _TABLES.get(key)
+    table = _TABLES.pop(key, None)  # and put back last: no KeyError if another thread evicts it meanwhile
     if table is not None:
-        _TABLES.move_to_end(key)
+        _TABLES[key] = table
         if capturing:
             _CAPTURED.append(table)
         return table
