@@ -1,7 +1,8 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (front end, LLVM and ptxas,
 no GPU needed), with each of its autotuning configurations and the variants the backend
-launches, and with its untuned configuration for sm_70 and sm_75 (V100, T4). The interpreter tests check what the kernels compute; this catches what only
-the real compiler rejects (unsupported constructs, register or shared-memory overflow)."""
+launches, and with its untuned configuration for sm_70 and sm_75 (V100, T4). The
+interpreter tests check what the kernels compute; this catches what only the real compiler
+rejects (unsupported constructs, register or shared-memory overflow)."""
 
 import os
 import re
@@ -23,6 +24,7 @@ TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 # Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
 # (sm_70) and T4 (sm_75).
 OLDER_TARGETS = {"sm70": GPUTarget("cuda", 70, 32), "sm75": GPUTarget("cuda", 75, 32)}
+ALL_TARGETS = {**TARGETS, **OLDER_TARGETS}
 # Opt-in shared memory per block: V100, T4, A100 (sm_80) and H100/H200 (sm_90).
 SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
 
@@ -35,8 +37,7 @@ def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fit
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
     }  # fmt: skip
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target={**TARGETS, **OLDER_TARGETS}[target],
-                            options=options)  # fmt: skip
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=ALL_TARGETS[target], options=options)
     assert not fits or kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
     return kernel
 
