@@ -128,7 +128,8 @@ def multitask_loss(
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
         validate: check label values (one host sync; skipped while torch.compile traces).
         chunk_size: rows per chunk for chunked backends; None picks from sum C and D.
-        deterministic: bitwise-reproducible gradients (no float atomics).
+        deterministic: bitwise-reproducible gradients (no float atomics); also on while
+            ``torch.use_deterministic_algorithms(True)`` is in force.
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
     check_call(
@@ -186,7 +187,7 @@ def multitask_loss(
         seq_stride=seq_stride,
         backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,
-        deterministic=deterministic,
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
         compute_grad=torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (rows, op_pooled, weight, bias)),
     )

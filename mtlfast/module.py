@@ -30,7 +30,8 @@ class MultiTaskHeads(nn.Module):
         backend: ``"auto"`` | ``"reference"`` | ``"torch"`` | ``"triton"``.
         validate: run the label-value checks that need a host sync.
         chunk_size: rows per chunk for chunked backends (None: from sum C and D).
-        deterministic: bitwise-reproducible gradients (no float atomics).
+        deterministic: bitwise-reproducible gradients (no float atomics); also on while
+            ``torch.use_deterministic_algorithms(True)`` is in force.
     """
 
     def __init__(

@@ -207,3 +207,28 @@ def test_second_derivative_through_the_heads_raises(backend):
     penalty = out.loss + grad_hidden.square().sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
         penalty.backward()
+
+
+def test_torch_deterministic_mode_turns_on_deterministic_heads(monkeypatch):
+    """torch.use_deterministic_algorithms(True) makes the heads run as with deterministic=True."""
+    from mtlfast import functional
+
+    seen = []
+    op_call = functional.fused_heads_loss
+
+    def recording(call, *args):
+        seen.append(call.deterministic)
+        return op_call(call, *args)
+
+    monkeypatch.setattr(functional, "fused_heads_loss", recording)
+    case = case_for([Task("a", 3, "cross_entropy"), Task("r", 1, "mse", level="token")], (3, 5, 8))
+    heads = MultiTaskHeads(8, case.tasks, backend="torch")
+    heads(case.hidden, case.labels)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = heads(case.hidden, case.labels)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [False, True]
+    assert torch.isfinite(out.loss)
