@@ -400,15 +400,16 @@ REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
 
 
 def reduce_partials(
-    dw_part: torch.Tensor, db_part: torch.Tensor, slot_row: torch.Tensor, grad_weight: torch.Tensor,
+    dw_part: torch.Tensor, db_part: torch.Tensor, n_programs: int, slot_row: torch.Tensor, grad_weight: torch.Tensor,
     grad_bias: torch.Tensor,
 ) -> None:
-    """``grad_weight[row] = dw_part[:, slot].sum(0)`` and ``grad_bias[row] = db_part[:, slot].sum(0)``
-    for every used slot and its packed row (see :func:`small_heads_reduce_kernel`); other rows
-    are left alone."""
-    programs, slots, hidden_size = dw_part.shape
+    """``grad_weight[row] = dw_part[:n_programs, slot].sum(0)`` and ``grad_bias[row] =
+    db_part[:n_programs, slot].sum(0)`` for every used slot and its packed row (see
+    :func:`small_heads_reduce_kernel`); other rows are left alone. The partials are
+    ``[programs, slots, D]`` and ``[programs, slots]``, of which the first ``n_programs`` were written."""
+    _, slots, hidden_size = dw_part.shape
     grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
     small_heads_reduce_kernel[grid](
-        dw_part, db_part, programs, slots, hidden_size, slot_row, grad_weight, grad_bias,
+        dw_part, db_part, n_programs, slots, hidden_size, slot_row, grad_weight, grad_bias,
         BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
     )  # fmt: skip

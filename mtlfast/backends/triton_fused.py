@@ -418,7 +418,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             has_dh_init=dh_large is not None, partial_programs=programs,
         )  # fmt: skip
         if programs:
-            small_heads.reduce_partials(dw_target[:launched], db_target[:launched], plan.slot_row, grad_weight, grad_bias)
+            small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, grad_weight, grad_bias)
         grad_pooled = grad_pooled if n_pooled else None
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(cdtype)
