@@ -72,7 +72,7 @@ def small_heads_kernel(
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
     counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``,
@@ -83,7 +83,8 @@ def small_heads_kernel(
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
     ``[programs, G * BLOCK_C]``), stores them at its first row block and adds with plain
     loads and stores after that, so they need no zeroing; otherwise float atomics add into
-    ``[T]``, ``[sum C, D]`` and ``[sum C]``.
+    ``[T]``, ``[sum C, D]`` and ``[sum C]``. Without ``WRITE_DH`` backward skips dH (no
+    gradient is needed for the rows: a frozen encoder).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -193,20 +194,21 @@ def small_heads_kernel(
                 for k0 in range(0, D, BLOCK_K):
                     k_ok = (k0 + ks) < D
                     out_mask = row_ok[:, None] & k_ok[None, :]
-                    w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd, mask=slot_ok[:, None] & k_ok[None, :],
-                                other=0.0)  # fmt: skip
-                    dh = tl.dot(grad_lo, w.to(grad_lo.dtype), input_precision=PRECISION)
-                    acc_ptrs = dh_acc_ptr + acc_row[:, None] * D + (k0 + ks)[None, :]
-                    if HAS_DH_INIT:
-                        dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
-                    elif USE_DH_ACC:
-                        if group > 0:
+                    if WRITE_DH:
+                        w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd,
+                                    mask=slot_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                        dh = tl.dot(grad_lo, w.to(grad_lo.dtype), input_precision=PRECISION)
+                        acc_ptrs = dh_acc_ptr + acc_row[:, None] * D + (k0 + ks)[None, :]
+                        if HAS_DH_INIT:
                             dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
-                    if is_last:
-                        tl.store(out_row_ptrs[:, None] + (k0 + ks)[None, :], dh.to(dh_ptr.dtype.element_ty),
-                                 mask=out_mask)  # fmt: skip
-                    else:
-                        tl.store(acc_ptrs, dh, mask=out_mask)
+                        elif USE_DH_ACC:
+                            if group > 0:
+                                dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
+                        if is_last:
+                            tl.store(out_row_ptrs[:, None] + (k0 + ks)[None, :], dh.to(dh_ptr.dtype.element_ty),
+                                     mask=out_mask)  # fmt: skip
+                        else:
+                            tl.store(acc_ptrs, dh, mask=out_mask)
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
                     dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
                     if PARTIALS:
@@ -343,12 +345,13 @@ def launch_small_heads(
     grad_bias: torch.Tensor,
     has_dh_init: bool,
     partial_programs: int,
+    write_dh: bool,
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
     slot-indexed partial buffers (reproducible bit for bit); only the first rows of those,
     one per program launched, are written. 0 uses float atomics.
-    Buffers a direction does not use may be any tensor."""
+    ``write_dh=False`` skips dH in backward. Buffers a launch does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -377,8 +380,8 @@ def launch_small_heads(
     )  # fmt: skip
     constexprs = dict(
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
-        HAS_MASK=token_mask is not None, HAS_DH_INIT=has_dh_init, USE_DH_ACC=has_dh_init or n_groups > 1,
-        PRECISION=precision,
+        HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
+        USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), PRECISION=precision,
     )  # fmt: skip
     # The autotuner's key plus everything else that selects a compiled variant.
     key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,

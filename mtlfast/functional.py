@@ -182,14 +182,15 @@ def multitask_loss(
     else:
         task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
 
+    hidden_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, op_pooled))
     call = HeadCall(
         heads=tuple(layout.heads[i] for i in present),
         seq_stride=seq_stride,
         backend=resolve_backend(backend, device),
         chunk_size=chunk_size or 0,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
-        compute_grad=torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (rows, op_pooled, weight, bias)),
+        hidden_grad=hidden_grad,
+        compute_grad=hidden_grad or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)),
     )
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
                                      task_weights)  # fmt: skip

@@ -33,6 +33,7 @@ class HeadCall:
     backend: str
     chunk_size: int
     deterministic: bool
+    hidden_grad: bool  # hidden or pooled needs its gradient (False: frozen encoder output)
     compute_grad: bool
 
     def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
@@ -49,6 +50,7 @@ class HeadCall:
             heads=self.heads,
             chunk_size=self.chunk_size,
             deterministic=self.deterministic,
+            hidden_grad=self.hidden_grad,
             compute_grad=self.compute_grad,
         )
 
@@ -56,13 +58,13 @@ class HeadCall:
         """The call as the custom op's scalar arguments."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        return (*columns, self.backend, self.chunk_size, self.deterministic)
+        return (*columns, self.backend, self.chunk_size, self.deterministic, self.hidden_grad)
 
     @classmethod
     def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                  chunk_size, deterministic, compute_grad) -> HeadCall:  # fmt: skip
+                  chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
         heads = tuple(HeadSpec(*spec) for spec in zip(col_start, num_cols, kind, level, ignore_index, label_smoothing))
-        return cls(heads, seq_stride, backend, chunk_size, deterministic, compute_grad)
+        return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad)
 
 
 def _autocast_off(device_type: str):
@@ -187,11 +189,12 @@ def _custom_forward(
     backend: str,
     chunk_size: int,
     deterministic: bool,
+    hidden_grad: bool,
     compute_grad: bool,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                              chunk_size, deterministic, compute_grad)  # fmt: skip
+                              chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -229,19 +232,25 @@ def _custom_backward(
     backend: str,
     chunk_size: int,
     deterministic: bool,
+    hidden_grad: bool,
 ) -> List[Tensor]:
-    """``[d hidden, d pooled (empty without pooled), d weight, d bias]`` of ``grad_total * total``."""
+    """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
+    without ``hidden_grad`` (and d pooled without pooled)."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                              chunk_size, deterministic, True)  # fmt: skip
+                              chunk_size, deterministic, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
-    return [grad_hidden, grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]
+    # outputs must not alias each other: an empty tensor of their own stands for a missing one
+    return [grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]  # fmt: skip
 
 
 @_custom_backward.register_fake
 def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_mask, weight, bias, *rest):
-    grad_pooled = torch.empty_like(pooled) if pooled is not None else hidden.new_empty(0)
-    return [torch.empty_like(hidden), grad_pooled, torch.empty_like(weight), torch.empty_like(bias)]
+    hidden_grad = rest[-1]
+    grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
+    grad_pooled = torch.empty_like(pooled) if pooled is not None and hidden_grad else hidden.new_empty(0)
+    return [grad_hidden, grad_pooled, torch.empty_like(weight), torch.empty_like(bias)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -265,8 +274,10 @@ def _custom_autograd(ctx, grads):
             grad_total, saved, hidden, pooled, ctx.seq_stride, token_mask, weight, bias, list(targets),
             divisor_override, task_weights, *ctx.flat,
         )  # fmt: skip
-        grads_in[0], grads_in[4], grads_in[5] = grad_hidden, grad_weight, grad_bias
-        grads_in[1] = grad_pooled if pooled is not None else None
+        grads_in[4], grads_in[5] = grad_weight, grad_bias
+        if ctx.flat[-1]:  # hidden_grad
+            grads_in[0] = grad_hidden
+            grads_in[1] = grad_pooled if pooled is not None else None
     if needs[8]:
         grads_in[8] = (grad_total * losses).to(task_weights.dtype)
     return tuple(grads_in)

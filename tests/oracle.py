@@ -299,6 +299,32 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     return out, grads
 
 
+def check_frozen_hidden(case: Case, backend: str, dtype: torch.dtype, device="cpu", **kwargs) -> None:
+    """Hidden (and pooled) states that need no gradient, as from a frozen encoder: the heads'
+    loss and parameter gradients still match the oracle, and no gradient reaches the rows."""
+    heads = make_heads(case, backend, device, **kwargs)
+    if dtype == torch.float64:
+        heads = heads.double()
+    hidden = case.hidden.to(device=device, dtype=dtype)
+    pooled = case.pooled.to(device=device, dtype=dtype) if case.pooled is not None else None
+    labels = {k: v.to(device) for k, v in case.labels.items()}
+    mask = case.attention_mask.to(device) if case.attention_mask is not None else None
+    num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
+    out = heads(hidden, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None)
+    out.loss.backward()
+    assert hidden.grad is None and (pooled is None or pooled.grad is None)
+    ref_total, _, ref_grads = oracle(case, dtype)
+    grads = {"weight": heads.weight.grad, "bias": heads.bias.grad}
+    if case.log_vars is not None:
+        grads["log_vars"] = heads.log_vars.grad - 0.5  # see assert_matches_oracle
+        ref_grads["log_vars"] = ref_grads["log_vars"] - 0.5
+    tol = TOLERANCE[dtype]
+    context = f"{backend} frozen hidden {case.describe()}"
+    assert rel_error(out.loss, ref_total) <= tol, context
+    for name, grad in grads.items():
+        assert rel_error(grad, ref_grads[name]) <= tol, f"{context}: grad of {name}"
+
+
 class _null:
     def __enter__(self):
         return self

@@ -7,6 +7,7 @@ from oracle import (
     Case,
     assert_matches_oracle,
     bad_class_id_cases,
+    check_frozen_hidden,
     fresh_seed,
     oracle,
     random_case,
@@ -169,3 +170,9 @@ def test_fp32_accumulating_gemm_on_cpu(beta, dtype):
     addmm_acc_(out, a, b, beta=beta)
     expected = a.double() @ b.double() + (start.double() if beta else 0)
     assert rel_error(out, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trial", range(3))
+def test_frozen_hidden_states(backend, trial):
+    check_frozen_hidden(random_case(), backend, torch.float32)

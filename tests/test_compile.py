@@ -40,3 +40,19 @@ def test_compile_fullgraph_matches_eager():
 )  # fmt: skip
 def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
     check_compiled_over_shapes(backend, device)
+
+
+def test_compile_with_frozen_hidden_states():
+    """A frozen encoder output (no gradient for the rows) through the compiled custom op."""
+    torch._dynamo.reset()
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"), Task("reg", 2, "mse")]
+    case = case_for(tasks, (2, 9, 16))
+    heads = MultiTaskHeads(16, tasks, backend="torch")
+    compiled = torch.compile(lambda h, y: heads(h, y).loss, fullgraph=True)
+    compiled(case.hidden, case.labels).backward()
+    grads = (heads.weight.grad.clone(), heads.bias.grad.clone())
+    heads.zero_grad()
+    heads(case.hidden, case.labels).loss.backward()
+    assert case.hidden.grad is None
+    for got, want in zip(grads, (heads.weight.grad, heads.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

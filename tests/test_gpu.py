@@ -3,7 +3,16 @@
 import pytest
 import torch
 from bench_eager import eager_errors
-from oracle import TOLERANCE, assert_matches_oracle, case_for, oracle, random_case, rel_error, run_heads
+from oracle import (
+    TOLERANCE,
+    assert_matches_oracle,
+    case_for,
+    check_frozen_hidden,
+    oracle,
+    random_case,
+    rel_error,
+    run_heads,
+)
 
 from mtlfast import MultiTaskHeads, Task, cuda_ext
 from mtlfast.backends import triton_fused
@@ -50,6 +59,13 @@ def test_triton_on_a_device_that_is_not_current():
     out, grads = run_heads(case, "triton", torch.float32, device="cuda:1")
     assert out.loss.device == torch.device("cuda:1")
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "cuda:1")
+
+
+@pytest.mark.parametrize("classes", [None, (2000, 5000)], ids=["small", "vocabulary"])
+def test_triton_frozen_hidden_states(classes):
+    """No dH for a frozen encoder output: the kernel's backward without its dH half, and the
+    vocabulary path without its dH GEMM."""
+    check_frozen_hidden(random_case(shape=(4, 33, 96), ce_classes=classes), "triton", torch.float32, device=DEVICE)
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():

@@ -50,10 +50,12 @@ def _small_heads_pointers(compute: str) -> dict[str, str]:
     return pointers
 
 
-def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str) -> dict:
+def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str,
+                            write_dh: bool = True) -> dict:  # fmt: skip
+    write_dh = backward and write_dh
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
-                PARTIALS=partials, HAS_MASK=True, HAS_DH_INIT=backward and partials, USE_DH_ACC=backward,
-                PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
+                PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
+                USE_DH_ACC=write_dh, PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
 
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -130,6 +132,17 @@ def _compile_large_ce(target: str, compute: str) -> tuple:
                           {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V},
                           num_warps=large_ce.NUM_WARPS)  # fmt: skip
     return lse, dlogits
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
+def test_small_heads_backward_without_dh_compiles(target, block_c):
+    """The backward variant for a frozen encoder output (no dH) compiles without spills."""
+    config = small_heads.configs_for(block_c)[0]
+    kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
+                         _small_heads_constexprs(config, block_c, True, True, "*bf16", write_dh=False),
+                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    assert resource_usage(kernel)[1] == 0
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

@@ -31,6 +31,9 @@ class HeadProblem(NamedTuple):
     - ``targets``: T tensors. Cross-entropy: int64 [rows]; bce/mse: float [rows, C].
     - ``divisor_override`` [T] fp32: a task's mean divisor, or < 0 for PyTorch's default.
     - ``task_weights`` [T] fp32: ``total = sum_t task_weights[t] * loss[t]``.
+    - ``hidden_grad``: whether ``hidden``/``pooled`` need their gradient; a backend may skip
+      ``dH`` without it (a frozen encoder) and return None for both.
+    - ``compute_grad``: whether any gradient is needed (the torch backend's forward computes them).
     """
 
     hidden: Tensor
@@ -45,6 +48,7 @@ class HeadProblem(NamedTuple):
     heads: tuple[HeadSpec, ...]
     chunk_size: int
     deterministic: bool
+    hidden_grad: bool
     compute_grad: bool
 
     @property

@@ -96,12 +96,9 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
 
     saved: list[Tensor] = []
     if problem.compute_grad:
-        grad_hidden = torch.zeros(problem.hidden.shape, dtype=acc, device=problem.hidden.device)
-        grad_pooled = (
-            torch.zeros(problem.pooled.shape, dtype=acc, device=problem.pooled.device)
-            if problem.pooled is not None
-            else grad_hidden.new_zeros(0)
-        )
+        hidden_shape, pooled_shape = _grad_rows_shapes(problem)
+        grad_hidden = torch.zeros(hidden_shape, dtype=acc, device=problem.hidden.device)
+        grad_pooled = torch.zeros(pooled_shape, dtype=acc, device=problem.hidden.device)
         grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
         grad_bias = torch.zeros(problem.bias.shape, dtype=acc, device=problem.bias.device)
         saved = [grad_hidden, grad_pooled, grad_weight, grad_bias]
@@ -126,7 +123,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
             wide16 = (
                 problem.compute_grad and end - start >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
             )
-            w_grad = w_span if wide16 else w_span.to(acc)
+            w_grad = (w_span if wide16 else w_span.to(acc)) if problem.hidden_grad else None
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
                 h = rows_all[rows]
@@ -137,7 +134,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
                 if not problem.compute_grad:
                     continue
                 dlogits = logits.to(cdtype) if wide16 else logits
-                addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
+                if problem.hidden_grad:
+                    addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
                 addmm_acc_(grad_weight[cols], dlogits.t(), h if wide16 else h.to(acc))
                 grad_bias[cols] += logits.sum(dim=0)
 
@@ -148,22 +146,29 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
 
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     grad_hidden, grad_pooled, grad_weight, grad_bias = saved
-    g = grad_total.to(grad_hidden.dtype)
+    g = grad_total.to(grad_weight.dtype)
     return (
-        (grad_hidden * g).to(problem.hidden.dtype),
-        (grad_pooled * g).to(problem.pooled.dtype) if problem.pooled is not None else None,
+        (grad_hidden * g).to(problem.hidden.dtype) if problem.hidden_grad else None,
+        (grad_pooled * g).to(problem.pooled.dtype) if problem.hidden_grad and problem.pooled is not None else None,
         (grad_weight * g).to(problem.weight.dtype),
         (grad_bias * g).to(problem.bias.dtype),
     )
+
+
+def _grad_rows_shapes(problem: HeadProblem) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the fp32 dH and d pooled kept from forward ([0] when not needed)."""
+    if not problem.hidden_grad:
+        return (0,), (0,)
+    return tuple(problem.hidden.shape), tuple(problem.pooled.shape) if problem.pooled is not None else (0,)
 
 
 def saved_like(problem: HeadProblem) -> list[Tensor]:
     if not problem.compute_grad:
         return []
     acc = problem.acc_dtype
-    pooled_shape = problem.pooled.shape if problem.pooled is not None else (0,)
+    hidden_shape, pooled_shape = _grad_rows_shapes(problem)
     return [
-        problem.hidden.new_empty(problem.hidden.shape, dtype=acc),
+        problem.hidden.new_empty(hidden_shape, dtype=acc),
         problem.hidden.new_empty(pooled_shape, dtype=acc),
         problem.weight.new_empty(problem.weight.shape, dtype=acc),
         problem.bias.new_empty(problem.bias.shape, dtype=acc),

@@ -257,12 +257,13 @@ def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Te
 
 
 def _large_backward(
-    problem: HeadProblem, head: HeadSpec, target: Tensor, lse: Tensor, row_scale: Tensor, grad_rows: Tensor,
+    problem: HeadProblem, head: HeadSpec, target: Tensor, lse: Tensor, row_scale: Tensor, grad_rows: Tensor | None,
     grad_weight: Tensor, grad_bias: Tensor,
 ) -> None:
-    """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]) and writes its rows of
-    ``grad_weight`` and ``grad_bias`` (fp32, old contents never read): per chunk, logits
-    recomputed, scaled dlogits in the computation dtype, then two GEMMs accumulating in fp32."""
+    """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]; None: not needed) and
+    writes its rows of ``grad_weight`` and ``grad_bias`` (fp32, old contents never read): per
+    chunk, logits recomputed, scaled dlogits in the computation dtype, then GEMMs accumulating
+    in fp32."""
     large_ce = _kernels().large_ce
     rows_all = problem.rows_for(head)
     device = rows_all.device
@@ -282,7 +283,8 @@ def _large_backward(
             torch.sum(col_sums, dim=0, out=grad_bias[cols])
         else:
             grad_bias[cols] += col_sums.sum(dim=0)
-        addmm_acc_(grad_rows[rows], dlogits, weight)
+        if grad_rows is not None:
+            addmm_acc_(grad_rows[rows], dlogits, weight)
         addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=0.0 if first else 1.0)
 
 
@@ -305,7 +307,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
     args = {
         "task_scale": dummy, "grad_out": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
         "grad_pooled": problem.hidden, "dh_acc": dummy, "grad_weight": dummy, "grad_bias": dummy,
-        "has_dh_init": False, "partial_programs": 0,
+        "has_dh_init": False, "partial_programs": 0, "write_dh": False,
     }  # fmt: skip
     args.update(buffers)
     return _kernels().small_heads.launch_small_heads(
@@ -382,30 +384,41 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         grad_weight[start:end].zero_()
         grad_bias[start:end].zero_()
 
+    # Without hidden_grad (a frozen encoder output) no dH is computed: the small-heads kernel
+    # skips its dH half and the vocabulary path its dH GEMM.
+    hidden_grad = problem.hidden_grad
     dh_large = None
     if large:
         scale = loss_scale * grad_out
-        dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
+        if hidden_grad:
+            dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
         for i, lse, target in zip(large, saved_large[::2], saved_large[1::2]):
             head = heads[i]
-            if head.is_token:
-                grad_rows = dh_large[:n_hidden]
-            elif problem.pooled is not None:
-                grad_rows = dh_large[n_hidden:]
-            else:
-                grad_rows = dh_large[:n_hidden][:: problem.seq_stride]
+            grad_rows = None
+            if dh_large is not None:
+                if head.is_token:
+                    grad_rows = dh_large[:n_hidden]
+                elif problem.pooled is not None:
+                    grad_rows = dh_large[n_hidden:]
+                else:
+                    grad_rows = dh_large[:n_hidden][:: problem.seq_stride]
             row_scale = torch.where(target >= 0, scale[i], 0.0)
             _large_backward(problem, head, target, lse, row_scale, grad_rows, grad_weight, grad_bias)
 
+    grad_hidden = grad_pooled = None
     if plan is not None:
-        grad_hidden = alloc_output((n_hidden, hidden_size), cdtype, device)
-        grad_pooled = alloc_output((n_pooled, hidden_size), cdtype, device) if n_pooled else grad_hidden
-        if dh_large is not None:
-            dh_acc = dh_large
-        elif plan.n_groups > 1:
-            dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
-        else:
-            dh_acc = grad_bias
+        rows_out = {}
+        if hidden_grad:
+            grad_hidden = alloc_output((n_hidden, hidden_size), cdtype, device)
+            grad_pooled = alloc_output((n_pooled, hidden_size), cdtype, device) if n_pooled else None
+            if dh_large is not None:
+                dh_acc = dh_large
+            elif plan.n_groups > 1:
+                dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
+            else:
+                dh_acc = grad_bias
+            rows_out = {"grad_hidden": grad_hidden, "grad_pooled": grad_pooled if n_pooled else grad_hidden,
+                        "dh_acc": dh_acc, "has_dh_init": dh_large is not None}  # fmt: skip
         if programs:
             slots = plan.n_groups * plan.block_c
             dw_target = alloc_output((programs, slots, hidden_size), torch.float32, device)
@@ -413,18 +426,16 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         else:
             dw_target, db_target = grad_weight, grad_bias
         launched = _launch_small(
-            problem, plan, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_hidden=grad_hidden,
-            grad_pooled=grad_pooled, dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
-            has_dh_init=dh_large is not None, partial_programs=programs,
+            problem, plan, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_weight=dw_target,
+            grad_bias=db_target, partial_programs=programs, write_dh=hidden_grad, **rows_out,
         )  # fmt: skip
         if programs:
             small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, grad_weight, grad_bias)
-        grad_pooled = grad_pooled if n_pooled else None
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(cdtype)
         # a copy: the op's outputs must not alias each other
         grad_pooled = dh_large[n_hidden:].to(cdtype, copy=True) if n_pooled else None
-    else:
+    elif hidden_grad:
         grad_hidden = torch.zeros((n_hidden, hidden_size), dtype=cdtype, device=device)
         grad_pooled = torch.zeros((n_pooled, hidden_size), dtype=cdtype, device=device) if n_pooled else None
     return (

@@ -15,6 +15,7 @@ from oracle import (
     bad_class_id_cases,
     case_for,
     check_compiled_over_shapes,
+    check_frozen_hidden,
     fresh_seed,
     make_heads,
     random_case,
@@ -233,3 +234,11 @@ def test_validate_false_skips_bad_class_ids(classes):
 def test_compile_over_changing_batch_and_sequence_lengths():
     """The triton backend's fake implementation under dynamic shapes, kernels interpreted."""
     check_compiled_over_shapes("triton", "cpu")
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_frozen_hidden_states(trial):
+    """No dH: the small-heads kernel's backward without its dH half and the vocabulary path
+    without its dH GEMM (every other trial has a 300-class head)."""
+    case = random_case(ce_classes=(200, 400) if trial % 2 else None)
+    check_frozen_hidden(case, "triton", torch.float32)
