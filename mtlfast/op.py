@@ -240,6 +240,8 @@ def _custom_backward(
                               chunk_size, deterministic, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
+    if not hidden_grad:  # the reference backend computes them anyway
+        grad_hidden = grad_pooled = None
     # outputs must not alias each other: an empty tensor of their own stands for a missing one
     return [grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]  # fmt: skip

@@ -42,12 +42,13 @@ def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
     check_compiled_over_shapes(backend, device)
 
 
-def test_compile_with_frozen_hidden_states():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_compile_with_frozen_hidden_states(backend):
     """A frozen encoder output (no gradient for the rows) through the compiled custom op."""
     torch._dynamo.reset()
     tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"), Task("reg", 2, "mse")]
     case = case_for(tasks, (2, 9, 16))
-    heads = MultiTaskHeads(16, tasks, backend="torch")
+    heads = MultiTaskHeads(16, tasks, backend=backend)
     compiled = torch.compile(lambda h, y: heads(h, y).loss, fullgraph=True)
     compiled(case.hidden, case.labels).backward()
     grads = (heads.weight.grad.clone(), heads.bias.grad.clone())
