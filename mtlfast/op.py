@@ -94,7 +94,10 @@ def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[T
 def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor):
     device = problem.hidden.device
     with _autocast_off(device.type), _on_device(device):
-        return get_backend(backend).backward(problem, saved, grad_total)
+        grad_hidden, grad_pooled, grad_weight, grad_bias = get_backend(backend).backward(problem, saved, grad_total)
+    if not problem.hidden_grad:  # fast backends skip them then; the reference computes them regardless
+        grad_hidden = grad_pooled = None
+    return grad_hidden, grad_pooled, grad_weight, grad_bias
 
 
 _TWICE = "mtlfast's fused heads are differentiable once: a derivative of their gradients (create_graph=True) is not supported"
@@ -240,8 +243,6 @@ def _custom_backward(
                               chunk_size, deterministic, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
-    if not hidden_grad:  # the reference backend computes them anyway
-        grad_hidden = grad_pooled = None
     # outputs must not alias each other: an empty tensor of their own stands for a missing one
     return [grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]  # fmt: skip

@@ -63,12 +63,18 @@ class HeadProblem(NamedTuple):
     @property
     def seq_rows(self) -> Tensor:
         """The sequence-level rows, [B, D] (a strided view of ``hidden`` unless ``pooled``)."""
-        if self.pooled is not None:
-            return self.pooled
-        return self.hidden[:: self.seq_stride]
+        return self.level_rows(False, self.hidden, self.pooled)
 
     def rows_for(self, head: HeadSpec) -> Tensor:
-        return self.hidden if head.is_token else self.seq_rows
+        return self.level_rows(head.is_token, self.hidden, self.pooled)
+
+    def level_rows(self, token: bool, hidden_like: Tensor, pooled_like: Tensor | None) -> Tensor:
+        """One level's rows of a tensor laid out like ``hidden`` ([N, ...]) or ``pooled``
+        ([B, ...]), a gradient buffer for instance: all of ``hidden_like`` for token tasks;
+        ``pooled_like``, or every ``seq_stride``-th row of ``hidden_like``, for sequence tasks."""
+        if token:
+            return hidden_like
+        return pooled_like if self.pooled is not None else hidden_like[:: self.seq_stride]
 
     def valid_rows(self, index: int, rows: slice | None = None) -> Tensor:
         """[rows] bool: the rows of task ``index`` that are not skipped."""

@@ -84,12 +84,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     for i, head in enumerate(problem.heads):
         logits, rows, cols = _task_logits(problem, i)
         dlogits = _dlogits(problem, i, logits) * scales[i]
-        if head.is_token:
-            grad_hidden += dlogits @ weight[cols]
-        elif grad_pooled is not None:
-            grad_pooled += dlogits @ weight[cols]
-        else:
-            grad_hidden[:: problem.seq_stride] += dlogits @ weight[cols]
+        problem.level_rows(head.is_token, grad_hidden, grad_pooled).add_(dlogits @ weight[cols])
         grad_weight[cols] += dlogits.t() @ rows
         grad_bias[cols] += dlogits.sum(dim=0)
     return (

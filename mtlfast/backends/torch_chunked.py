@@ -107,14 +107,9 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         spans = split_spans(problem.heads, level)
         if not spans:
             continue
-        rows_all = problem.hidden if level == 1 else problem.seq_rows
-        if problem.compute_grad:
-            if level == 1:
-                grad_rows_all = grad_hidden
-            elif problem.pooled is not None:
-                grad_rows_all = grad_pooled
-            else:
-                grad_rows_all = grad_hidden[:: problem.seq_stride]
+        rows_all = problem.level_rows(level == 1, problem.hidden, problem.pooled)
+        if problem.hidden_grad:
+            grad_rows_all = problem.level_rows(level == 1, grad_hidden, grad_pooled)
         widest = max(end - start for start, end, _ in spans)
         chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1], problem.hidden.device.type)
         for start, end, members in spans:

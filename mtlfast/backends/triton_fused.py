@@ -396,12 +396,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             head = heads[i]
             grad_rows = None
             if dh_large is not None:
-                if head.is_token:
-                    grad_rows = dh_large[:n_hidden]
-                elif problem.pooled is not None:
-                    grad_rows = dh_large[n_hidden:]
-                else:
-                    grad_rows = dh_large[:n_hidden][:: problem.seq_stride]
+                grad_rows = problem.level_rows(head.is_token, dh_large[:n_hidden], dh_large[n_hidden:])
             row_scale = torch.where(target >= 0, scale[i], 0.0)
             _large_backward(problem, head, target, lse, row_scale, grad_rows, grad_weight, grad_bias)
 
