@@ -119,6 +119,27 @@ def test_dropout_only_in_training():
     assert not torch.equal(trained, first)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_step(use_reentrant):
+    """Under torch.utils.checkpoint the heads run again in backward (dropout replayed from the
+    saved RNG state): the loss and every gradient equal those of the plain step, bitwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    heads = MultiTaskHeads(D, TASKS, dropout=0.2, backend="torch")
+    hidden, labels = torch.randn(B, S, D, requires_grad=True), _labels()
+    seed = torch.seed()
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(seed)
+        step = lambda h: heads(h, labels).loss  # noqa: E731
+        loss = checkpoint(step, hidden, use_reentrant=use_reentrant) if checkpointed else step(hidden)
+        loss.backward()  # the reentrant checkpoint does not support autograd.grad
+        results.append([loss.detach()] + [t.grad for t in (hidden, heads.weight, heads.bias)])
+        hidden.grad = heads.weight.grad = heads.bias.grad = None
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)
+
+
 def test_grad_output_scale_is_exact_and_reaches_hooks():
     """A GradScaler-like factor scales every gradient exactly; hooks and autograd.grad see them."""
     heads = MultiTaskHeads(D, TASKS, backend="torch")

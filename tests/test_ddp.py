@@ -1,6 +1,10 @@
-"""DistributedDataParallel over MultiTaskHeads on the CPU: two gloo processes, each with its
-own micro-batches, the first of them under ``no_sync()``. DDP's all-reduce of the fused op's
-gradients must give every rank the float64 oracle's average over all ranks' micro-batches."""
+"""Data parallelism over MultiTaskHeads on the CPU: two gloo processes, each with its own
+micro-batches, the first of them without gradient sync (DDP's ``no_sync()``, FSDP2's
+``set_requires_gradient_sync(False)``). DistributedDataParallel's all-reduce, or FSDP2's
+reduce-scatter into sharded (DTensor) gradients, of the fused op's gradients must give every
+rank the float64 oracle's average over all ranks' micro-batches."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -23,37 +27,61 @@ WORLD = 2
 MICRO_BATCHES = 2
 
 
-def _rank(rank: int, init_file: str, cases: list, backend: str, out_dir: str) -> None:
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 keeps it private
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def _full(grad):
+    """A gradient as one tensor on every rank (FSDP2 keeps each rank's shard in a DTensor)."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+def _gradient_sync(model, sync: bool):
+    """DDP's ``no_sync()`` context, or FSDP2's switch, for one micro-batch."""
+    if hasattr(model, "no_sync"):
+        return nullcontext() if sync else model.no_sync()
+    model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def _rank(rank: int, init_file: str, cases: list, backend: str, wrapper: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         heads = make_heads(cases[0], backend)
-        model = DistributedDataParallel(heads)
+        model = DistributedDataParallel(heads) if wrapper == "ddp" else _fully_shard()(heads)
         mine = cases[rank * MICRO_BATCHES : (rank + 1) * MICRO_BATCHES]
         hidden_grads = []
         for k, case in enumerate(mine):
             h = case.hidden.clone().requires_grad_(True)
-            if k < len(mine) - 1:
-                with model.no_sync():
-                    model(h, case.labels).loss.backward()
-            else:
+            with _gradient_sync(model, k == len(mine) - 1):
                 model(h, case.labels).loss.backward()
             hidden_grads.append(h.grad)
-        torch.save({"weight": heads.weight.grad, "bias": heads.bias.grad, "log_vars": heads.log_vars.grad,
-                    "hidden": hidden_grads}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
+        grads = {name: _full(getattr(heads, name).grad) for name in ("weight", "bias", "log_vars")}
+        torch.save({**grads, "hidden": hidden_grads}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_ddp_all_reduces_the_fused_gradients(tmp_path, backend):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_reduces_the_fused_gradients(tmp_path, backend, wrapper):
+    if wrapper == "fsdp2":
+        try:
+            _fully_shard()
+        except ImportError:
+            pytest.skip(f"torch {torch.__version__} has no FSDP2 fully_shard")
     cases = [case_for(TASKS, (3, 7, 24)) for _ in range(WORLD * MICRO_BATCHES)]
     for case in cases:
         case.weighting, case.log_vars = "uncertainty", torch.zeros(len(TASKS))
         case.weight, case.bias = cases[0].weight, cases[0].bias
     del cases[-1].labels["score"]  # a task absent from one micro-batch of one rank
-    mp.spawn(_rank, args=(str(tmp_path / "init"), cases, backend, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "init"), cases, backend, wrapper, str(tmp_path)), nprocs=WORLD, join=True)
 
     references = [oracle(case, torch.float32)[2] for case in cases]
     # d/ds_t sums 0.5 - 0.5 exp(-s_t) L_t over the micro-batches holding task t: the exact
