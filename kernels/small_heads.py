@@ -39,6 +39,7 @@ from .tiling import TUNING, logits_tile, rows_bucket
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
+DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -72,12 +73,14 @@ def small_heads_kernel(
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr, HAS_MASK: tl.constexpr,
-    WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
-    counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``,
-    computation dtype) and adds dW, db (fp32); the summed loss of task ``t`` has the
-    gradient ``task_scale_ptr[t] * grad_out_ptr[0]`` (fp32).
+    counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``, in
+    the dtype of the rows) and adds dW, db (fp32); the summed loss of task ``t`` has the
+    gradient ``task_scale_ptr[t] * grad_out_ptr[0]`` (fp32). The rows (fp32, or ``DOT``) and
+    the weight are rounded to ``DOT``, the computation dtype, as they are loaded.
 
     ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
@@ -143,7 +146,7 @@ def small_heads_kernel(
             is_bce = (kind == 1)[None, :]
 
             x = logits_tile(h_row_ptrs, row_ok, stride_k, w_ptr, stride_wc, stride_wd, w_rows, slot_ok, D,
-                            BLOCK_M, BLOCK_C, BLOCK_K, PRECISION)  # fmt: skip
+                            BLOCK_M, BLOCK_C, BLOCK_K, DOT, PRECISION)  # fmt: skip
             x += tl.load(b_ptr + w_rows, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
 
             # Targets, straight from the label tensors.
@@ -187,7 +190,7 @@ def small_heads_kernel(
                 grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
                 grad = tl.where(active, grad * scale[None, :], 0.0)
-                grad_lo = grad.to(h_ptr.dtype.element_ty)
+                grad_lo = grad.to(DOT)
                 _add_per_slot(db_ptr + part_slots, db_ptr + w_rows, tl.sum(grad, axis=0), slot_ok, revisit, PARTIALS)
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
@@ -197,7 +200,7 @@ def small_heads_kernel(
                     if WRITE_DH:
                         w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd,
                                     mask=slot_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                        dh = tl.dot(grad_lo, w.to(grad_lo.dtype), input_precision=PRECISION)
+                        dh = tl.dot(grad_lo, w.to(DOT), input_precision=PRECISION)
                         acc_ptrs = dh_acc_ptr + acc_row[:, None] * D + (k0 + ks)[None, :]
                         if HAS_DH_INIT:
                             dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
@@ -210,7 +213,7 @@ def small_heads_kernel(
                         else:
                             tl.store(acc_ptrs, dh, mask=out_mask)
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
-                    dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
+                    dw = tl.dot(tl.trans(grad), h.to(DOT).to(tl.float32), input_precision="tf32x3")
                     if PARTIALS:
                         dw_ptrs = dw_ptr + part_slots.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
@@ -273,7 +276,8 @@ def small_heads_reduce_kernel(
 # [BLOCK_M, BLOCK_C] tiles at once, so wide heads take short row blocks over more warps: each
 # candidate compiles for sm_80 and sm_90 with (almost) no register spills, which
 # tests/test_kernels_compile.py checks. The untuned first ones spill nothing and fit sm_80's
-# shared memory.
+# shared memory. With fp32 rows (under autocast) some candidates spill a little; each width
+# keeps at least one that does not, for the autotuner to find.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     16: [(32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 8, 2), (32, 64, 8, 2)],
     32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
@@ -346,12 +350,14 @@ def launch_small_heads(
     has_dh_init: bool,
     partial_programs: int,
     write_dh: bool,
+    compute_dtype: torch.dtype,
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
     slot-indexed partial buffers (reproducible bit for bit); only the first rows of those,
     one per program launched, are written. 0 uses float atomics.
-    ``write_dh=False`` skips dH in backward. Buffers a launch does not use may be any tensor."""
+    ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
+    (``hidden``'s, or 16-bit for fp32 ``hidden``). Buffers a launch does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -364,7 +370,7 @@ def launch_small_heads(
         launched.append(max(1, min(blocks, partial_programs) if partials else blocks))
         return (launched[-1],)
 
-    precision = "tf32x3" if hidden.dtype == torch.float32 else "ieee"
+    precision = "tf32x3" if compute_dtype == torch.float32 else "ieee"
     mask = token_mask.view(torch.uint8) if token_mask is not None else target_table
     args = (
         hidden, hidden.stride(0), hidden.stride(1), hidden.shape[0],
@@ -381,7 +387,7 @@ def launch_small_heads(
     constexprs = dict(
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
-        USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), PRECISION=precision,
+        USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype], PRECISION=precision,
     )  # fmt: skip
     # The autotuner's key plus everything else that selects a compiled variant.
     key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,

@@ -23,10 +23,12 @@ def rows_bucket(n: int) -> int:
 @triton.jit
 def logits_tile(
     h_row_ptrs, row_ok, stride_hd, w_ptr, stride_wc, stride_wd, w_rows, col_ok, D,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``H[rows] @ W[w_rows]^T`` as an fp32 ``[BLOCK_M, BLOCK_C]`` tile. W is cast to the dtype
-    of H on chip (fp32 master weights need no separate cast pass)."""
+    """``H[rows] @ W[w_rows]^T`` as an fp32 ``[BLOCK_M, BLOCK_C]`` tile, both operands rounded to
+    ``DOT`` (the computation dtype) on chip: fp32 master weights, and fp32 rows under autocast,
+    need no separate cast pass."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     w_col_ptrs = w_ptr + w_rows.to(tl.int64)[None, :] * stride_wc
@@ -35,5 +37,5 @@ def logits_tile(
         h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)  # fmt: skip
         w = tl.load(w_col_ptrs + (k0 + ks)[:, None] * stride_wd, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(h, w.to(h.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(h.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     return acc

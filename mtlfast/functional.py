@@ -67,6 +67,7 @@ def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> T
     return label if label.is_contiguous() else label.contiguous()
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CONSTANTS: dict[tuple, Tensor] = {}
 
 
@@ -141,11 +142,17 @@ def multitask_loss(
         check_values(layout, labels, attention_mask, num_items_in_batch)
 
     cdtype = computation_dtype(hidden_states)
-    hidden = hidden_states if hidden_states.dtype == cdtype else hidden_states.to(cdtype)
-    pooled_c = pooled if pooled is None or pooled.dtype == cdtype else pooled.to(cdtype)
-    logits = head_logits(layout, hidden, pooled_c, weight, bias) if return_logits or labels is None else None
+    logits = None
+    if return_logits or labels is None:
+        logits = head_logits(layout, hidden_states.to(cdtype), pooled if pooled is None else pooled.to(cdtype),
+                             weight, bias)  # fmt: skip
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
+    # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
+    # the backends round them as they read them, instead of a cast pass here and one back in backward.
+    rows_dtype = torch.float32 if hidden_states.dtype == torch.float32 and cdtype in HALF_DTYPES else cdtype
+    hidden = hidden_states if hidden_states.dtype == rows_dtype else hidden_states.to(rows_dtype)
+    pooled_c = pooled if pooled is None or pooled.dtype == rows_dtype else pooled.to(rows_dtype)
 
     present = [i for i, task in enumerate(layout.tasks) if task.name in labels]
     present_tasks = [layout.tasks[i] for i in present]
@@ -191,6 +198,7 @@ def multitask_loss(
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
         hidden_grad=hidden_grad,
         compute_grad=hidden_grad or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)),
+        compute_dtype=cdtype,
     )
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
                                      task_weights)  # fmt: skip

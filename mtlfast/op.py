@@ -35,6 +35,7 @@ class HeadCall:
     deterministic: bool
     hidden_grad: bool  # hidden or pooled needs its gradient (False: frozen encoder output)
     compute_grad: bool
+    compute_dtype: torch.dtype
 
     def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
         return HeadProblem(
@@ -52,19 +53,20 @@ class HeadCall:
             deterministic=self.deterministic,
             hidden_grad=self.hidden_grad,
             compute_grad=self.compute_grad,
+            compute_dtype=self.compute_dtype,
         )
 
     def flat(self) -> tuple:
         """The call as the custom op's scalar arguments."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        return (*columns, self.backend, self.chunk_size, self.deterministic, self.hidden_grad)
+        return (*columns, self.compute_dtype, self.backend, self.chunk_size, self.deterministic, self.hidden_grad)
 
     @classmethod
-    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                  chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, compute_dtype,
+                  backend, chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
         heads = tuple(HeadSpec(*spec) for spec in zip(col_start, num_cols, kind, level, ignore_index, label_smoothing))
-        return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad)
+        return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad, compute_dtype)
 
 
 def _autocast_off(device_type: str):
@@ -189,6 +191,7 @@ def _custom_forward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
     deterministic: bool,
@@ -196,8 +199,8 @@ def _custom_forward(
     compute_grad: bool,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                              chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing,
+                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -232,6 +235,7 @@ def _custom_backward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
     deterministic: bool,
@@ -239,8 +243,8 @@ def _custom_backward(
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, backend,
-                              chunk_size, deterministic, hidden_grad, True)  # fmt: skip
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing,
+                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one

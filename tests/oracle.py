@@ -310,6 +310,25 @@ def check_frozen_hidden(case: Case, backend: str, dtype: torch.dtype, device="cp
                           skip=("hidden", "pooled"))  # fmt: skip
 
 
+def check_autocast_reads_fp32_rows(case: Case, backend: str, dtype: torch.dtype, device="cpu", **kwargs) -> None:
+    """fp32 hidden states under autocast to ``dtype`` (an encoder's output, as BERT's final
+    LayerNorm gives it) are rounded as the backend reads them: the losses and parameter
+    gradients equal, bit for bit, those of the same states cast to ``dtype`` by hand, and the
+    hidden gradient comes back in fp32, rounding to the cast states' gradient."""
+    read, read_grads = run_heads(case, backend, dtype, device, autocast=True, **kwargs)
+    cast, cast_grads = run_heads(case, backend, dtype, device, **kwargs)
+    what = f"{backend}/{dtype} {case.describe()}"
+    assert torch.equal(read.loss, cast.loss), f"{what}: loss {read.loss.item()} != {cast.loss.item()}"
+    for name in cast.losses:
+        assert torch.equal(read.losses[name], cast.losses[name]), f"{what}: loss of {name}"
+    for name, grad in cast_grads.items():
+        got = read_grads[name]
+        if name in ("hidden", "pooled"):
+            assert got.dtype == torch.float32, f"{what}: grad of {name} in {got.dtype}"
+            got = got.to(dtype)
+        assert torch.equal(got, grad), f"{what}: grad of {name} differs by {(got.double() - grad.double()).abs().max()}"
+
+
 class _null:
     def __enter__(self):
         return self

@@ -131,7 +131,7 @@ def test_activation_checkpointing_recomputes_the_same_step(use_reentrant):
     results = []
     for checkpointed in (False, True):
         torch.manual_seed(seed)
-        step = lambda h: heads(h, labels).loss  # noqa: E731
+        step = lambda h: heads(h, labels).loss
         loss = checkpoint(step, hidden, use_reentrant=use_reentrant) if checkpointed else step(hidden)
         loss.backward()  # the reentrant checkpoint does not support autograd.grad
         results.append([loss.detach()] + [t.grad for t in (hidden, heads.weight, heads.bias)])

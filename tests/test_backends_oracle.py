@@ -7,6 +7,7 @@ from oracle import (
     Case,
     assert_matches_oracle,
     bad_class_id_cases,
+    check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     fresh_seed,
     oracle,
@@ -38,6 +39,13 @@ def test_autocast_fp16_keeps_fp32_parameter_grads(backend):
     out, grads = run_heads(case, backend, torch.float16, autocast=True)
     assert grads["weight"].dtype == torch.float32 and grads["bias"].dtype == torch.float32
     assert_matches_oracle(case, out, grads, torch.float16, TOLERANCE[torch.float16], f"{backend}/autocast-fp16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_reads_fp32_hidden_states_as_cast_ones(backend, dtype):
+    case = random_case()
+    check_autocast_reads_fp32_rows(case, backend, dtype, chunk_size=case.seed % 9 + 1)
 
 
 @pytest.mark.parametrize("trial", range(4))

@@ -7,6 +7,7 @@ from oracle import (
     TOLERANCE,
     assert_matches_oracle,
     case_for,
+    check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     oracle,
     random_case,
@@ -49,6 +50,16 @@ def test_triton_bert_sized(dtype):
     out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=dtype != torch.float32)
     tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
     assert_matches_oracle(case, out, grads, dtype, tol, f"bert-sized/{dtype}")
+
+
+@pytest.mark.parametrize("vocab", [0, 5003], ids=["small", "vocab"])
+def test_triton_autocast_reads_fp32_hidden_states(vocab):
+    """bf16 autocast over fp32 hidden states: bit for bit what hidden states cast by hand give
+    (deterministic mode: float atomics would add in a different order each run)."""
+    case = random_case(shape=(4, 33, 96), max_classes=9)
+    if vocab:
+        case = case_for([*case.tasks, Task("vocab", vocab, "cross_entropy", level="token")], (4, 33, 96), case.seed)
+    check_autocast_reads_fp32_rows(case, "triton", torch.bfloat16, DEVICE, deterministic=True)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -4,6 +4,7 @@ launches, and with its untuned configuration for sm_70 and sm_75 (V100, T4). The
 interpreter tests check what the kernels compute; this catches what only the real compiler
 rejects (unsupported constructs, register or shared-memory overflow)."""
 
+import itertools
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 import pytest
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from mtlfast.kernels import large_ce, loss_finalize, small_heads  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -42,9 +44,11 @@ def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fit
     return kernel
 
 
-def _small_heads_pointers(compute: str) -> dict[str, str]:
+def _small_heads_pointers(compute: str, rows: str | None = None) -> dict[str, str]:
+    """Pointer types; the hidden/pooled rows and their gradients in ``rows`` (default: ``compute``)."""
+    rows = rows or compute
     pointers = {name: "*fp32" for name in small_heads.small_heads_kernel.arg_names if name.endswith("_ptr")}
-    pointers.update({"h_ptr": compute, "p_ptr": compute, "dh_ptr": compute, "dp_ptr": compute,
+    pointers.update({"h_ptr": rows, "p_ptr": rows, "dh_ptr": rows, "dp_ptr": rows,
                      "slot_int_ptr": "*i32", "group_segments_ptr": "*i32", "target_table_ptr": "*i64",
                      "mask_ptr": "*u8"})  # fmt: skip
     return pointers
@@ -55,9 +59,11 @@ def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool
     write_dh = backward and write_dh
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
                 PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
-                USE_DH_ACC=write_dh, PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
+                USE_DH_ACC=write_dh, DOT=DOT_TYPES[compute],
+                PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
 
 
+DOT_TYPES = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -146,6 +152,22 @@ def test_small_heads_backward_without_dh_compiles(target, block_c):
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_small_heads_reading_fp32_rows_compiles(target, block_c, backward):
+    """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32): every
+    candidate compiles, the untuned one fits the shared memory, and at least one keeps its
+    tiles in registers for the autotuner to pick (the wider rows make some spill a little)."""
+    stacks = []
+    for n, config in enumerate(small_heads.configs_for(block_c)):
+        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows="*fp32"),
+                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16"), fits=n == 0,
+                             num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        stacks.append(resource_usage(kernel)[1])
+    assert min(stacks) == 0, stacks
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
 def test_reduce_kernel_compiles(target):
     _compile_reduce(target)
 
@@ -167,12 +189,13 @@ def test_large_ce_kernels_compile(target, compute):
 @pytest.mark.parametrize("compute", ["*fp16", "*fp32"])
 def test_kernels_compile_for_older_gpus(target, compute):
     """On a V100 or T4 (no bf16 tensor cores, no TF32) the untuned first candidate of every
-    head-group width compiles, both directions, and fits the shared memory; so do the other
-    kernels. Speed there is not a goal."""
+    head-group width compiles, both directions, with rows in the computation dtype or in fp32
+    (under autocast), and fits the shared memory; so do the other kernels. Speed there is not a
+    goal."""
     for block_c in small_heads.SHAPES_BY_BLOCK_C:
         config = small_heads.configs_for(block_c)[0]
-        for backward in (False, True):
-            compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
+        for backward, rows in itertools.product((False, True), dict.fromkeys((compute, "*fp32"))):
+            compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute, rows),
                         _small_heads_constexprs(config, block_c, backward, backward, compute),
                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     _compile_reduce(target)

@@ -22,9 +22,12 @@ class HeadProblem(NamedTuple):
 
     Shapes: N token rows, B sequence rows, D hidden size, T tasks present.
 
-    - ``hidden`` [N, D], the computation dtype: the token rows (``[B*S, D]``), or the
-      sequence rows when no token task is present (then ``seq_stride == 1``).
-    - ``pooled`` [B, D] or None: the sequence rows when given separately (``seq_stride == 0``).
+    - ``hidden`` [N, D], in ``compute_dtype`` or fp32: the token rows (``[B*S, D]``), or the
+      sequence rows when no token task is present (then ``seq_stride == 1``). fp32 rows with a
+      16-bit ``compute_dtype`` (an encoder output under autocast) are rounded to it as they are
+      read, with no cast pass; their gradient comes back in fp32.
+    - ``pooled`` [B, D] or None, in the dtype of ``hidden``: the sequence rows when given
+      separately (``seq_stride == 0``).
     - ``seq_stride``: sequence row ``b`` is ``hidden[b * seq_stride]``; 0 means ``pooled``.
     - ``token_mask`` [N] bool or None: token rows that count; sequence rows ignore it.
     - ``weight`` [sum C, D] and ``bias`` [sum C], the packed parameters in their own dtype.
@@ -34,6 +37,8 @@ class HeadProblem(NamedTuple):
     - ``hidden_grad``: whether ``hidden``/``pooled`` need their gradient; a backend may skip
       ``dH`` without it (a frozen encoder) and return None for both.
     - ``compute_grad``: whether any gradient is needed (the torch backend's forward computes them).
+    - ``compute_dtype``: the dtype of the matrix products' inputs (the autocast dtype, else that
+      of ``hidden``).
     """
 
     hidden: Tensor
@@ -50,10 +55,7 @@ class HeadProblem(NamedTuple):
     deterministic: bool
     hidden_grad: bool
     compute_grad: bool
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.hidden.dtype
+    compute_dtype: torch.dtype
 
     @property
     def acc_dtype(self) -> torch.dtype:

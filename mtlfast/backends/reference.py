@@ -21,7 +21,7 @@ def _task_logits(problem: HeadProblem, index: int) -> tuple[Tensor, Tensor, slic
     head = problem.heads[index]
     acc = problem.acc_dtype
     cols = slice(head.col_start, head.col_end)
-    rows = problem.rows_for(head).to(acc)
+    rows = problem.rows_for(head).to(problem.compute_dtype).to(acc)
     weight = weight_in(problem.compute_dtype, problem.weight)[cols].to(acc)
     return F.linear(rows, weight, problem.bias[cols].to(acc)), rows, cols
 

@@ -121,7 +121,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
             w_grad = (w_span if wide16 else w_span.to(acc)) if problem.hidden_grad else None
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
-                h = rows_all[rows]
+                h = rows_all[rows].to(cdtype)  # fp32 rows under autocast: rounded chunk by chunk
                 logits = mm_acc(h, w_span.t(), acc).add_(bias[cols])
                 for i in members:
                     x = logits[:, problem.heads[i].col_start - start : problem.heads[i].col_end - start]

@@ -16,8 +16,10 @@ Tasks are split in two paths, picked per task:
 
 Forward keeps each task's gradient scale (task weight / divisor), the table of label
 addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing synchronises with
-the host. fp64 inputs and a bce/mse task wider than ``MAX_BLOCK_C`` run the ``torch``
-backend instead.
+the host. fp32 rows with 16-bit compute (an encoder output under autocast) are read as
+they are: the small-heads kernel rounds them on chip, the vocabulary path casts a copy once
+per pass; dH comes back in fp32. fp64 inputs and a bce/mse task wider than ``MAX_BLOCK_C``
+run the ``torch`` backend instead.
 """
 
 from __future__ import annotations
@@ -231,11 +233,16 @@ def _large_chunk_shape(n_rows: int, n_cols: int, chunk_rows: int) -> tuple[int, 
     return min(rows, max(n_rows, 1)), cols
 
 
-def _large_chunks(problem: HeadProblem, head: HeadSpec) -> Iterator[tuple[int, slice, Tensor, slice, Tensor]]:
+def _large_rows(problem: HeadProblem, head: HeadSpec) -> Tensor:
+    """A large head's rows in the computation dtype (cuBLAS takes no fp32 rows with 16-bit weights)."""
+    return problem.rows_for(head).to(problem.compute_dtype)
+
+
+def _large_chunks(problem: HeadProblem, head: HeadSpec, rows_all: Tensor) -> Iterator[tuple[int, slice, Tensor, slice, Tensor]]:
     """Walks a large head chunk by chunk, yielding ``(c0, cols, weight, rows, logits)``: the
     chunk's first class, its packed weight rows (``cols``) and their weight in the computation
-    dtype, its rows, and its fp32 logits ``[rows, cols]`` (cuBLAS, without the bias)."""
-    rows_all = problem.rows_for(head)
+    dtype, its rows of ``rows_all`` (the head's rows in the computation dtype), and its fp32
+    logits ``[rows, cols]`` (cuBLAS, without the bias)."""
     n = rows_all.shape[0]
     chunk_rows, chunk_cols = _large_chunk_shape(n, head.num_cols, problem.chunk_size)
     for c0, c1 in _spans(head.num_cols, chunk_cols):
@@ -250,7 +257,7 @@ def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Te
     large_ce = _kernels().large_ce
     state = torch.zeros((4, target.shape[0]), dtype=torch.float32, device=target.device)
     state[0].fill_(float("-inf"))
-    for c0, cols, _, rows, logits in _large_chunks(problem, head):
+    for c0, cols, _, rows, logits in _large_chunks(problem, head, _large_rows(problem, head)):
         large_ce.lse_merge(logits, problem.bias[cols], target[rows], c0, state[:, rows])
     run_max, run_sum, target_logit, logit_sum = state.unbind(0)
     return run_max + run_sum.log(), target_logit, logit_sum
@@ -265,13 +272,13 @@ def _large_backward(
     chunk, logits recomputed, scaled dlogits in the computation dtype, then GEMMs accumulating
     in fp32."""
     large_ce = _kernels().large_ce
-    rows_all = problem.rows_for(head)
+    rows_all = _large_rows(problem, head)
     device = rows_all.device
     if rows_all.shape[0] == 0:  # no chunks to walk
         grad_weight[head.col_start : head.col_end].zero_()
         grad_bias[head.col_start : head.col_end].zero_()
         return
-    for c0, cols, weight, rows, logits in _large_chunks(problem, head):
+    for c0, cols, weight, rows, logits in _large_chunks(problem, head, rows_all):
         dlogits = alloc_output(logits.shape, problem.compute_dtype, device)
         splits = large_ce.dlogits_splits(*logits.shape, 2 * _multiprocessors(device))
         col_sums = alloc_output((splits, logits.shape[1]), torch.float32, device)
@@ -322,6 +329,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
         slot_flt=plan.slot_flt,
         group_segments=plan.group_segments,
         target_table=table,
+        compute_dtype=problem.compute_dtype,
         **args,
     )
 
@@ -368,7 +376,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     small_heads = _kernels().small_heads
     loss_scale, table, *saved_large = saved
     device = problem.hidden.device
-    cdtype = problem.compute_dtype
+    rows_dtype = problem.hidden.dtype  # of dH too: fp32 rows under autocast get an fp32 dH
     heads = problem.heads
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
@@ -404,8 +412,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     if plan is not None:
         rows_out = {}
         if hidden_grad:
-            grad_hidden = alloc_output((n_hidden, hidden_size), cdtype, device)
-            grad_pooled = alloc_output((n_pooled, hidden_size), cdtype, device) if n_pooled else None
+            grad_hidden = alloc_output((n_hidden, hidden_size), rows_dtype, device)
+            grad_pooled = alloc_output((n_pooled, hidden_size), rows_dtype, device) if n_pooled else None
             if dh_large is not None:
                 dh_acc = dh_large
             elif plan.n_groups > 1:
@@ -427,12 +435,12 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         if programs:
             small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, grad_weight, grad_bias)
     elif dh_large is not None:
-        grad_hidden = dh_large[:n_hidden].to(cdtype)
+        grad_hidden = dh_large[:n_hidden].to(rows_dtype)
         # a copy: the op's outputs must not alias each other
-        grad_pooled = dh_large[n_hidden:].to(cdtype, copy=True) if n_pooled else None
+        grad_pooled = dh_large[n_hidden:].to(rows_dtype, copy=True) if n_pooled else None
     elif hidden_grad:
-        grad_hidden = torch.zeros((n_hidden, hidden_size), dtype=cdtype, device=device)
-        grad_pooled = torch.zeros((n_pooled, hidden_size), dtype=cdtype, device=device) if n_pooled else None
+        grad_hidden = torch.zeros((n_hidden, hidden_size), dtype=rows_dtype, device=device)
+        grad_pooled = torch.zeros((n_pooled, hidden_size), dtype=rows_dtype, device=device) if n_pooled else None
     return (
         grad_hidden,
         grad_pooled,

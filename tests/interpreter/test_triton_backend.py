@@ -14,6 +14,7 @@ from oracle import (
     assert_matches_oracle,
     bad_class_id_cases,
     case_for,
+    check_autocast_reads_fp32_rows,
     check_compiled_over_shapes,
     check_frozen_hidden,
     fresh_seed,
@@ -54,6 +55,19 @@ def test_autocast_fp16(trial):
     out, grads = run_heads(case, "triton", torch.float16, autocast=True)
     assert grads["weight"].dtype == torch.float32
     assert_matches_oracle(case, out, grads, torch.float16, TOLERANCE[torch.float16], "triton/autocast")
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_autocast_reads_fp32_hidden_states_as_cast_ones(trial):
+    """The kernels round fp32 rows to fp16 as they load them; with a vocabulary head (odd
+    trials) that path's rows are cast once; pooled rows (fp32 too) in some cases."""
+    if trial % 2:
+        case = random_case(max_classes=9)
+        case.tasks.append(Task("vocab", random.Random(case.seed).randint(129, 300), "cross_entropy", level="token"))
+        case = case_for(case.tasks, (2, 5, 13), case.seed)
+    else:
+        case = random_case()
+    check_autocast_reads_fp32_rows(case, "triton", torch.float16, deterministic=trial == 2)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
