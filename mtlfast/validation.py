@@ -77,6 +77,12 @@ def check_call(
             raise ValueError(f"attention_mask must be [B, S] = {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
         if attention_mask.device != device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, hidden_states on {device}")
+    if seq_len == 0 and pooled is None:
+        reading = [t.name for t in layout.tasks if t.level == "sequence" and (labels is None or (
+            isinstance(labels, Mapping) and t.name in labels))]  # fmt: skip
+        if reading:
+            raise ValueError(f"task '{reading[0]}': a sequence task reads hidden_states[:, 0], and hidden_states has "
+                             "S = 0; pass pooled")  # fmt: skip
     if labels is None:
         if num_items_in_batch:
             raise ValueError("num_items_in_batch was given without labels")

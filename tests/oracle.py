@@ -156,14 +156,16 @@ def bad_class_id_cases(classes: int) -> tuple[Case, Case]:
 def _present_tasks(case: Case, h, pooled):
     """Per task with labels: ``(task, rows [n, D], its columns, labels, keep [n])``, ``keep``
     holding the attention mask for token tasks."""
-    seq_rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
     col = 0
     for task in case.tasks:
         cols = slice(col, col + task.num_outputs)
         col += task.num_outputs
         if task.name not in case.labels:
             continue
-        rows = h.reshape(-1, h.shape[-1]) if task.level == "token" else seq_rows
+        if task.level == "token":
+            rows = h.reshape(-1, h.shape[-1])
+        else:
+            rows = pooled if pooled is not None else (h[:, 0] if h.dim() == 3 else h)
         keep = torch.ones(rows.shape[0], dtype=torch.bool, device=h.device)
         if task.level == "token" and case.attention_mask is not None:
             keep &= case.attention_mask.to(h.device).reshape(-1) != 0

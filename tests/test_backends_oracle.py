@@ -76,6 +76,8 @@ EDGE_CASES = {
     "sequence_only": dict(levels=("sequence",)),
     "token_only": dict(levels=("token",)),
     "wide_heads": dict(num_tasks=5, ce_classes=(120, 700)),
+    "empty_batch": dict(shape=(0, 4, 13)),
+    "no_positions": dict(shape=(3, 0, 13), levels=("token",)),
 }
 
 

@@ -66,6 +66,19 @@ def test_token_task_with_2d_hidden():
         _call(_good(), hidden=torch.randn(B, D))
 
 
+def test_sequence_task_with_no_positions():
+    """S = 0 leaves no hidden_states[:, 0] for a sequence task to read (the triton backend took
+    its loss as 0); token tasks alone, or pooled rows, are fine."""
+    labels = {"sentiment": torch.tensor([0, 2]), "ner": torch.zeros(B, 0, dtype=torch.long)}
+    empty = torch.randn(B, 0, D)
+    with pytest.raises(ValueError, match="task 'sentiment'.*S = 0.*pooled"):
+        _call(labels, hidden=empty)
+    with pytest.raises(ValueError, match="task 'sentiment'.*S = 0"):
+        _call(None, hidden=empty)
+    assert _call({"ner": labels["ner"]}, hidden=empty).loss.item() == 0.0
+    assert _call(labels, hidden=empty, pooled=torch.randn(B, D)).losses["sentiment"] > 0
+
+
 @pytest.mark.parametrize(
     "name, value, error, match",
     [

@@ -132,12 +132,17 @@ def test_large_head_alone_with_pooled_sequence_head():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("with_large", [False, True], ids=["small", "small+large"])
-def test_empty_batch(deterministic, with_large):
-    """A batch of no rows: losses 0 and every gradient written as 0 (the buffers start as NaN)."""
+@pytest.mark.parametrize("shape", [(0, 4, 11), (3, 0, 11)], ids=["no-sequences", "no-positions"])
+def test_empty_batch(deterministic, with_large, shape):
+    """A batch of no rows (no sequences, or sequences of no positions: then the sequence tasks
+    read pooled rows): losses 0 where no row counts, and every gradient written (the buffers
+    start as NaN)."""
     tasks = [Task("ner", 5, "cross_entropy", level="token"), Task("score", 2, "mse"), Task("tags", 3, "bce")]
     if with_large:
         tasks.append(Task("vocab", 201, "cross_entropy", level="token"))
-    case = case_for(tasks, (0, 4, 11))
+    case = case_for(tasks, shape)
+    if shape[1] == 0:
+        case.pooled = torch.randn(shape[0], shape[2])
     out, grads = run_heads(case, "triton", torch.float32, deterministic=deterministic)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/empty")
     assert all(not g.isnan().any() for g in grads.values())
