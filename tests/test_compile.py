@@ -57,3 +57,24 @@ def test_compile_with_frozen_hidden_states(backend):
     assert case.hidden.grad is None
     for got, want in zip(grads, (heads.weight.grad, heads.bias.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_compile_under_autocast_with_fp32_hidden_states(backend):
+    """bf16 autocast over fp32 rows through the compiled custom op: the computation dtype
+    travels with the call, and the rows' gradient comes back in fp32 as in eager mode."""
+    torch._dynamo.reset()
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"), Task("tags", 4, "bce")]
+    case = case_for(tasks, (2, 9, 16))
+    heads = MultiTaskHeads(16, tasks, backend=backend)
+    results = []
+    for step in (torch.compile(lambda h, y: heads(h, y).loss, fullgraph=True), lambda h, y: heads(h, y).loss):
+        hidden = case.hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step(hidden, case.labels)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, heads.weight.grad.clone(), heads.bias.grad.clone()))
+        heads.zero_grad()
+    assert results[0][1].dtype == torch.float32
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
