@@ -22,7 +22,8 @@ groups the partial dH waits in an fp32 scratch (the program's own rows) and is r
 once, at the last group.
 
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
-marks padding); float table: fp32 ``[G, 2, BLOCK_C]`` (label smoothing, 1 / C).
+marks padding); float table: fp32 ``[G, SLOT_FLT_FIELDS, BLOCK_C]`` (label smoothing,
+1 / C, bce pos_weight).
 Target table: int64 ``[T]`` addresses; cross-entropy targets are int64 ``[rows]``,
 bce/mse targets fp32 ``[rows, C]``, both contiguous.
 """
@@ -39,6 +40,8 @@ from .tiling import TUNING, logits_tile, rows_bucket
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
+FLT_SMOOTHING, FLT_INV_CLASSES, FLT_POS_WEIGHT = range(3)
+SLOT_FLT_FIELDS = 3
 DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -137,8 +140,9 @@ def small_heads_kernel(
             first = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
             classes = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
             ignore = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
-            smoothing = tl.load(slot_flt_ptr + (group * 2) * BLOCK_C + slots)
-            inv_classes = tl.load(slot_flt_ptr + (group * 2 + 1) * BLOCK_C + slots)
+            smoothing = tl.load(slot_flt_ptr + (group * 3) * BLOCK_C + slots)
+            inv_classes = tl.load(slot_flt_ptr + (group * 3 + 1) * BLOCK_C + slots)
+            pos_weight = tl.load(slot_flt_ptr + (group * 3 + 2) * BLOCK_C + slots)  # rows: FLT_* of the table
             slot_ok = w_rows >= 0
             part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's partial rows
             is_ce = (kind == 0) & slot_ok
@@ -185,7 +189,9 @@ def small_heads_kernel(
 
             if BACKWARD:
                 ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
-                bce_grad = 1.0 / (1.0 + tl.exp(-x)) - y
+                # d/dx of (1 - y) x + (1 + (p - 1) y) softplus(-x); sigmoid(x) - y for p = 1
+                log_weight = 1.0 + (pos_weight[None, :] - 1.0) * y
+                bce_grad = log_weight / (1.0 + tl.exp(-x)) - pos_weight[None, :] * y
                 mse_grad = 2.0 * (x - y)
                 grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
@@ -228,7 +234,8 @@ def small_heads_kernel(
                     tl.debug_barrier()
             else:
                 lse = seg_max + tl.log(seg_sum)
-                softplus = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                log_weight = 1.0 + (pos_weight[None, :] - 1.0) * y
+                softplus = (1.0 - y) * x + log_weight * (tl.maximum(-x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
                 ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
                 ce_term -= smooth * inv_classes[None, :] * x
                 diff = x - y

@@ -57,15 +57,25 @@ class HeadCall:
         )
 
     def flat(self) -> tuple:
-        """The call as the custom op's scalar arguments."""
+        """The call as the custom op's scalar arguments; the heads' pos_weight tuples
+        concatenated, with a flag per head."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        return (*columns, self.compute_dtype, self.backend, self.chunk_size, self.deterministic, self.hidden_grad)
+        pos_weight = [w for h in self.heads for w in h.pos_weight]
+        has_pos_weight = [bool(h.pos_weight) for h in self.heads]
+        return (*columns, pos_weight, has_pos_weight, self.compute_dtype, self.backend, self.chunk_size,
+                self.deterministic, self.hidden_grad)  # fmt: skip
 
     @classmethod
-    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, compute_dtype,
-                  backend, chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
-        heads = tuple(HeadSpec(*spec) for spec in zip(col_start, num_cols, kind, level, ignore_index, label_smoothing))
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
+                  has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                  compute_grad) -> HeadCall:  # fmt: skip
+        weights, start = [], 0
+        for cols, has in zip(num_cols, has_pos_weight):
+            weights.append(tuple(pos_weight[start : start + cols]) if has else ())
+            start += cols if has else 0
+        heads = tuple(HeadSpec(*spec) for spec in
+                      zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
         return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad, compute_dtype)
 
 
@@ -191,6 +201,8 @@ def _custom_forward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    pos_weight: List[float],
+    has_pos_weight: List[bool],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -199,8 +211,9 @@ def _custom_forward(
     compute_grad: bool,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing,
-                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
+                              has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                              compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -235,6 +248,8 @@ def _custom_backward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    pos_weight: List[float],
+    has_pos_weight: List[bool],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -243,8 +258,9 @@ def _custom_backward(
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing,
-                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, True)  # fmt: skip
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
+                              has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                              True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one
@@ -263,6 +279,8 @@ def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_m
 def _setup_context(ctx, inputs, output) -> None:
     hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights, *flat = inputs
     ctx.seq_stride, ctx.flat, ctx.num_inputs, ctx.num_targets = seq_stride, flat[:-1], len(inputs), len(targets)
+    # The gradients must mirror the inputs' structure, in which an empty list is a list, not a leaf.
+    ctx.empty_lists = [i for i, value in enumerate(inputs) if isinstance(value, list) and not value]
     ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets,
                           *output[1:])  # fmt: skip
 
@@ -271,6 +289,8 @@ def _custom_autograd(ctx, grads):
     grad_total = grads[0]
     grads_in = [None] * ctx.num_inputs
     grads_in[6] = [None] * ctx.num_targets
+    for i in ctx.empty_lists:
+        grads_in[i] = []
     if grad_total is None:
         return tuple(grads_in)
     hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *rest = ctx.saved_tensors

@@ -18,8 +18,9 @@ SEQUENCE, TOKEN = 0, 1
 
 class HeadSpec(NamedTuple):
     """One task as the fused op sees it: its columns ``[col_start, col_start + num_cols)``
-    of the packed weight, its loss kind and level codes, and its cross-entropy options.
-    A tuple, so that the caches keyed by a call's heads hash and compare them in C."""
+    of the packed weight, its loss kind and level codes, its cross-entropy options and its
+    bce ``pos_weight`` (one per column, or empty for none). A tuple, so that the caches keyed
+    by a call's heads hash and compare them in C."""
 
     col_start: int
     num_cols: int
@@ -27,6 +28,7 @@ class HeadSpec(NamedTuple):
     level: int
     ignore_index: int
     label_smoothing: float
+    pos_weight: tuple[float, ...] = ()
 
     @property
     def col_end(self) -> int:
@@ -55,6 +57,10 @@ class Task:
         ignore_index: class id skipped by cross-entropy.
         label_smoothing: cross-entropy label smoothing, as ``torch.nn.functional.cross_entropy``.
         weight: the task's weight under ``weighting="static"``.
+        pos_weight: bce only: the weight of the positive targets, one per output or one for
+            all (a number, a sequence or a 1-d tensor), as
+            ``torch.nn.functional.binary_cross_entropy_with_logits(pos_weight=)``; kept as a
+            tuple of C floats.
     """
 
     name: str
@@ -64,6 +70,7 @@ class Task:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     weight: float = 1.0
+    pos_weight: float | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -87,6 +94,27 @@ class Task:
             raise ValueError(f"{where}: label_smoothing must lie in [0, 1], got {smoothing}")
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"{where}: weight must be finite, got {self.weight}")
+        if self.pos_weight is not None:
+            object.__setattr__(self, "pos_weight", self._checked_pos_weight(where))
+
+    def _checked_pos_weight(self, where: str) -> tuple[float, ...]:
+        if self.loss != "bce":
+            raise ValueError(f"{where}: pos_weight is only for bce, not {self.loss}")
+        value = self.pos_weight
+        if hasattr(value, "tolist"):  # a tensor or an array
+            value = value.tolist()
+        values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        try:
+            weights = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: pos_weight must be a number or a sequence of numbers, got {value!r}") from None
+        if len(weights) == 1:
+            weights *= self.num_outputs
+        if len(weights) != self.num_outputs:
+            raise ValueError(f"{where}: pos_weight has {len(weights)} values for {self.num_outputs} outputs")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"{where}: pos_weight must be finite and >= 0, got {weights}")
+        return weights
 
     @property
     def loss_code(self) -> int:
@@ -124,7 +152,8 @@ class TaskLayout:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
         heads = tuple(
-            HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing))
+            HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing),
+                     t.pos_weight or ())
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})

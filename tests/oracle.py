@@ -104,8 +104,11 @@ def random_case(
             classes = rng.randint(1, min(12, max_classes))
         smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
         ignore = rng.choice([-100, -100, -1, classes + 3])
+        pos_weight = None
+        if loss == "bce" and rng.random() < 0.5:
+            pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
         tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
-                          weight=rng.choice([1.0, 0.5, 2.0])))  # fmt: skip
+                          weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight))  # fmt: skip
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -191,7 +194,9 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
             keep &= ~torch.isnan(y).any(dim=1)
             y = torch.where(keep[:, None], y, torch.zeros_like(y))
             if task.loss == "bce":
-                element = torch.clamp(logits, min=0) - logits * y + torch.log1p(torch.exp(-logits.abs()))
+                p = torch.tensor(task.pos_weight or (1.0,) * task.num_outputs, dtype=torch.float64, device=h.device)
+                log_sigmoid = -(torch.clamp(-logits, min=0) + torch.log1p(torch.exp(-logits.abs())))
+                element = -(p * y * log_sigmoid + (1 - y) * (log_sigmoid - logits))
             else:
                 element = (logits - y) ** 2
             total = (element * keep[:, None]).sum()
@@ -222,8 +227,12 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
             y = y.reshape(n, task.num_outputs)
             keep &= ~torch.isnan(y).any(dim=1)
             y = torch.where(keep[:, None], y, 0.0).to(logits.dtype)
-            fn = F.binary_cross_entropy_with_logits if task.loss == "bce" else F.mse_loss
-            summed = (fn(logits, y, reduction="none") * keep[:, None]).sum()
+            if task.loss == "bce":
+                pos_weight = torch.tensor(task.pos_weight, device=h.device) if task.pos_weight else None
+                element = F.binary_cross_entropy_with_logits(logits, y, reduction="none", pos_weight=pos_weight)
+            else:
+                element = F.mse_loss(logits, y, reduction="none")
+            summed = (element * keep[:, None]).sum()
             count = keep.sum() * task.num_outputs
         if case.num_items and task.name in case.num_items:
             count = torch.as_tensor(case.num_items[task.name], device=h.device)
@@ -387,7 +396,7 @@ def check_compiled_over_shapes(backend: str, device: str) -> None:
     hidden_size = 24
     tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"),
              Task("lm", 301, "cross_entropy", level="token", label_smoothing=0.05), Task("reg", 2, "mse"),
-             Task("tags", 5, "bce", level="token")]  # fmt: skip
+             Task("tags", 5, "bce", level="token", pos_weight=(0.5, 1.0, 2.0, 3.0, 0.0))]  # fmt: skip
     heads = MultiTaskHeads(hidden_size, tasks, backend=backend).to(device)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(lambda h, y, m: heads(h, y, attention_mask=m), fullgraph=True, backend=counter)

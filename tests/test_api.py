@@ -201,6 +201,29 @@ def test_eager_parity_of_the_plain_module():
     assert rel_error(heads(hidden, labels).loss, expected) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bce_pos_weight_matches_torch(backend):
+    """Task(pos_weight=) is BCEWithLogitsLoss(pos_weight=): per output or one for all, with
+    its gradients; NaN rows still skipped."""
+    pos_weight = torch.rand(20, dtype=torch.float64) * 4
+    tasks = [Task("topics", 20, "bce", pos_weight=pos_weight), Task("tags", 3, "bce", level="token", pos_weight=2.5)]
+    heads = MultiTaskHeads(D, tasks, backend=backend).double()
+    linears = heads.to_linears()
+    hidden = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
+    labels = {"topics": torch.rand(B, 20, dtype=torch.float64), "tags": torch.rand(B, S, 3, dtype=torch.float64)}
+    labels["tags"][0, 1, 2] = float("nan")
+    kept = ~labels["tags"].isnan().any(-1)
+    expected = F.binary_cross_entropy_with_logits(linears["topics"](hidden[:, 0]), labels["topics"],
+                                                  pos_weight=pos_weight) + F.binary_cross_entropy_with_logits(
+        linears["tags"](hidden)[kept], labels["tags"][kept], pos_weight=torch.full((3,), 2.5, dtype=torch.float64))  # fmt: skip
+    got = heads(hidden, labels).loss
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    grad_got = torch.autograd.grad(got, [hidden, heads.weight])
+    grad_expected = torch.autograd.grad(expected, [hidden, *(linear.weight for linear in linears.values())])
+    torch.testing.assert_close(grad_got[0], grad_expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_got[1], torch.cat(grad_expected[1:]), rtol=1e-10, atol=1e-12)
+
+
 def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
     """Triton launches on the current CUDA device, so the op makes the tensors' device current
     when another one is (tests/test_gpu.py runs it on a second GPU where there is one)."""

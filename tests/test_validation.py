@@ -37,11 +37,20 @@ def _good():
         (dict(name="x", num_outputs=3, loss="bce", level="word"), "level must be one of"),
         (dict(name="x", num_outputs=3, loss="bce", label_smoothing=0.1), "only for cross_entropy"),
         (dict(name="x", num_outputs=3, loss="cross_entropy", label_smoothing=1.5), "label_smoothing"),
+        (dict(name="x", num_outputs=3, loss="mse", pos_weight=2.0), "pos_weight is only for bce"),
+        (dict(name="x", num_outputs=3, loss="bce", pos_weight=[1.0, 2.0]), "2 values for 3 outputs"),
+        (dict(name="x", num_outputs=2, loss="bce", pos_weight=[1.0, float("inf")]), "finite and >= 0"),
+        (dict(name="x", num_outputs=2, loss="bce", pos_weight=-0.5), "finite and >= 0"),
     ],
 )
 def test_bad_task_definitions(task_kwargs, match):
     with pytest.raises(ValueError, match=match):
         Task(**task_kwargs)
+
+
+def test_pos_weight_that_is_not_numbers():
+    with pytest.raises(TypeError, match="task 'x': pos_weight must be a number"):
+        Task("x", 2, "bce", pos_weight="heavy")
 
 
 def test_duplicate_task_names():

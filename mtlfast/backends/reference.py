@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..task import BCE, CROSS_ENTROPY
+from ..task import BCE, CROSS_ENTROPY, HeadSpec
 from .base import HeadProblem, empty_saved, weight_in, weighted_total
 
 name = "reference"
@@ -31,6 +31,10 @@ def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
     return torch.where(valid[:, None], target, torch.zeros_like(target))
 
 
+def _pos_weight(head: HeadSpec, logits: Tensor) -> Tensor | None:
+    return torch.tensor(head.pos_weight, dtype=logits.dtype, device=logits.device) if head.pos_weight else None
+
+
 def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
     head, valid = problem.heads[index], problem.valid_rows(index)
     if head.kind == CROSS_ENTROPY:
@@ -40,7 +44,8 @@ def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
         )
     target = _dense_target(problem, index, valid)
     if head.kind == BCE:
-        per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
+                                                         pos_weight=_pos_weight(head, logits))  # fmt: skip
     else:
         per_element = F.mse_loss(logits, target, reduction="none")
     return (per_element * valid[:, None]).sum()
@@ -55,7 +60,12 @@ def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
         grad = torch.softmax(logits, dim=1) - eps / head.num_cols
         grad = grad - (1.0 - eps) * F.one_hot(safe, head.num_cols).to(grad.dtype)
     elif head.kind == BCE:
-        grad = torch.sigmoid(logits) - _dense_target(problem, index, valid)
+        target = _dense_target(problem, index, valid)
+        pos_weight = _pos_weight(head, logits)
+        if pos_weight is None:
+            grad = torch.sigmoid(logits) - target
+        else:  # d/dx of -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))
+            grad = (1 + (pos_weight - 1) * target) * torch.sigmoid(logits) - pos_weight * target
     else:
         grad = 2.0 * (logits - _dense_target(problem, index, valid))
     return grad * valid[:, None]

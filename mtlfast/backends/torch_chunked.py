@@ -12,6 +12,8 @@ synchronises with the host.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -58,11 +60,25 @@ def _cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, sc
     return loss
 
 
+@cache
+def _pos_weight(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A bce head's pos_weight [C] as a tensor, built once (no copy to the device per step)."""
+    return torch.tensor(weights, dtype=dtype, device=device)
+
+
 def _dense_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
     """bce/mse loss sum of ``x`` [n, C]; with ``scale``, ``x`` becomes ``scale * dloss/dx``."""
     keep = valid.unsqueeze(1)
     y = torch.where(keep, target.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    if head.kind == BCE:
+    if head.kind == BCE and head.pos_weight:
+        # -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = (1 - y) x + (1 + (p - 1) y) softplus(-x)
+        pos_weight = _pos_weight(head.pos_weight, x.dtype, x.device)
+        log_weight = 1.0 + (pos_weight - 1.0) * y
+        per_element = (1.0 - y) * x + log_weight * (x.neg().clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
+        loss = (per_element * keep).sum()
+        if scale is not None:  # its derivative: (1 + (p - 1) y) sigmoid(x) - p y
+            x.sigmoid_().mul_(log_weight).sub_(pos_weight * y)
+    elif head.kind == BCE:
         per_element = x.clamp_min(0) - x * y + torch.log1p(torch.exp(-x.abs()))
         loss = (per_element * keep).sum()
         if scale is not None:

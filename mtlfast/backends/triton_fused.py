@@ -84,7 +84,7 @@ def _delegates(problem: HeadProblem) -> bool:
 @dataclass(frozen=True)
 class _SmallPlan:
     slot_int: Tensor  # int32 [G, SLOT_FIELDS, BLOCK_C]
-    slot_flt: Tensor  # fp32 [G, 2, BLOCK_C]
+    slot_flt: Tensor  # fp32 [G, SLOT_FLT_FIELDS, BLOCK_C]
     group_segments: Tensor  # int32 [G]: tasks per group
     slot_row: Tensor  # int32 [G * BLOCK_C]: the packed weight row of each slot, -1 for none
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
@@ -114,7 +114,7 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
         groups[-1].append(i)
         used += heads[i].num_cols
     slot_int = torch.full((len(groups), small_heads.SLOT_FIELDS, block_c), -1, dtype=torch.int32)
-    slot_flt = torch.zeros((len(groups), 2, block_c), dtype=torch.float32)
+    slot_flt = torch.zeros((len(groups), small_heads.SLOT_FLT_FIELDS, block_c), dtype=torch.float32)
     slot_to_task = torch.zeros(len(groups) * block_c, len(heads), dtype=torch.float64)
     for g, members in enumerate(groups):
         s = 0
@@ -134,8 +134,9 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                 }
                 for field, value in fields.items():
                     slot_int[g, field, s] = value
-                slot_flt[g, 0, s] = head.label_smoothing
-                slot_flt[g, 1, s] = 1.0 / head.num_cols
+                slot_flt[g, small_heads.FLT_SMOOTHING, s] = head.label_smoothing
+                slot_flt[g, small_heads.FLT_INV_CLASSES, s] = 1.0 / head.num_cols
+                slot_flt[g, small_heads.FLT_POS_WEIGHT, s] = head.pos_weight[c] if head.pos_weight else 1.0
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
     return _SmallPlan(
