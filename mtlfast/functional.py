@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import resolve_backend
+from .backends import READS_FP32_ROWS, resolve_backend
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values
@@ -150,7 +150,9 @@ def multitask_loss(
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
     # the backends round them as they read them, instead of a cast pass here and one back in backward.
-    rows_dtype = torch.float32 if hidden_states.dtype == torch.float32 and cdtype in HALF_DTYPES else cdtype
+    backend_name = resolve_backend(backend, hidden_states.device)
+    reads_fp32 = hidden_states.dtype == torch.float32 and cdtype in HALF_DTYPES and READS_FP32_ROWS[backend_name]
+    rows_dtype = torch.float32 if reads_fp32 else cdtype
     hidden = hidden_states if hidden_states.dtype == rows_dtype else hidden_states.to(rows_dtype)
     pooled_c = pooled if pooled is None or pooled.dtype == rows_dtype else pooled.to(rows_dtype)
 
@@ -193,7 +195,7 @@ def multitask_loss(
     call = HeadCall(
         heads=tuple(layout.heads[i] for i in present),
         seq_stride=seq_stride,
-        backend=resolve_backend(backend, device),
+        backend=backend_name,
         chunk_size=chunk_size or 0,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
         hidden_grad=hidden_grad,

@@ -1,6 +1,7 @@
 """The public contract: parameters, outputs, conversions, options."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -222,6 +223,25 @@ def test_bce_pos_weight_matches_torch(backend):
     grad_expected = torch.autograd.grad(expected, [hidden, *(linear.weight for linear in linears.values())])
     torch.testing.assert_close(grad_got[0], grad_expected[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_got[1], torch.cat(grad_expected[1:]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("version, capability, compiles", [((3, 2), (7, 0), False), ((3, 2), (7, 5), True),
+                                                         ((3, 6), (7, 0), True)])  # fmt: skip
+def test_triton_backend_takes_the_torch_path_where_its_compiler_fails(monkeypatch, version, capability, compiles):
+    """triton before 3.6 aborts compiling the kernels for a V100: the backend runs the torch
+    path there instead of killing the process (and asks for no device elsewhere)."""
+    from mtlfast.backends import triton_fused
+
+    monkeypatch.setattr(triton_fused, "TRITON_VERSION", version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    triton_fused._kernels_compile_on.cache_clear()
+    problem = SimpleNamespace(compute_dtype=torch.float16, hidden=SimpleNamespace(device=torch.device("cuda", 0)),
+                              heads=())  # fmt: skip
+    try:
+        assert triton_fused._delegates(problem) is not compiles
+        assert triton_fused._kernels_compile_on(torch.device("cpu"))
+    finally:
+        triton_fused._kernels_compile_on.cache_clear()
 
 
 def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from functools import cache
 from types import ModuleType
 
@@ -25,6 +27,21 @@ def get_backend(name: str) -> ModuleType:
 # Found, not imported: importing triton here would fix TRITON_INTERPRET before a test sets it,
 # and a plain constant is what torch.compile traces best.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _triton_version() -> tuple[int, ...]:
+    try:
+        release = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return (0, 0)
+    return tuple(int(part) for part in re.findall(r"\d+", release)[:2])
+
+
+TRITON_VERSION = _triton_version() if TRITON_INSTALLED else (0, 0)
+# Backends that take fp32 rows with 16-bit compute and round them as they read them; the
+# others get a 16-bit copy of the rows. triton 3.2's compiler aborts the process on the
+# small-heads backward for fp32 rows; 3.6 and 3.8 compile it (tests/test_kernels_compile.py).
+READS_FP32_ROWS = {"reference": True, "torch": True, "triton": TRITON_VERSION >= (3, 6)}
 
 
 def triton_interpreted() -> bool:

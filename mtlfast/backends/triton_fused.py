@@ -18,8 +18,9 @@ Forward keeps each task's gradient scale (task weight / divisor), the table of l
 addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing synchronises with
 the host. fp32 rows with 16-bit compute (an encoder output under autocast) are read as
 they are: the small-heads kernel rounds them on chip, the vocabulary path casts a copy once
-per pass; dH comes back in fp32. fp64 inputs and a bce/mse task wider than ``MAX_BLOCK_C``
-run the ``torch`` backend instead.
+per pass; dH comes back in fp32. fp64 inputs, a bce/mse task wider than ``MAX_BLOCK_C`` and
+a V100 with triton before 3.6 (whose compiler fails on the kernels there) run the ``torch``
+backend instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import torch_chunked
+from . import TRITON_VERSION, torch_chunked
 from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in
 
 name = "triton"
@@ -75,8 +76,17 @@ def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
     return tuple(i for i, h in enumerate(heads) if _is_large(h))
 
 
+@cache
+def _kernels_compile_on(device: torch.device) -> bool:
+    """Whether this triton compiles the kernels for ``device``: before 3.6 (seen with 3.2) the
+    small-heads kernel aborts the process in LLVM for sm_70 (V100); 3.6 and 3.8 compile it."""
+    if device.type != "cuda" or TRITON_VERSION >= (3, 6):
+        return True
+    return torch.cuda.get_device_capability(device) >= (7, 5)
+
+
 def _delegates(problem: HeadProblem) -> bool:
-    if problem.compute_dtype == torch.float64:
+    if problem.compute_dtype == torch.float64 or not _kernels_compile_on(problem.hidden.device):
         return True
     return any(not problem.heads[i].is_ce for i in _large_tasks(problem.heads))
 
