@@ -23,7 +23,8 @@ once, at the last group.
 
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
 marks padding); float table: fp32 ``[G, SLOT_FLT_FIELDS, BLOCK_C]`` (label smoothing,
-1 / C, bce pos_weight).
+1 / C, the column's weight: a cross-entropy class weight or a bce positive weight, 1 for
+none, and the sum of its task's column weights).
 Target table: int64 ``[T]`` addresses; cross-entropy targets are int64 ``[rows]``,
 bce/mse targets fp32 ``[rows, C]``, both contiguous.
 """
@@ -40,8 +41,8 @@ from .tiling import TUNING, logits_tile, rows_bucket
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
-FLT_SMOOTHING, FLT_INV_CLASSES, FLT_POS_WEIGHT = range(3)
-SLOT_FLT_FIELDS = 3
+FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM = range(4)
+SLOT_FLT_FIELDS = 4
 DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -77,13 +78,15 @@ def small_heads_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr, HAS_MASK: tl.constexpr,
     WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
     counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``, in
     the dtype of the rows) and adds dW, db (fp32); the summed loss of task ``t`` has the
     gradient ``task_scale_ptr[t] * grad_out_ptr[0]`` (fp32). The rows (fp32, or ``DOT``) and
-    the weight are rounded to ``DOT``, the computation dtype, as they are loaded.
+    the weight are rounded to ``DOT``, the computation dtype, as they are loaded. With
+    ``CLASS_WEIGHTS`` the cross-entropy terms carry their columns' weights; the counts stay
+    unweighted (the caller sums the class weights of those tasks' rows itself).
 
     ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
@@ -140,9 +143,10 @@ def small_heads_kernel(
             first = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
             classes = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
             ignore = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
-            smoothing = tl.load(slot_flt_ptr + (group * 3) * BLOCK_C + slots)
-            inv_classes = tl.load(slot_flt_ptr + (group * 3 + 1) * BLOCK_C + slots)
-            pos_weight = tl.load(slot_flt_ptr + (group * 3 + 2) * BLOCK_C + slots)  # rows: FLT_* of the table
+            # The float table's rows: FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM.
+            smoothing = tl.load(slot_flt_ptr + (group * 4) * BLOCK_C + slots)
+            inv_classes = tl.load(slot_flt_ptr + (group * 4 + 1) * BLOCK_C + slots)
+            col_weight = tl.load(slot_flt_ptr + (group * 4 + 2) * BLOCK_C + slots)
             slot_ok = w_rows >= 0
             part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's partial rows
             is_ce = (kind == 0) & slot_ok
@@ -186,12 +190,27 @@ def small_heads_kernel(
                 seg_sum = tl.where(in_seg, total[:, None], seg_sum)
             is_target = (target == klass[None, :]) & is_ce[None, :]
             smooth = smoothing[None, :]
+            if CLASS_WEIGHTS:
+                # A row's loss (1 - eps) w_y nll_y + eps / C sum_c w_c nll_c counts its lse
+                # coef = (1 - eps) w_y + eps / C sum_c w_c times.
+                weight_sum = tl.load(slot_flt_ptr + (group * 4 + 3) * BLOCK_C + slots)
+                w_target = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+                for s in range(0, n_segments):
+                    in_seg = (segment == s)[None, :] & is_ce[None, :]
+                    w_row = tl.sum(tl.where(in_seg & is_target, col_weight[None, :], 0.0), axis=1)
+                    w_target = tl.where(in_seg, w_row[:, None], w_target)
+                coef = (1.0 - smooth) * w_target + smooth * (inv_classes * weight_sum)[None, :]
 
             if BACKWARD:
-                ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
-                # d/dx of (1 - y) x + (1 + (p - 1) y) softplus(-x); sigmoid(x) - y for p = 1
-                log_weight = 1.0 + (pos_weight[None, :] - 1.0) * y
-                bce_grad = log_weight / (1.0 + tl.exp(-x)) - pos_weight[None, :] * y
+                if CLASS_WEIGHTS:
+                    ce_grad = coef * exp_x / seg_sum - ((1.0 - smooth) * is_target.to(tl.float32)
+                                                        + smooth * inv_classes[None, :]) * col_weight[None, :]  # fmt: skip
+                else:
+                    ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
+                # bce: d/dx of (1 - y) x + (1 + (p - 1) y) softplus(-x), with p the column's
+                # positive weight; sigmoid(x) - y for p = 1
+                log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
+                bce_grad = log_weight / (1.0 + tl.exp(-x)) - col_weight[None, :] * y
                 mse_grad = 2.0 * (x - y)
                 grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
@@ -234,10 +253,14 @@ def small_heads_kernel(
                     tl.debug_barrier()
             else:
                 lse = seg_max + tl.log(seg_sum)
-                log_weight = 1.0 + (pos_weight[None, :] - 1.0) * y
+                log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
                 softplus = (1.0 - y) * x + log_weight * (tl.maximum(-x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
-                ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
-                ce_term -= smooth * inv_classes[None, :] * x
+                if CLASS_WEIGHTS:
+                    weighted_x = ((1.0 - smooth) * tl.where(is_target, x, 0.0) + smooth * inv_classes[None, :] * x)
+                    ce_term = tl.where(first[None, :] == 1, coef * lse, 0.0) - weighted_x * col_weight[None, :]
+                else:
+                    ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
+                    ce_term -= smooth * inv_classes[None, :] * x
                 diff = x - y
                 term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
@@ -358,13 +381,15 @@ def launch_small_heads(
     partial_programs: int,
     write_dh: bool,
     compute_dtype: torch.dtype,
+    class_weights: bool,
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
     slot-indexed partial buffers (reproducible bit for bit); only the first rows of those,
     one per program launched, are written. 0 uses float atomics.
     ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
-    (``hidden``'s, or 16-bit for fp32 ``hidden``). Buffers a launch does not use may be any tensor."""
+    (``hidden``'s, or 16-bit for fp32 ``hidden``). ``class_weights``: some cross-entropy task
+    has class weights (the plan's column weights). Buffers a launch does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -395,6 +420,7 @@ def launch_small_heads(
         BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
         USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype], PRECISION=precision,
+        CLASS_WEIGHTS=class_weights,
     )  # fmt: skip
     # The autotuner's key plus everything else that selects a compiled variant.
     key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,

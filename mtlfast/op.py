@@ -57,22 +57,22 @@ class HeadCall:
         )
 
     def flat(self) -> tuple:
-        """The call as the custom op's scalar arguments; the heads' pos_weight tuples
+        """The call as the custom op's scalar arguments; the heads' column_weights tuples
         concatenated, with a flag per head."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        pos_weight = [w for h in self.heads for w in h.pos_weight]
-        has_pos_weight = [bool(h.pos_weight) for h in self.heads]
-        return (*columns, pos_weight, has_pos_weight, self.compute_dtype, self.backend, self.chunk_size,
+        column_weights = [w for h in self.heads for w in h.column_weights]
+        has_column_weights = [bool(h.column_weights) for h in self.heads]
+        return (*columns, column_weights, has_column_weights, self.compute_dtype, self.backend, self.chunk_size,
                 self.deterministic, self.hidden_grad)  # fmt: skip
 
     @classmethod
-    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
-                  has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
+                  has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
                   compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
-        for cols, has in zip(num_cols, has_pos_weight):
-            weights.append(tuple(pos_weight[start : start + cols]) if has else ())
+        for cols, has in zip(num_cols, has_column_weights):
+            weights.append(tuple(column_weights[start : start + cols]) if has else ())
             start += cols if has else 0
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
@@ -201,8 +201,8 @@ def _custom_forward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
-    pos_weight: List[float],
-    has_pos_weight: List[bool],
+    column_weights: List[float],
+    has_column_weights: List[bool],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -211,8 +211,8 @@ def _custom_forward(
     compute_grad: bool,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
-                              has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
+                              has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
                               compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
@@ -248,8 +248,8 @@ def _custom_backward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
-    pos_weight: List[float],
-    has_pos_weight: List[bool],
+    column_weights: List[float],
+    has_column_weights: List[bool],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -258,8 +258,8 @@ def _custom_backward(
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, pos_weight,
-                              has_pos_weight, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
+                              has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
                               True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)

@@ -19,8 +19,9 @@ SEQUENCE, TOKEN = 0, 1
 class HeadSpec(NamedTuple):
     """One task as the fused op sees it: its columns ``[col_start, col_start + num_cols)``
     of the packed weight, its loss kind and level codes, its cross-entropy options and its
-    bce ``pos_weight`` (one per column, or empty for none). A tuple, so that the caches keyed
-    by a call's heads hash and compare them in C."""
+    ``column_weights``: cross-entropy class weights or bce positive weights, one per column
+    (empty for none). A tuple, so that the caches keyed by a call's heads hash and compare
+    them in C."""
 
     col_start: int
     num_cols: int
@@ -28,7 +29,7 @@ class HeadSpec(NamedTuple):
     level: int
     ignore_index: int
     label_smoothing: float
-    pos_weight: tuple[float, ...] = ()
+    column_weights: tuple[float, ...] = ()
 
     @property
     def col_end(self) -> int:
@@ -61,6 +62,9 @@ class Task:
             all (a number, a sequence or a 1-d tensor), as
             ``torch.nn.functional.binary_cross_entropy_with_logits(pos_weight=)``; kept as a
             tuple of C floats.
+        class_weights: cross-entropy only: a weight per class (a sequence or a 1-d tensor of
+            C), as ``torch.nn.functional.cross_entropy(weight=)``: the mean divides by the
+            summed weights of the rows' classes; kept as a tuple of C floats.
     """
 
     name: str
@@ -71,6 +75,7 @@ class Task:
     label_smoothing: float = 0.0
     weight: float = 1.0
     pos_weight: float | tuple[float, ...] | None = None
+    class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -95,26 +100,35 @@ class Task:
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"{where}: weight must be finite, got {self.weight}")
         if self.pos_weight is not None:
-            object.__setattr__(self, "pos_weight", self._checked_pos_weight(where))
+            object.__setattr__(self, "pos_weight", self._column_weights("pos_weight", "bce", broadcast=True))
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", self._column_weights("class_weights", "cross_entropy"))
 
-    def _checked_pos_weight(self, where: str) -> tuple[float, ...]:
-        if self.loss != "bce":
-            raise ValueError(f"{where}: pos_weight is only for bce, not {self.loss}")
-        value = self.pos_weight
+    def _column_weights(self, field: str, loss: str, broadcast: bool = False) -> tuple[float, ...]:
+        """The field's value as C finite floats >= 0 (one number stands for all with ``broadcast``)."""
+        where = f"task '{self.name}'"
+        if self.loss != loss:
+            raise ValueError(f"{where}: {field} is only for {loss}, not {self.loss}")
+        value = getattr(self, field)
         if hasattr(value, "tolist"):  # a tensor or an array
             value = value.tolist()
         values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         try:
             weights = tuple(float(v) for v in values)
         except (TypeError, ValueError):
-            raise TypeError(f"{where}: pos_weight must be a number or a sequence of numbers, got {value!r}") from None
-        if len(weights) == 1:
+            raise TypeError(f"{where}: {field} must be numbers, got {value!r}") from None
+        if broadcast and len(weights) == 1:
             weights *= self.num_outputs
         if len(weights) != self.num_outputs:
-            raise ValueError(f"{where}: pos_weight has {len(weights)} values for {self.num_outputs} outputs")
+            raise ValueError(f"{where}: {field} has {len(weights)} values for {self.num_outputs} outputs")
         if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"{where}: pos_weight must be finite and >= 0, got {weights}")
+            raise ValueError(f"{where}: {field} must be finite and >= 0, got {weights}")
         return weights
+
+    @property
+    def column_weights(self) -> tuple[float, ...]:
+        """Per-output weights of the loss: ``class_weights`` or ``pos_weight``; empty for none."""
+        return self.class_weights or self.pos_weight or ()
 
     @property
     def loss_code(self) -> int:
@@ -153,7 +167,7 @@ class TaskLayout:
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
         heads = tuple(
             HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing),
-                     t.pos_weight or ())
+                     t.column_weights)
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})

@@ -104,11 +104,14 @@ def random_case(
             classes = rng.randint(1, min(12, max_classes))
         smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
         ignore = rng.choice([-100, -100, -1, classes + 3])
-        pos_weight = None
+        pos_weight = class_weights = None
         if loss == "bce" and rng.random() < 0.5:
             pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
+        if loss == "cross_entropy" and rng.random() < 0.3:
+            class_weights = tuple(rng.choice([0.0, rng.uniform(0.05, 6.0)]) for _ in range(classes))
         tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
-                          weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight))  # fmt: skip
+                          weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight,
+                          class_weights=class_weights))  # fmt: skip
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -185,10 +188,11 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
             keep &= y != task.ignore_index
             safe = torch.where(keep, y, torch.zeros_like(y))
             logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-            eps = task.label_smoothing
-            row_loss = -(1 - eps) * logp.gather(1, safe[:, None]).squeeze(1) - eps * logp.mean(dim=1)
+            eps, classes = task.label_smoothing, task.num_outputs
+            cw = torch.tensor(task.class_weights or (1.0,) * classes, dtype=torch.float64, device=h.device)
+            row_loss = -(1 - eps) * cw[safe] * logp.gather(1, safe[:, None]).squeeze(1) - eps / classes * (logp * cw).sum(1)
             total = (row_loss * keep).sum()
-            default = keep.sum().double()
+            default = (cw[safe] * keep).sum()
         else:
             y = y.reshape(n, task.num_outputs).double()
             keep &= ~torch.isnan(y).any(dim=1)
@@ -220,9 +224,11 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
         n = rows.shape[0]
         if task.loss == "cross_entropy":
             y = torch.where(keep, y.reshape(n), task.ignore_index)
-            summed = F.cross_entropy(logits, y, ignore_index=task.ignore_index, label_smoothing=task.label_smoothing,
-                                     reduction="sum")  # fmt: skip
-            count = (y != task.ignore_index).sum()
+            weight = torch.tensor(task.class_weights, dtype=logits.dtype, device=h.device) if task.class_weights else None
+            summed = F.cross_entropy(logits, y, weight=weight, ignore_index=task.ignore_index,
+                                     label_smoothing=task.label_smoothing, reduction="sum")  # fmt: skip
+            kept = y != task.ignore_index
+            count = kept.sum() if weight is None else torch.where(kept, weight[torch.where(kept, y, 0)], 0).sum()
         else:
             y = y.reshape(n, task.num_outputs)
             keep &= ~torch.isnan(y).any(dim=1)

@@ -17,6 +17,7 @@ from mtlfast import Task
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 TASKS = [
     Task("cls", 3, "cross_entropy"),
     Task("ner", 5, "cross_entropy", level="token", label_smoothing=0.1),
@@ -28,10 +29,8 @@ MICRO_BATCHES = 2
 
 
 def _fully_shard():
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6 keeps it private
-        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
+
     return fully_shard
 
 
@@ -71,11 +70,10 @@ def _rank(rank: int, init_file: str, cases: list, backend: str, wrapper: str, ou
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_data_parallel_reduces_the_fused_gradients(tmp_path, backend, wrapper):
-    if wrapper == "fsdp2":
-        try:
-            _fully_shard()
-        except ImportError:
-            pytest.skip(f"torch {torch.__version__} has no FSDP2 fully_shard")
+    if wrapper == "fsdp2" and TORCH_VERSION < (2, 11):
+        # 2.6's FSDP2 fails on the CPU ('Stream' object has no attribute 'record_event'); checked
+        # from 2.11 (the GPU hosts') on.
+        pytest.skip(f"FSDP2 on the CPU is checked with torch >= 2.11, not {torch.__version__}")
     cases = [case_for(TASKS, (3, 7, 24)) for _ in range(WORLD * MICRO_BATCHES)]
     for case in cases:
         case.weighting, case.log_vars = "uncertainty", torch.zeros(len(TASKS))

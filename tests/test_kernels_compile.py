@@ -56,12 +56,12 @@ def _small_heads_pointers(compute: str, rows: str | None = None) -> dict[str, st
 
 
 def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str,
-                            write_dh: bool = True) -> dict:  # fmt: skip
+                            write_dh: bool = True, class_weights: bool = False) -> dict:  # fmt: skip
     write_dh = backward and write_dh
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
                 PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
                 USE_DH_ACC=write_dh, DOT=DOT_TYPES[compute],
-                PRECISION="tf32x3" if compute == "*fp32" else "ieee")  # fmt: skip
+                PRECISION="tf32x3" if compute == "*fp32" else "ieee", CLASS_WEIGHTS=class_weights)  # fmt: skip
 
 
 DOT_TYPES = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
@@ -166,6 +166,21 @@ def test_small_heads_reading_fp32_rows_compiles(target, block_c, backward):
         kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows="*fp32"),
                              _small_heads_constexprs(config, block_c, backward, backward, "*bf16"), fits=n == 0,
                              num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        stacks.append(resource_usage(kernel)[1])
+    assert min(stacks) == 0, stacks
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_small_heads_with_class_weights_compiles(target, block_c, backward):
+    """The class-weighted cross-entropy variant (one more segment pass) compiles for every
+    candidate, the untuned one fits the shared memory, and at least one does not spill."""
+    stacks = []
+    for n, config in enumerate(small_heads.configs_for(block_c)):
+        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
+                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16", class_weights=True),
+                             fits=n == 0, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
         stacks.append(resource_usage(kernel)[1])
     assert min(stacks) == 0, stacks
 

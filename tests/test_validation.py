@@ -41,6 +41,9 @@ def _good():
         (dict(name="x", num_outputs=3, loss="bce", pos_weight=[1.0, 2.0]), "2 values for 3 outputs"),
         (dict(name="x", num_outputs=2, loss="bce", pos_weight=[1.0, float("inf")]), "finite and >= 0"),
         (dict(name="x", num_outputs=2, loss="bce", pos_weight=-0.5), "finite and >= 0"),
+        (dict(name="x", num_outputs=2, loss="bce", class_weights=[1.0, 2.0]), "class_weights is only for cross_entropy"),
+        (dict(name="x", num_outputs=3, loss="cross_entropy", class_weights=2.0), "1 values for 3 outputs"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[1.0, float("nan")]), "finite and >= 0"),
     ],
 )
 def test_bad_task_definitions(task_kwargs, match):
@@ -49,7 +52,7 @@ def test_bad_task_definitions(task_kwargs, match):
 
 
 def test_pos_weight_that_is_not_numbers():
-    with pytest.raises(TypeError, match="task 'x': pos_weight must be a number"):
+    with pytest.raises(TypeError, match="task 'x': pos_weight must be numbers"):
         Task("x", 2, "bce", pos_weight="heavy")
 
 

@@ -92,10 +92,21 @@ class HeadProblem(NamedTuple):
             valid = valid & mask
         return valid
 
+    def class_weight_count(self, index: int) -> Tensor:
+        """0-dim acc dtype: the summed class weights of the kept rows of cross-entropy task
+        ``index`` (PyTorch's divisor of a weighted mean)."""
+        valid = self.valid_rows(index)
+        weights = column_weight_tensor(self.heads[index].column_weights, self.acc_dtype, valid.device)
+        return torch.where(valid, weights[torch.where(valid, self.targets[index], 0)], 0).sum()
+
     def divisors(self) -> Tensor:
-        """[T] acc dtype: the divisor of each task's mean (rows kept, times C for bce/mse)."""
+        """[T] acc dtype: the divisor of each task's mean (rows kept, times C for bce/mse; for
+        cross-entropy with class weights, the summed weights of the kept rows' classes)."""
         counts = []
         for i, head in enumerate(self.heads):
+            if head.is_ce and head.column_weights:
+                counts.append(self.class_weight_count(i))
+                continue
             count = self.valid_rows(i).sum(dtype=self.acc_dtype)
             counts.append(count if head.is_ce else count * head.num_cols)
         if not counts:
@@ -127,6 +138,13 @@ class Backend(Protocol):
         """Returns gradients of ``grad_total * total`` for hidden, pooled, weight and bias."""
 
     def saved_like(self, problem: HeadProblem) -> list[Tensor]: ...
+
+
+@cache
+def column_weight_tensor(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A head's column weights [C] as a tensor, built once per dtype and device (no copy to
+    the device per step)."""
+    return torch.tensor(weights, dtype=dtype, device=device)
 
 
 def weighted_total(losses: Tensor, task_weights: Tensor) -> Tensor:

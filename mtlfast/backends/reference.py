@@ -31,21 +31,21 @@ def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
     return torch.where(valid[:, None], target, torch.zeros_like(target))
 
 
-def _pos_weight(head: HeadSpec, logits: Tensor) -> Tensor | None:
-    return torch.tensor(head.pos_weight, dtype=logits.dtype, device=logits.device) if head.pos_weight else None
+def _column_weights(head: HeadSpec, logits: Tensor) -> Tensor | None:
+    """Class weights (cross-entropy) or positive weights (bce) [C], or None."""
+    return torch.tensor(head.column_weights, dtype=logits.dtype, device=logits.device) if head.column_weights else None
 
 
 def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
     head, valid = problem.heads[index], problem.valid_rows(index)
     if head.kind == CROSS_ENTROPY:
         target = torch.where(valid, problem.targets[index], torch.full_like(problem.targets[index], head.ignore_index))
-        return F.cross_entropy(
-            logits, target, ignore_index=head.ignore_index, label_smoothing=head.label_smoothing, reduction="sum"
-        )
+        return F.cross_entropy(logits, target, weight=_column_weights(head, logits), ignore_index=head.ignore_index,
+                               label_smoothing=head.label_smoothing, reduction="sum")  # fmt: skip
     target = _dense_target(problem, index, valid)
     if head.kind == BCE:
         per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
-                                                         pos_weight=_pos_weight(head, logits))  # fmt: skip
+                                                         pos_weight=_column_weights(head, logits))  # fmt: skip
     else:
         per_element = F.mse_loss(logits, target, reduction="none")
     return (per_element * valid[:, None]).sum()
@@ -57,11 +57,17 @@ def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
     if head.kind == CROSS_ENTROPY:
         eps = head.label_smoothing
         safe = torch.where(valid, problem.targets[index], torch.zeros_like(problem.targets[index]))
-        grad = torch.softmax(logits, dim=1) - eps / head.num_cols
-        grad = grad - (1.0 - eps) * F.one_hot(safe, head.num_cols).to(grad.dtype)
+        one_hot = F.one_hot(safe, head.num_cols).to(logits.dtype)
+        weights = _column_weights(head, logits)
+        if weights is None:
+            grad = torch.softmax(logits, dim=1) - eps / head.num_cols - (1.0 - eps) * one_hot
+        else:  # d/dx of (1 - eps) w_y nll_y + eps / C sum_c w_c nll_c
+            w_target = weights[safe].unsqueeze(1)
+            coef = (1.0 - eps) * w_target + eps / head.num_cols * weights.sum()
+            grad = coef * torch.softmax(logits, dim=1) - (1.0 - eps) * w_target * one_hot - eps / head.num_cols * weights
     elif head.kind == BCE:
         target = _dense_target(problem, index, valid)
-        pos_weight = _pos_weight(head, logits)
+        pos_weight = _column_weights(head, logits)
         if pos_weight is None:
             grad = torch.sigmoid(logits) - target
         else:  # d/dx of -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))

@@ -12,13 +12,11 @@ synchronises with the host.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import Tensor
 
 from ..task import BCE, CROSS_ENTROPY
-from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, split_spans, weight_in, weighted_total
+from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_acc, split_spans, weight_in, weighted_total
 
 name = "torch"
 
@@ -60,19 +58,38 @@ def _cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, sc
     return loss
 
 
-@cache
-def _pos_weight(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A bce head's pos_weight [C] as a tensor, built once (no copy to the device per step)."""
-    return torch.tensor(weights, dtype=dtype, device=device)
+def _weighted_cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
+    """:func:`_cross_entropy_` with class weights ``w``: a row's loss is ``(1 - eps) w_y nll_y +
+    eps / C sum_c w_c nll_c``, so ``lse`` counts ``coef = (1 - eps) w_y + eps / C sum w`` times."""
+    eps, inv_classes = head.label_smoothing, 1.0 / head.num_cols
+    weights = column_weight_tensor(head.column_weights, x.dtype, x.device)
+    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    w_target = weights[safe.squeeze(1)]
+    coef = (1.0 - eps) * w_target + eps * inv_classes * weights.sum()
+    x.sub_(x.amax(dim=1, keepdim=True))
+    rows = -(1.0 - eps) * w_target * x.gather(1, safe).squeeze(1)
+    if eps:
+        rows = rows - eps * inv_classes * (x @ weights)
+    x.exp_()
+    sumexp = x.sum(dim=1)
+    rows = rows + coef * sumexp.log()
+    loss = torch.where(valid, rows, torch.zeros_like(rows)).sum()
+    if scale is not None:
+        x.mul_((coef / sumexp).unsqueeze(1))
+        x.scatter_add_(1, safe, (-(1.0 - eps) * w_target).unsqueeze(1))
+        if eps:
+            x.sub_(eps * inv_classes * weights)
+        x.mul_(torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1))
+    return loss
 
 
 def _dense_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
     """bce/mse loss sum of ``x`` [n, C]; with ``scale``, ``x`` becomes ``scale * dloss/dx``."""
     keep = valid.unsqueeze(1)
     y = torch.where(keep, target.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    if head.kind == BCE and head.pos_weight:
+    if head.kind == BCE and head.column_weights:
         # -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = (1 - y) x + (1 + (p - 1) y) softplus(-x)
-        pos_weight = _pos_weight(head.pos_weight, x.dtype, x.device)
+        pos_weight = column_weight_tensor(head.column_weights, x.dtype, x.device)
         log_weight = 1.0 + (pos_weight - 1.0) * y
         per_element = (1.0 - y) * x + log_weight * (x.neg().clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
         loss = (per_element * keep).sum()
@@ -98,7 +115,8 @@ def _loss_and_dlogits_(x: Tensor, problem: HeadProblem, index: int, rows: slice,
     target = problem.targets[index][rows]
     valid = problem.valid_rows(index, rows)
     if head.kind == CROSS_ENTROPY:
-        return _cross_entropy_(x, target, valid, head, scale)
+        ce = _weighted_cross_entropy_ if head.column_weights else _cross_entropy_
+        return ce(x, target, valid, head, scale)
     return _dense_(x, target, valid, head, scale)
 
 

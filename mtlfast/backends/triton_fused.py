@@ -88,7 +88,7 @@ def _kernels_compile_on(device: torch.device) -> bool:
 def _delegates(problem: HeadProblem) -> bool:
     if problem.compute_dtype == torch.float64 or not _kernels_compile_on(problem.hidden.device):
         return True
-    return any(not problem.heads[i].is_ce for i in _large_tasks(problem.heads))
+    return any(not problem.heads[i].is_ce or problem.heads[i].column_weights for i in _large_tasks(problem.heads))
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class _SmallPlan:
     group_segments: Tensor  # int32 [G]: tasks per group
     slot_row: Tensor  # int32 [G * BLOCK_C]: the packed weight row of each slot, -1 for none
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
+    class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
 
     @property
     def n_groups(self) -> int:
@@ -146,7 +147,8 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                     slot_int[g, field, s] = value
                 slot_flt[g, small_heads.FLT_SMOOTHING, s] = head.label_smoothing
                 slot_flt[g, small_heads.FLT_INV_CLASSES, s] = 1.0 / head.num_cols
-                slot_flt[g, small_heads.FLT_POS_WEIGHT, s] = head.pos_weight[c] if head.pos_weight else 1.0
+                slot_flt[g, small_heads.FLT_COLUMN_WEIGHT, s] = head.column_weights[c] if head.column_weights else 1.0
+                slot_flt[g, small_heads.FLT_WEIGHT_SUM, s] = sum(head.column_weights) if head.column_weights else head.num_cols
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
     return _SmallPlan(
@@ -155,6 +157,7 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
         group_segments=torch.tensor([len(m) for m in groups], dtype=torch.int32, device=device),
         slot_row=slot_int[:, small_heads.SLOT_COL, :].reshape(-1).to(device),
         slot_to_task=slot_to_task.to(device),
+        class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
     )
 
 
@@ -341,6 +344,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
         group_segments=plan.group_segments,
         target_table=table,
         compute_dtype=problem.compute_dtype,
+        class_weights=bool(plan.class_weighted),
         **args,
     )
 
@@ -362,6 +366,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
                                  partial_programs=programs)  # fmt: skip
         if programs:
             sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
+        for i in plan.class_weighted:  # the kernel counted their rows, not their class weights
+            counts[i] = problem.class_weight_count(i)
     saved_large = []
     for i in large:
         head = heads[i]

@@ -94,6 +94,17 @@ def test_large_cross_entropy_path(dtype, trial):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/large/{dtype}")
 
 
+def test_vocabulary_head_with_class_weights():
+    """A class-weighted head wider than MAX_BLOCK_C runs the torch path (the vocabulary path
+    has no class weights), beside class-weighted small heads."""
+    rng = random.Random(fresh_seed())
+    tasks = [Task("vocab", 150, "cross_entropy", level="token", class_weights=[rng.uniform(0, 3) for _ in range(150)]),
+             Task("cls", 4, "cross_entropy", label_smoothing=0.2, class_weights=[0.5, 1.0, 2.0, 0.0])]  # fmt: skip
+    case = case_for(tasks, (2, 5, 13))
+    out, grads = run_heads(case, "triton", torch.float32)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/class-weighted vocab")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_large_path_in_many_chunks(monkeypatch, dtype, level):
