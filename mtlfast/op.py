@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .backends import get_backend
 from .backends.base import HeadProblem, HeadSpec
+from .task import ColumnWeights
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class HeadCall:
                   compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
         for cols, has in zip(num_cols, has_column_weights):
-            weights.append(tuple(column_weights[start : start + cols]) if has else ())
+            weights.append(ColumnWeights(column_weights[start : start + cols]) if has else ())
             start += cols if has else 0
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip

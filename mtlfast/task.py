@@ -44,6 +44,17 @@ class HeadSpec(NamedTuple):
         return self.level == TOKEN
 
 
+class ColumnWeights(tuple):
+    """A tuple of floats that computes its hash once: a vocabulary head's class weights are
+    100k+ floats, and the backends' caches hash a call's heads on every step."""
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("hash")
+        if cached is None:
+            cached = self.__dict__["hash"] = tuple.__hash__(self)
+        return cached
+
+
 @dataclass(frozen=True)
 class Task:
     """One prediction head and its loss.
@@ -123,7 +134,7 @@ class Task:
             raise ValueError(f"{where}: {field} has {len(weights)} values for {self.num_outputs} outputs")
         if not all(math.isfinite(w) and w >= 0 for w in weights):
             raise ValueError(f"{where}: {field} must be finite and >= 0, got {weights}")
-        return weights
+        return ColumnWeights(weights)
 
     @property
     def column_weights(self) -> tuple[float, ...]:
