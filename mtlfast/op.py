@@ -58,12 +58,12 @@ class HeadCall:
         )
 
     def flat(self) -> tuple:
-        """The call as the custom op's scalar arguments; the heads' column_weights tuples
+        """The call as the custom op's scalar arguments; the heads' column weights
         concatenated, with a flag per head."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        column_weights = [w for h in self.heads for w in h.column_weights]
-        has_column_weights = [bool(h.column_weights) for h in self.heads]
+        column_weights = [w for h in self.heads if h.column_weights is not None for w in h.column_weights.values]
+        has_column_weights = [h.column_weights is not None for h in self.heads]
         return (*columns, column_weights, has_column_weights, self.compute_dtype, self.backend, self.chunk_size,
                 self.deterministic, self.hidden_grad)  # fmt: skip
 
@@ -73,7 +73,7 @@ class HeadCall:
                   compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
         for cols, has in zip(num_cols, has_column_weights):
-            weights.append(ColumnWeights(column_weights[start : start + cols]) if has else ())
+            weights.append(ColumnWeights(column_weights[start : start + cols]) if has else None)
             start += cols if has else 0
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip

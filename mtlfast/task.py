@@ -20,7 +20,7 @@ class HeadSpec(NamedTuple):
     """One task as the fused op sees it: its columns ``[col_start, col_start + num_cols)``
     of the packed weight, its loss kind and level codes, its cross-entropy options and its
     ``column_weights``: cross-entropy class weights or bce positive weights, one per column
-    (empty for none). A tuple, so that the caches keyed by a call's heads hash and compare
+    (None for none). A tuple, so that the caches keyed by a call's heads hash and compare
     them in C."""
 
     col_start: int
@@ -29,7 +29,7 @@ class HeadSpec(NamedTuple):
     level: int
     ignore_index: int
     label_smoothing: float
-    column_weights: tuple[float, ...] = ()
+    column_weights: ColumnWeights | None = None
 
     @property
     def col_end(self) -> int:
@@ -44,15 +44,25 @@ class HeadSpec(NamedTuple):
         return self.level == TOKEN
 
 
-class ColumnWeights(tuple):
-    """A tuple of floats that computes its hash once: a vocabulary head's class weights are
-    100k+ floats, and the backends' caches hash a call's heads on every step."""
+class ColumnWeights:
+    """A head's per-column loss weights (``values``, C floats), hashed once: a vocabulary
+    head's class weights are 100k+ floats, and the backends' caches hash a call's heads on
+    every step."""
+
+    __slots__ = ("values", "_hash")
+
+    def __init__(self, values) -> None:
+        self.values = tuple(values)
+        self._hash = hash(self.values)
 
     def __hash__(self) -> int:
-        cached = self.__dict__.get("hash")
-        if cached is None:
-            cached = self.__dict__["hash"] = tuple.__hash__(self)
-        return cached
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ColumnWeights) and self._hash == other._hash and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"ColumnWeights({len(self.values)} values)"
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,7 @@ class Task:
             raise ValueError(f"{where}: {field} has {len(weights)} values for {self.num_outputs} outputs")
         if not all(math.isfinite(w) and w >= 0 for w in weights):
             raise ValueError(f"{where}: {field} must be finite and >= 0, got {weights}")
-        return ColumnWeights(weights)
+        return weights
 
     @property
     def column_weights(self) -> tuple[float, ...]:
@@ -178,7 +188,7 @@ class TaskLayout:
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
         heads = tuple(
             HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing),
-                     t.column_weights)
+                     ColumnWeights(t.column_weights) if t.column_weights else None)
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})

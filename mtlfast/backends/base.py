@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ..task import HeadSpec
+from ..task import ColumnWeights, HeadSpec
 
 
 class HeadProblem(NamedTuple):
@@ -141,10 +141,10 @@ class Backend(Protocol):
 
 
 @cache
-def column_weight_tensor(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def column_weight_tensor(weights: ColumnWeights, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A head's column weights [C] as a tensor, built once per dtype and device (no copy to
     the device per step)."""
-    return torch.tensor(weights, dtype=dtype, device=device)
+    return torch.tensor(weights.values, dtype=dtype, device=device)
 
 
 def weighted_total(losses: Tensor, task_weights: Tensor) -> Tensor:

@@ -33,7 +33,9 @@ def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
 
 def _column_weights(head: HeadSpec, logits: Tensor) -> Tensor | None:
     """Class weights (cross-entropy) or positive weights (bce) [C], or None."""
-    return torch.tensor(head.column_weights, dtype=logits.dtype, device=logits.device) if head.column_weights else None
+    if head.column_weights is None:
+        return None
+    return torch.tensor(head.column_weights.values, dtype=logits.dtype, device=logits.device)
 
 
 def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:

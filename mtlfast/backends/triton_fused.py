@@ -147,8 +147,9 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                     slot_int[g, field, s] = value
                 slot_flt[g, small_heads.FLT_SMOOTHING, s] = head.label_smoothing
                 slot_flt[g, small_heads.FLT_INV_CLASSES, s] = 1.0 / head.num_cols
-                slot_flt[g, small_heads.FLT_COLUMN_WEIGHT, s] = head.column_weights[c] if head.column_weights else 1.0
-                slot_flt[g, small_heads.FLT_WEIGHT_SUM, s] = sum(head.column_weights) if head.column_weights else head.num_cols
+                weights = head.column_weights.values if head.column_weights else (1.0,) * head.num_cols
+                slot_flt[g, small_heads.FLT_COLUMN_WEIGHT, s] = weights[c]
+                slot_flt[g, small_heads.FLT_WEIGHT_SUM, s] = sum(weights)
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
     return _SmallPlan(
