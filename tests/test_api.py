@@ -202,6 +202,16 @@ def test_eager_parity_of_the_plain_module():
     assert rel_error(heads(hidden, labels).loss, expected) < 1e-6
 
 
+def _assert_equals_torch_loss(got, expected, hidden, heads, linears) -> None:
+    """The heads' float64 loss equals torch's over copies of their linears, and so do the
+    gradients of the hidden states and of the packed weight."""
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    grad_got = torch.autograd.grad(got, [hidden, heads.weight])
+    grad_expected = torch.autograd.grad(expected, [hidden, *(linear.weight for linear in linears.values())])
+    torch.testing.assert_close(grad_got[0], grad_expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_got[1], torch.cat(grad_expected[1:]), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_bce_pos_weight_matches_torch(backend):
     """Task(pos_weight=) is BCEWithLogitsLoss(pos_weight=): per output or one for all, with
@@ -217,12 +227,26 @@ def test_bce_pos_weight_matches_torch(backend):
     expected = F.binary_cross_entropy_with_logits(linears["topics"](hidden[:, 0]), labels["topics"],
                                                   pos_weight=pos_weight) + F.binary_cross_entropy_with_logits(
         linears["tags"](hidden)[kept], labels["tags"][kept], pos_weight=torch.full((3,), 2.5, dtype=torch.float64))  # fmt: skip
-    got = heads(hidden, labels).loss
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
-    grad_got = torch.autograd.grad(got, [hidden, heads.weight])
-    grad_expected = torch.autograd.grad(expected, [hidden, *(linear.weight for linear in linears.values())])
-    torch.testing.assert_close(grad_got[0], grad_expected[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad_got[1], torch.cat(grad_expected[1:]), rtol=1e-10, atol=1e-12)
+    _assert_equals_torch_loss(heads(hidden, labels).loss, expected, hidden, heads, linears)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_cross_entropy_class_weights_match_torch(backend):
+    """Task(class_weights=) is cross_entropy(weight=): the mean divides by the summed weights
+    of the kept rows' classes, label smoothing and ignore_index included, with its gradients."""
+    weights = torch.rand(9, dtype=torch.float64) * 3
+    tasks = [Task("ner", 9, "cross_entropy", level="token", label_smoothing=0.1, class_weights=weights),
+             Task("sentiment", 3, "cross_entropy", class_weights=[0.2, 1.0, 4.0])]  # fmt: skip
+    heads = MultiTaskHeads(D, tasks, backend=backend).double()
+    linears = heads.to_linears()
+    hidden = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
+    labels = {"ner": torch.randint(0, 9, (B, S)), "sentiment": torch.randint(0, 3, (B,))}
+    labels["ner"][0, :2] = -100
+    sentiment_weights = torch.tensor([0.2, 1.0, 4.0], dtype=torch.float64)
+    expected = F.cross_entropy(linears["ner"](hidden).reshape(-1, 9), labels["ner"].reshape(-1), weight=weights,
+                               label_smoothing=0.1) + F.cross_entropy(
+        linears["sentiment"](hidden[:, 0]), labels["sentiment"], weight=sentiment_weights)  # fmt: skip
+    _assert_equals_torch_loss(heads(hidden, labels).loss, expected, hidden, heads, linears)
 
 
 @pytest.mark.parametrize("version, capability, compiles", [((3, 2), (7, 0), False), ((3, 2), (7, 5), True),
@@ -242,30 +266,6 @@ def test_triton_backend_takes_the_torch_path_where_its_compiler_fails(monkeypatc
         assert triton_fused._kernels_compile_on(torch.device("cpu"))
     finally:
         triton_fused._kernels_compile_on.cache_clear()
-
-
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_cross_entropy_class_weights_match_torch(backend):
-    """Task(class_weights=) is cross_entropy(weight=): the mean divides by the summed weights
-    of the kept rows' classes, label smoothing and ignore_index included, with its gradients."""
-    weights = torch.rand(9, dtype=torch.float64) * 3
-    tasks = [Task("ner", 9, "cross_entropy", level="token", label_smoothing=0.1, class_weights=weights),
-             Task("sentiment", 3, "cross_entropy", class_weights=[0.2, 1.0, 4.0])]  # fmt: skip
-    heads = MultiTaskHeads(D, tasks, backend=backend).double()
-    linears = heads.to_linears()
-    hidden = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
-    labels = {"ner": torch.randint(0, 9, (B, S)), "sentiment": torch.randint(0, 3, (B,))}
-    labels["ner"][0, :2] = -100
-    sentiment_weights = torch.tensor([0.2, 1.0, 4.0], dtype=torch.float64)
-    expected = F.cross_entropy(linears["ner"](hidden).reshape(-1, 9), labels["ner"].reshape(-1), weight=weights,
-                               label_smoothing=0.1) + F.cross_entropy(
-        linears["sentiment"](hidden[:, 0]), labels["sentiment"], weight=sentiment_weights)  # fmt: skip
-    got = heads(hidden, labels).loss
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
-    grad_got = torch.autograd.grad(got, [hidden, heads.weight])
-    grad_expected = torch.autograd.grad(expected, [hidden, *(linear.weight for linear in linears.values())])
-    torch.testing.assert_close(grad_got[0], grad_expected[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad_got[1], torch.cat(grad_expected[1:]), rtol=1e-10, atol=1e-12)
 
 
 def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
