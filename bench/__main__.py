@@ -1,4 +1,4 @@
-"""``python -m mtlfast.bench [--device cpu|cuda] [--quick] [--workloads ...] [--providers ...] --out DIR``
+"""``python -m mtlfast.bench [--device cpu|cuda] [--quick] [--workloads ...] [--providers ...] [--fp32-hidden] --out DIR``
 
 Times forward+backward of every provider on every workload, checks each provider's loss
 against eager first, and writes ``DIR/results.json``, ``DIR/results.md`` and
@@ -54,13 +54,15 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: bool, eager_loss, ceilings) -> dict:
-    row = {"workload": workload.name, "provider": provider}
+def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: bool, eager_loss, ceilings,
+            hidden_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
+    suffix = "" if hidden_dtype in (None, dtype) else f" ({str(hidden_dtype).replace('torch.', '')} hidden)"
+    row = {"workload": workload.name + suffix, "provider": provider}
     reason = skip_reason(provider, device)
     if reason:
         return {**row, "status": f"skipped: {reason}"}
     try:
-        runner = StepRunner(provider, workload, device, dtype)
+        runner = StepRunner(provider, workload, device, dtype, hidden_dtype=hidden_dtype)
         loss = runner.step().float().item()
         row["loss"] = loss
         if eager_loss is not None:
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="CPU variants of the workloads and shorter timing")
     parser.add_argument("--workloads", nargs="+", help=f"default: all for the device; known: {sorted(WORKLOADS)}")
     parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, help=f"known: {list(PROVIDERS)}")
+    parser.add_argument("--fp32-hidden", action="store_true",
+                        help="hidden states in fp32 under the autocast dtype, as a BERT's final LayerNorm gives them "
+                             "(default: in the autocast dtype); the workloads get a suffix")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m mtlfast.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "dtype": str(dtype).replace("torch.", ""),
+        "hidden_dtype": "float32" if args.fp32_hidden else str(dtype).replace("torch.", ""),
         "ceilings": ceilings,
         "results": [],
     }
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         workload = WORKLOADS[name]
         eager_loss = None
         for provider in providers:
-            row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings)
+            row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings,
+                          torch.float32 if args.fp32_hidden else None)  # fmt: skip
             if provider == "eager" and row["status"] == "ok":
                 eager_loss = row["loss"]
             doc["results"].append(row)

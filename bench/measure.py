@@ -107,8 +107,10 @@ def _worker() -> None:
 class StepRunner:
     """One provider's training step on one workload, with its inputs and parameters."""
 
-    def __init__(self, provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0):
-        self.step, self.hidden, self.labels, self.parameters = build_step(provider, workload, device, dtype, seed)
+    def __init__(self, provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0,
+                 hidden_dtype: torch.dtype | None = None):  # fmt: skip
+        self.step, self.hidden, self.labels, self.parameters = build_step(provider, workload, device, dtype, seed,
+                                                                          hidden_dtype)  # fmt: skip
 
     def release(self) -> None:
         self.hidden.grad = None

@@ -184,12 +184,13 @@ def autocast_for(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def build_step(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0):
+def build_step(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0,
+               hidden_dtype: torch.dtype | None = None):  # fmt: skip
     """``(step, hidden, labels, parameters)``: ``step()`` zeroes the grads, runs forward and backward under
-    autocast and returns the detached loss."""
+    autocast and returns the detached loss. The hidden states are in ``hidden_dtype`` (default: ``dtype``)."""
     linears = make_linears(workload, device, seed)
     loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
-    hidden, labels = workload.make_inputs(device, dtype, seed)
+    hidden, labels = workload.make_inputs(device, hidden_dtype or dtype, seed)
     params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
 
     def step() -> Tensor:

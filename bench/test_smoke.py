@@ -5,7 +5,9 @@ import importlib.util
 import json
 import os
 
-from mtlfast.bench.__main__ import main
+import torch
+from mtlfast.bench.__main__ import main, run_one
+from mtlfast.bench.workloads import WORKLOADS
 
 
 def test_cli_writes_results(tmp_path):
@@ -53,3 +55,13 @@ def test_warm_runs_each_provider_once(capsys):
     assert len(lines) == 3
     assert lines[0].startswith("[warm bert-base-4task-cpu] eager: ") and lines[0].endswith(" ok")
     assert lines[1].endswith(" ok") and "skipped: mtlfast has no 'cuda' backend" in lines[2]
+
+
+def test_fp32_hidden_states_under_autocast():
+    """``--fp32-hidden``: fp32 inputs under the autocast dtype (bf16 here, on the CPU), each
+    provider's loss checked against eager's, rows named apart from the usual runs."""
+    workload = WORKLOADS["bert-base-4task-cpu"]
+    eager = run_one(workload, "eager", "cpu", torch.bfloat16, True, None, None, torch.float32)
+    assert eager["status"] == "ok" and eager["workload"] == "bert-base-4task-cpu (float32 hidden)", eager
+    row = run_one(workload, "mtlfast-torch", "cpu", torch.bfloat16, True, eager["loss"], None, torch.float32)
+    assert row["status"] == "ok" and row["loss_rel_diff_vs_eager"] < 2e-2, row
