@@ -178,14 +178,17 @@ def test_k16_accumulation_on_gpu(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_training_step_never_syncs(backend):
-    """With validate=False a step (small and vocabulary heads, a divisor override) runs under
-    torch.cuda.set_sync_debug_mode("error") once kernels are compiled, tuned and planned."""
-    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"), Task("r", 1, "mse"),
-             Task("lm", 300, "cross_entropy", level="token")]  # fmt: skip
+    """With validate=False a step (small and vocabulary heads, a divisor override, class and
+    positive weights, fp32 rows under autocast) runs under torch.cuda.set_sync_debug_mode("error")
+    once kernels are compiled, tuned and planned."""
+    tasks = [Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, 2.0]), Task("ner", 9, "cross_entropy", level="token"),
+             Task("r", 1, "mse"), Task("lm", 300, "cross_entropy", level="token"),
+             Task("tags", 4, "bce", pos_weight=3.0)]  # fmt: skip
     heads = MultiTaskHeads(64, tasks, backend=backend, validate=False).to(DEVICE)
     h = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
     labels = {"cls": torch.randint(0, 3, (2,), device=DEVICE), "ner": torch.randint(0, 9, (2, 17), device=DEVICE),
-              "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE)}  # fmt: skip
+              "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE),
+              "tags": torch.rand(2, 4, device=DEVICE)}  # fmt: skip
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
