@@ -155,31 +155,20 @@ def test_small_heads_backward_without_dh_compiles(target, block_c):
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-def test_small_heads_reading_fp32_rows_compiles(target, block_c, backward):
-    """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32): every
-    candidate compiles, the untuned one fits the shared memory, and at least one keeps its
-    tiles in registers for the autotuner to pick (the wider rows make some spill a little)."""
-    if not READS_FP32_ROWS["triton"]:
+@pytest.mark.parametrize("variant", ["fp32-rows", "class-weights"])
+def test_small_heads_variants_compile(target, block_c, backward, variant):
+    """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32), and
+    class-weighted cross-entropy (one more segment pass): every candidate compiles, the untuned
+    one fits the shared memory, and at least one keeps its tiles in registers for the
+    autotuner to pick (some of the others spill a little)."""
+    if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
         pytest.skip(f"triton {triton.__version__} gets 16-bit rows (its compiler aborts on this variant)")
+    rows = "*fp32" if variant == "fp32-rows" else None
     stacks = []
     for n, config in enumerate(small_heads.configs_for(block_c)):
-        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows="*fp32"),
-                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16"), fits=n == 0,
-                             num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-        stacks.append(resource_usage(kernel)[1])
-    assert min(stacks) == 0, stacks
-
-
-@pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-def test_small_heads_with_class_weights_compiles(target, block_c, backward):
-    """The class-weighted cross-entropy variant (one more segment pass) compiles for every
-    candidate, the untuned one fits the shared memory, and at least one does not spill."""
-    stacks = []
-    for n, config in enumerate(small_heads.configs_for(block_c)):
-        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
-                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16", class_weights=True),
+        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows),
+                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16",
+                                                     class_weights=variant == "class-weights"),
                              fits=n == 0, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
         stacks.append(resource_usage(kernel)[1])
     assert min(stacks) == 0, stacks

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..task import BCE, CROSS_ENTROPY, HeadSpec
-from .base import HeadProblem, empty_saved, weight_in, weighted_total
+from .base import HeadProblem, column_weight_tensor, empty_saved, weight_in, weighted_total
 
 name = "reference"
 saved_like = empty_saved
@@ -33,9 +33,7 @@ def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
 
 def _column_weights(head: HeadSpec, logits: Tensor) -> Tensor | None:
     """Class weights (cross-entropy) or positive weights (bce) [C], or None."""
-    if head.column_weights is None:
-        return None
-    return torch.tensor(head.column_weights.values, dtype=logits.dtype, device=logits.device)
+    return column_weight_tensor(head.column_weights, logits.dtype, logits.device) if head.column_weights else None
 
 
 def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:

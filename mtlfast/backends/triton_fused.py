@@ -131,6 +131,7 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
         s = 0
         for segment, i in enumerate(members):
             head = heads[i]
+            weights = head.column_weights.values if head.column_weights else (1.0,) * head.num_cols
             for c in range(head.num_cols):
                 fields = {
                     small_heads.SLOT_COL: head.col_start + c,
@@ -147,7 +148,6 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                     slot_int[g, field, s] = value
                 slot_flt[g, small_heads.FLT_SMOOTHING, s] = head.label_smoothing
                 slot_flt[g, small_heads.FLT_INV_CLASSES, s] = 1.0 / head.num_cols
-                weights = head.column_weights.values if head.column_weights else (1.0,) * head.num_cols
                 slot_flt[g, small_heads.FLT_COLUMN_WEIGHT, s] = weights[c]
                 slot_flt[g, small_heads.FLT_WEIGHT_SUM, s] = sum(weights)
                 slot_to_task[g * block_c + s, i] = 1.0
