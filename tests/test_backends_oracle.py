@@ -7,6 +7,7 @@ from oracle import (
     Case,
     assert_matches_oracle,
     bad_class_id_cases,
+    case_for,
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     fresh_seed,
@@ -16,8 +17,10 @@ from oracle import (
     run_heads,
 )
 from oracle import eager_total as oracle_eager_total
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtlfast import Task
+from mtlfast.backends import torch_chunked
 
 BACKENDS = ["reference", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.float16]
@@ -78,6 +81,7 @@ EDGE_CASES = {
     "wide_heads": dict(num_tasks=5, ce_classes=(120, 700)),
     "empty_batch": dict(shape=(0, 4, 13)),
     "no_positions": dict(shape=(3, 0, 13), levels=("token",)),
+    "same_width_cross_entropy": dict(num_tasks=5, losses=("cross_entropy",), ce_classes=(6, 6)),
 }
 
 
@@ -186,3 +190,36 @@ def test_fp32_accumulating_gemm_on_cpu(beta, dtype):
 @pytest.mark.parametrize("trial", range(3))
 def test_frozen_hidden_states(backend, trial):
     check_frozen_hidden(random_case(), backend, torch.float32)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
+    """The torch backend computes a level's tasks of each loss together: its forward issues as many
+    tensor ops for 60 tasks as for 12 (levels alternating, widths differing)."""
+    real_forward, counter = torch_chunked.forward, _OpCounter()
+
+    def counted_forward(problem):
+        with counter:
+            return real_forward(problem)
+
+    monkeypatch.setattr(torch_chunked, "forward", counted_forward)
+    ops = {}
+    for num_tasks in (12, 60):
+        losses, levels = ("cross_entropy", "bce", "mse"), ("sequence", "token")
+        tasks = [Task(f"t{k}", 2 + (5 * k) % 11, losses[k % 3], level=levels[k // 3 % 2]) for k in range(num_tasks)]
+        case = case_for(tasks, (3, 5, 16))
+        run_heads(case, "torch", torch.float32)  # builds the cached plan
+        counter.ops = 0
+        out, grads = run_heads(case, "torch", torch.float32)
+        ops[num_tasks] = counter.ops
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{num_tasks} tasks")
+    assert ops[12] == ops[60], ops

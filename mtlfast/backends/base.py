@@ -99,19 +99,22 @@ class HeadProblem(NamedTuple):
         weights = column_weight_tensor(self.heads[index].column_weights, self.acc_dtype, valid.device)
         return torch.where(valid, weights[torch.where(valid, self.targets[index], 0)], 0).sum()
 
-    def divisors(self) -> Tensor:
+    def divisors(self, default: Tensor | None = None) -> Tensor:
         """[T] acc dtype: the divisor of each task's mean (rows kept, times C for bce/mse; for
-        cross-entropy with class weights, the summed weights of the kept rows' classes)."""
-        counts = []
-        for i, head in enumerate(self.heads):
-            if head.is_ce and head.column_weights:
-                counts.append(self.class_weight_count(i))
-                continue
-            count = self.valid_rows(i).sum(dtype=self.acc_dtype)
-            counts.append(count if head.is_ce else count * head.num_cols)
-        if not counts:
-            return self.task_weights.new_zeros(0, dtype=self.acc_dtype)
-        default = torch.stack(counts)
+        cross-entropy with class weights, the summed weights of the kept rows' classes), or
+        ``num_items_in_batch`` where given. ``default`` [T] holds those counts when the caller
+        has them already."""
+        if default is None:
+            counts = []
+            for i, head in enumerate(self.heads):
+                if head.is_ce and head.column_weights:
+                    counts.append(self.class_weight_count(i))
+                    continue
+                count = self.valid_rows(i).sum(dtype=self.acc_dtype)
+                counts.append(count if head.is_ce else count * head.num_cols)
+            if not counts:
+                return self.task_weights.new_zeros(0, dtype=self.acc_dtype)
+            default = torch.stack(counts)
         override = self.divisor_override.to(self.acc_dtype)
         return torch.where(override >= 0, override, default)
 

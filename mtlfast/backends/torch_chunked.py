@@ -1,9 +1,14 @@
 """The fused algorithm in plain PyTorch, for any device.
 
-Rows are processed in chunks. Per chunk and per run of adjacent task columns, one GEMM
-over the packed weight gives every task's logits in fp32; they are turned in place into
-per-task loss sums and ``dlogits`` (already scaled by ``task_weight / divisor``); then
-``dH[chunk] += dlogits @ W`` and ``dW += dlogits^T @ H[chunk]`` accumulate in fp32.
+Rows are processed in chunks. Per chunk, one GEMM over the packed weight gives the fp32
+logits of all of a level's tasks of up to ``NARROW_MAX_COLS`` outputs (a span: their weight
+rows gathered once per call into the order below), and one GEMM those of each wider task.
+A span's tasks are not walked one by one: its cross-entropy tasks are one block [rows, tasks,
+C_max], its bce tasks and its mse tasks each one run of columns, so the ops per chunk do not
+grow with the number of tasks (a class-weighted cross-entropy task goes alone). The logits
+are turned in place into per-task loss sums and ``dlogits`` (already scaled by
+``task_weight / divisor``); then ``dH[chunk] += dlogits @ W`` and ``dW += dlogits^T @ H[chunk]``
+accumulate in fp32.
 Gradients are computed during forward and kept in fp32; backward only multiplies them
 by ``grad_output`` and rounds, so nothing is rounded to 16 bits before that scale is
 applied. Peak extra memory is one chunk of logits plus the fp32 gradients. Nothing
@@ -12,11 +17,14 @@ synchronises with the host.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from ..task import BCE, CROSS_ENTROPY
-from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_acc, split_spans, weight_in, weighted_total
+from ..task import BCE, MSE
+from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_acc, weight_in, weighted_total
 
 name = "torch"
 
@@ -27,40 +35,22 @@ WIDE_SPAN = 1024
 # on a GPU, where every chunk also re-reads and re-writes the fp32 dW of its columns, so
 # a vocabulary head needs chunks of ~1k rows to amortise that pass.
 LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+# Tasks of up to this many outputs share one GEMM per level (their cross-entropy tasks one
+# padded block [rows, tasks, C_max]); a wider task has a GEMM of its own.
+NARROW_MAX_COLS = 128
 
 
 def auto_chunk_rows(widest_span: int, hidden_size: int, device_type: str = "cpu") -> int:
-    """Rows per chunk, from the widest run of task columns and the hidden size."""
+    """Rows per chunk, from the widest span of task columns and the hidden size."""
     budget = LOGITS_CHUNK_ELEMENTS.get(device_type, LOGITS_CHUNK_ELEMENTS["cpu"])
     rows = budget // max(1, widest_span + hidden_size)
     return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
 
 
-def _cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
-    """Loss sum of logits ``x`` [n, C]; when ``scale`` is given, ``x`` becomes ``scale * dloss/dx``."""
-    eps = head.label_smoothing
-    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    x.sub_(x.amax(dim=1, keepdim=True))
-    target_logit = x.gather(1, safe).squeeze(1)
-    mean_logit = x.mean(dim=1) if eps else None
-    x.exp_()
-    sumexp = x.sum(dim=1)
-    rows = sumexp.log() - (1.0 - eps) * target_logit
-    if eps:
-        rows = rows - eps * mean_logit
-    loss = torch.where(valid, rows, torch.zeros_like(rows)).sum()
-    if scale is not None:
-        x.div_(sumexp.unsqueeze(1))
-        x.scatter_add_(1, safe, torch.full_like(target_logit, eps - 1.0).unsqueeze(1))
-        if eps:
-            x.sub_(eps / head.num_cols)
-        x.mul_(torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1))
-    return loss
-
-
 def _weighted_cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
-    """:func:`_cross_entropy_` with class weights ``w``: a row's loss is ``(1 - eps) w_y nll_y +
-    eps / C sum_c w_c nll_c``, so ``lse`` counts ``coef = (1 - eps) w_y + eps / C sum w`` times."""
+    """Loss sum of one class-weighted cross-entropy task's logits ``x`` [n, C]; with ``scale``,
+    ``x`` becomes ``scale * dloss/dx``. With class weights ``w`` a row's loss is ``(1 - eps) w_y
+    nll_y + eps / C sum_c w_c nll_c``, so ``lse`` counts ``coef = (1 - eps) w_y + eps / C sum w`` times."""
     eps, inv_classes = head.label_smoothing, 1.0 / head.num_cols
     weights = column_weight_tensor(head.column_weights, x.dtype, x.device)
     safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
@@ -83,93 +73,301 @@ def _weighted_cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: Hea
     return loss
 
 
-def _dense_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
-    """bce/mse loss sum of ``x`` [n, C]; with ``scale``, ``x`` becomes ``scale * dloss/dx``."""
-    keep = valid.unsqueeze(1)
-    y = torch.where(keep, target.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    if head.kind == BCE and head.column_weights:
-        # -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = (1 - y) x + (1 + (p - 1) y) softplus(-x)
-        pos_weight = column_weight_tensor(head.column_weights, x.dtype, x.device)
-        log_weight = 1.0 + (pos_weight - 1.0) * y
-        per_element = (1.0 - y) * x + log_weight * (x.neg().clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
-        loss = (per_element * keep).sum()
-        if scale is not None:  # its derivative: (1 + (p - 1) y) sigmoid(x) - p y
-            x.sigmoid_().mul_(log_weight).sub_(pos_weight * y)
-    elif head.kind == BCE:
-        per_element = x.clamp_min(0) - x * y + torch.log1p(torch.exp(-x.abs()))
-        loss = (per_element * keep).sum()
-        if scale is not None:
-            x.sigmoid_().sub_(y)
-    else:
-        x.sub_(y)
-        loss = (x.square() * keep).sum()
-        if scale is not None:
-            x.mul_(2.0)
-    if scale is not None:
-        x.mul_(torch.where(keep, scale, torch.zeros_like(scale)))
-    return loss
+class _CrossEntropyGroup(NamedTuple):
+    """Unweighted cross-entropy tasks of one span, computed together as one block of logits
+    [rows, G, C_max], a view of the span's logits (a narrower task's last columns are padding)."""
+
+    tasks: tuple[int, ...]
+    is_token: bool
+    task_index: Tensor  # int64 [G]
+    num_classes: Tensor  # int64 [G]
+    ignore_index: Tensor  # int64 [G]
+    target_coef: Tensor  # acc [G]: 1 - label smoothing
+    smoothing_per_class: Tensor | None  # acc [G]: label smoothing / C; None when no task smooths
+    first_col: int  # the span column where the block starts
+    width: int  # C_max
+    pad: Tensor | None  # bool [G, C_max]: padding columns; None for none
+
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool)``; adds the
+        tasks' kept row counts to ``counts`` [T]."""
+        target = torch.stack([problem.targets[i] for i in self.tasks], dim=1)
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        if self.is_token and problem.token_mask is not None:
+            valid &= problem.token_mask.unsqueeze(1)
+        counts.index_add_(0, self.task_index, valid.sum(dim=0, dtype=counts.dtype))
+        return torch.where(valid, target, 0), valid
+
+    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
+               sums: Tensor) -> None:  # fmt: skip
+        """Adds the tasks' loss sums over ``rows`` to ``sums`` [T]; with ``scales`` [T], turns their
+        columns of ``logits`` [rows, span width] into ``scale * dloss/dlogits``."""
+        target, valid = state[0][rows].unsqueeze(2), state[1][rows]
+        n, tasks = logits.shape[0], len(self.tasks)
+        x = logits[:, self.first_col : self.first_col + tasks * self.width].view(n, tasks, self.width)
+        if self.pad is not None:  # their weight rows are 0, and so is their gradient's effect on dH
+            x.masked_fill_(self.pad, float("-inf"))
+        x.sub_(x.amax(dim=2, keepdim=True))
+        row_loss = -self.target_coef * x.gather(2, target).squeeze(2)
+        if self.smoothing_per_class is not None:
+            summed = x.sum(dim=2) if self.pad is None else x.masked_fill(self.pad, 0.0).sum(dim=2)
+            row_loss -= self.smoothing_per_class * summed
+        x.exp_()
+        sumexp = x.sum(dim=2)
+        row_loss += sumexp.log()
+        sums.index_add_(0, self.task_index, torch.where(valid, row_loss, 0.0).sum(dim=0))
+        if scales is None:
+            return
+        x.div_(sumexp.unsqueeze(2))
+        x.scatter_add_(2, target, (-self.target_coef).expand(n, tasks).unsqueeze(2))
+        if self.smoothing_per_class is not None:
+            x.sub_(self.smoothing_per_class.unsqueeze(1))
+        x.mul_(torch.where(valid, scales[self.task_index], 0.0).unsqueeze(2))
 
 
-def _loss_and_dlogits_(x: Tensor, problem: HeadProblem, index: int, rows: slice, scale: Tensor | None) -> Tensor:
-    head = problem.heads[index]
-    target = problem.targets[index][rows]
-    valid = problem.valid_rows(index, rows)
-    if head.kind == CROSS_ENTROPY:
-        ce = _weighted_cross_entropy_ if head.column_weights else _cross_entropy_
-        return ce(x, target, valid, head, scale)
-    return _dense_(x, target, valid, head, scale)
+class _DenseGroup(NamedTuple):
+    """The bce or the mse tasks of one span, computed together on their adjacent columns [rows, C_d]."""
+
+    kind: int
+    tasks: tuple[int, ...]
+    is_token: bool
+    task_index: Tensor  # int64 [G]
+    cols: slice  # their span columns
+    col_task: Tensor  # int64 [C_d]: the group's task (0 .. G - 1) of each column
+    col_global: Tensor  # int64 [C_d]: the task (0 .. T - 1) of each column
+    task_cols: Tensor  # int64 [G, W_max]: each task's columns, padded with C_d (a zero appended)
+    widths: Tensor  # acc [G]: C of each task
+    pos_weight: Tensor | None  # acc [C_d]: bce positive weights (1 where a task has none); None for none
+
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(targets [R, C_d], kept rows [R, G] bool)``: a row of a task holding a NaN is
+        skipped. Adds each task's kept rows times C to ``counts`` [T]."""
+        targets = [problem.targets[i] for i in self.tasks]
+        if len(targets) == 1:
+            target = targets[0]
+            valid = ~torch.isnan(target).any(dim=1, keepdim=True)
+        else:
+            target = torch.cat(targets, dim=1)
+            nan = torch.isnan(target).to(counts.dtype)
+            valid = nan.new_zeros(target.shape[0], len(targets)).index_add_(1, self.col_task, nan) == 0
+        if self.is_token and problem.token_mask is not None:
+            valid &= problem.token_mask.unsqueeze(1)
+        counts.index_add_(0, self.task_index, valid.sum(dim=0, dtype=counts.dtype) * self.widths)
+        return target, valid
+
+    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
+               sums: Tensor) -> None:  # fmt: skip
+        """As :meth:`_CrossEntropyGroup.apply_`."""
+        target, valid = state
+        keep = valid[rows]
+        if len(self.tasks) > 1:
+            keep = keep.gather(1, self.col_task.expand(keep.shape[0], -1))
+        x = logits[:, self.cols]
+        y = torch.where(keep, target[rows].to(x.dtype), 0.0)
+        if self.kind == MSE:
+            x.sub_(y)
+            per_element = x.square()
+        elif self.pos_weight is None:
+            per_element = x.clamp_min(0) - x * y + torch.log1p(torch.exp(-x.abs()))
+        else:
+            # -(p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))) = (1 - y) x + (1 + (p - 1) y) softplus(-x)
+            log_weight = 1.0 + (self.pos_weight - 1.0) * y
+            per_element = (1.0 - y) * x + log_weight * (x.neg().clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
+        col_sums = torch.where(keep, per_element, 0.0).sum(dim=0)
+        # Per task in a fixed order: index_add_ over columns would add with atomics on a GPU.
+        sums.index_add_(0, self.task_index, torch.cat([col_sums, col_sums.new_zeros(1)])[self.task_cols].sum(dim=1))
+        if scales is None:
+            return
+        scale = torch.where(keep, scales[self.col_global], 0.0)
+        if self.kind == MSE:
+            x.mul_(scale.mul_(2.0))
+        elif self.pos_weight is None:
+            x.sigmoid_().sub_(y).mul_(scale)
+        else:  # the derivative: (1 + (p - 1) y) sigmoid(x) - p y
+            x.sigmoid_().mul_(log_weight).sub_(self.pos_weight * y).mul_(scale)
+
+
+class _ClassWeightedTask(NamedTuple):
+    """A cross-entropy task with class weights, on its own (:func:`_weighted_cross_entropy_`)."""
+
+    index: int
+    head: HeadSpec
+    first_col: int
+
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
+        counts[self.index] = problem.class_weight_count(self.index)
+        return problem.targets[self.index], problem.valid_rows(self.index)
+
+    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
+               sums: Tensor) -> None:  # fmt: skip
+        x = logits[:, self.first_col : self.first_col + self.head.num_cols]
+        scale = None if scales is None else scales[self.index]
+        sums[self.index] += _weighted_cross_entropy_(x, state[0][rows], state[1][rows], self.head, scale)
+
+
+_Group = _CrossEntropyGroup | _DenseGroup | _ClassWeightedTask
+
+
+class _Span(NamedTuple):
+    """Tasks of one level whose logits one GEMM computes, and their groups. The span's columns
+    are the packed weight rows ``rows`` when these are adjacent and in the groups' order; else
+    ``span_cols`` [R] holds the span column of each of the packed rows ``rows`` [R] and the other
+    span columns are padding (zero weight and bias)."""
+
+    rows: slice | Tensor  # a slice, or int64 [R]
+    span_cols: Tensor | None  # int64 [R]; None when ``rows`` is a slice
+    width: int
+    groups: tuple[_Group, ...]
+
+    def gather(self, packed: Tensor) -> Tensor:
+        """The span's rows [width, ...] of a tensor laid out like the packed weight rows."""
+        if self.span_cols is None:
+            return packed[self.rows]
+        return packed.new_zeros(self.width, *packed.shape[1:]).index_copy_(0, self.span_cols, packed[self.rows])
+
+    def scatter_(self, packed: Tensor, span_rows: Tensor) -> None:
+        """Writes the span's rows ``span_rows`` [width, ...] into ``packed`` (padding left out)."""
+        packed.index_copy_(0, self.rows, span_rows.index_select(0, self.span_cols))
+
+
+def _long(values: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_col: int, width: int,
+                         device: torch.device, acc: torch.dtype) -> _CrossEntropyGroup:  # fmt: skip
+    specs = [heads[i] for i in tasks]
+    smoothing = [h.label_smoothing for h in specs]
+    padded = any(h.num_cols < width for h in specs)
+    return _CrossEntropyGroup(
+        tasks=tuple(tasks),
+        is_token=specs[0].is_token,
+        task_index=_long(tasks, device),
+        num_classes=_long([h.num_cols for h in specs], device),
+        ignore_index=_long([h.ignore_index for h in specs], device),
+        target_coef=torch.tensor([1.0 - e for e in smoothing], dtype=acc, device=device),
+        smoothing_per_class=torch.tensor([e / h.num_cols for e, h in zip(smoothing, specs)], dtype=acc,
+                                         device=device) if any(smoothing) else None,  # fmt: skip
+        first_col=first_col,
+        width=width,
+        pad=torch.tensor([[c >= h.num_cols for c in range(width)] for h in specs], device=device) if padded else None,
+    )
+
+
+def _dense_group(heads: tuple[HeadSpec, ...], kind: int, tasks: list[int], first_col: int, device: torch.device,
+                 acc: torch.dtype) -> _DenseGroup:  # fmt: skip
+    specs = [heads[i] for i in tasks]
+    weighted = any(h.column_weights for h in specs)
+    widest, total = max(h.num_cols for h in specs), sum(h.num_cols for h in specs)
+    starts = [sum(h.num_cols for h in specs[:k]) for k in range(len(specs))]
+    pos_weight = [w for h in specs for w in (h.column_weights.values if h.column_weights else (1.0,) * h.num_cols)]
+    return _DenseGroup(
+        kind=kind,
+        tasks=tuple(tasks),
+        is_token=specs[0].is_token,
+        task_index=_long(tasks, device),
+        cols=slice(first_col, first_col + total),
+        col_task=_long([k for k, h in enumerate(specs) for _ in range(h.num_cols)], device),
+        col_global=_long([i for i, h in zip(tasks, specs) for _ in range(h.num_cols)], device),
+        task_cols=_long([[s + c if c < h.num_cols else total for c in range(widest)] for s, h in zip(starts, specs)],
+                        device),  # fmt: skip
+        widths=torch.tensor([float(h.num_cols) for h in specs], dtype=acc, device=device),
+        pos_weight=torch.tensor(pos_weight, dtype=acc, device=device) if weighted else None,
+    )
+
+
+def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device, acc: torch.dtype) -> _Span:
+    """One GEMM's worth of tasks and their groups, each on adjacent span columns: the unweighted
+    cross-entropy tasks in one block (padded to the widest), then the bce tasks, the mse tasks
+    and each class-weighted cross-entropy task."""
+    layout: list[int] = []  # the packed row of each span column, -1 for padding
+    groups: list[_Group] = []
+    plain = [i for i in members if heads[i].is_ce and not heads[i].column_weights]
+    if plain:
+        width = max(heads[i].num_cols for i in plain)
+        groups.append(_cross_entropy_group(heads, plain, 0, width, device, acc))
+        for i in plain:
+            layout += [*range(heads[i].col_start, heads[i].col_end), *[-1] * (width - heads[i].num_cols)]
+    for kind in (BCE, MSE):
+        tasks = [i for i in members if heads[i].kind == kind]
+        if tasks:
+            groups.append(_dense_group(heads, kind, tasks, len(layout), device, acc))
+            layout += [c for i in tasks for c in range(heads[i].col_start, heads[i].col_end)]
+    for i in members:
+        if heads[i].is_ce and heads[i].column_weights:
+            groups.append(_ClassWeightedTask(i, heads[i], len(layout)))
+            layout += range(heads[i].col_start, heads[i].col_end)
+    if layout == list(range(layout[0], layout[0] + len(layout))):
+        return _Span(slice(layout[0], layout[0] + len(layout)), None, len(layout), tuple(groups))
+    rows = [(row, col) for col, row in enumerate(layout) if row >= 0]
+    return _Span(_long([r for r, _ in rows], device), _long([c for _, c in rows], device), len(layout), tuple(groups))
+
+
+@cache
+def _level_plan(heads: tuple[HeadSpec, ...], level: int, device: torch.device, acc: torch.dtype) -> tuple[_Span, ...]:
+    """The GEMMs of one level's tasks: one over all tasks of up to ``NARROW_MAX_COLS`` outputs
+    (their weight rows gathered into the groups' order unless they already lie so in the packed
+    weight), and one per wider task (a vocabulary head, say: no gathered copy of its weight)."""
+    members = sorted((i for i, h in enumerate(heads) if h.level == level), key=lambda i: heads[i].col_start)
+    narrow = [i for i in members if heads[i].num_cols <= NARROW_MAX_COLS]
+    spans = [_span(heads, narrow, device, acc)] if narrow else []
+    return tuple(spans + [_span(heads, [i], device, acc) for i in members if heads[i].num_cols > NARROW_MAX_COLS])
 
 
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
-    acc, cdtype = problem.acc_dtype, problem.compute_dtype
+    acc, cdtype, device = problem.acc_dtype, problem.compute_dtype, problem.hidden.device
     weight = weight_in(cdtype, problem.weight)
     bias = problem.bias.to(acc)
-    divisors = problem.divisors()
+    levels = [(level, _level_plan(problem.heads, level, device, acc)) for level in (0, 1)]
+    counts = torch.zeros(len(problem.heads), dtype=acc, device=device)
+    states = [[[group.prepare(problem, counts) for group in span.groups] for span in spans] for _, spans in levels]
+    divisors = problem.divisors(counts)
     scales = problem.loss_scales(divisors) if problem.compute_grad else None
-    sums = [problem.hidden.new_zeros((), dtype=acc) for _ in problem.heads]
+    sums = torch.zeros_like(counts)
 
     saved: list[Tensor] = []
     if problem.compute_grad:
         hidden_shape, pooled_shape = _grad_rows_shapes(problem)
-        grad_hidden = torch.zeros(hidden_shape, dtype=acc, device=problem.hidden.device)
-        grad_pooled = torch.zeros(pooled_shape, dtype=acc, device=problem.hidden.device)
+        grad_hidden = torch.zeros(hidden_shape, dtype=acc, device=device)
+        grad_pooled = torch.zeros(pooled_shape, dtype=acc, device=device)
         grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
         grad_bias = torch.zeros(problem.bias.shape, dtype=acc, device=problem.bias.device)
         saved = [grad_hidden, grad_pooled, grad_weight, grad_bias]
 
-    for level in (0, 1):
-        spans = split_spans(problem.heads, level)
+    for (level, spans), level_states in zip(levels, states):
         if not spans:
             continue
         rows_all = problem.level_rows(level == 1, problem.hidden, problem.pooled)
         if problem.hidden_grad:
             grad_rows_all = problem.level_rows(level == 1, grad_hidden, grad_pooled)
-        widest = max(end - start for start, end, _ in spans)
-        chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1], problem.hidden.device.type)
-        for start, end, members in spans:
-            cols = slice(start, end)
-            w_span = weight[cols]
-            wide16 = (
-                problem.compute_grad and end - start >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
-            )
+        widest = max(span.width for span in spans)
+        chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1], device.type)
+        for span, span_states in zip(spans, level_states):
+            w_span, b_span = span.gather(weight), span.gather(bias)
+            wide16 = problem.compute_grad and span.width >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
             w_grad = (w_span if wide16 else w_span.to(acc)) if problem.hidden_grad else None
+            gathered = span.span_cols is not None
+            if problem.compute_grad:
+                gw_span = grad_weight.new_zeros(span.width, grad_weight.shape[1]) if gathered else grad_weight[span.rows]
+                gb_span = grad_bias.new_zeros(span.width) if gathered else grad_bias[span.rows]
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
                 h = rows_all[rows].to(cdtype)  # fp32 rows under autocast: rounded chunk by chunk
-                logits = mm_acc(h, w_span.t(), acc).add_(bias[cols])
-                for i in members:
-                    x = logits[:, problem.heads[i].col_start - start : problem.heads[i].col_end - start]
-                    sums[i] = sums[i] + _loss_and_dlogits_(x, problem, i, rows, None if scales is None else scales[i])
+                logits = mm_acc(h, w_span.t(), acc).add_(b_span)
+                for group, state in zip(span.groups, span_states):
+                    group.apply_(logits, rows, state, scales, sums)
                 if not problem.compute_grad:
                     continue
                 dlogits = logits.to(cdtype) if wide16 else logits
                 if problem.hidden_grad:
                     addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
-                addmm_acc_(grad_weight[cols], dlogits.t(), h if wide16 else h.to(acc))
-                grad_bias[cols] += logits.sum(dim=0)
+                addmm_acc_(gw_span, dlogits.t(), h if wide16 else h.to(acc))
+                gb_span += logits.sum(dim=0)
+            if problem.compute_grad and gathered:
+                span.scatter_(grad_weight, gw_span)
+                span.scatter_(grad_bias, gb_span)
 
-    summed = torch.stack(sums) if sums else divisors
-    losses = torch.where(divisors > 0, summed / divisors.clamp_min(1e-30), torch.zeros_like(summed))
+    losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), torch.zeros_like(sums))
     return weighted_total(losses, problem.task_weights), losses, saved
 
 
