@@ -13,8 +13,10 @@ autograd registered to ``mtlfast::fused_heads_loss_backward``), so that
 # ruff: noqa: UP006, UP007, UP035, UP045
 from __future__ import annotations
 
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -23,6 +25,12 @@ from torch import Tensor
 from .backends import get_backend
 from .backends.base import HeadProblem, HeadSpec
 from .task import ColumnWeights
+
+# The last argument of both custom ops. torch.compile's on-disk caches key a compiled graph on
+# its code, which names the ops but not what their fake implementations return; a graph
+# compiled against other backends' code (the backends' saved tensors differ from version to
+# version) must not be taken from the cache, so the backends' source is part of every call.
+BACKENDS_DIGEST = zlib.crc32(b"".join(path.read_bytes() for path in sorted((Path(__file__).parent / "backends").glob("*.py"))))
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,7 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
     if torch.compiler.is_compiling():
         outputs = torch.ops.mtlfast.fused_heads_loss(
             hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
-            *call.flat(), call.compute_grad,
+            *call.flat(), call.compute_grad, BACKENDS_DIGEST,
         )  # fmt: skip
         return outputs[0], outputs[1]
     return FusedHeadsLoss.apply(call, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets)
@@ -210,6 +218,7 @@ def _custom_forward(
     deterministic: bool,
     hidden_grad: bool,
     compute_grad: bool,
+    backends_digest: int,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
@@ -223,7 +232,7 @@ def _custom_forward(
 @_custom_forward.register_fake
 def _custom_forward_fake(hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights,
                          *flat):  # fmt: skip
-    call = HeadCall.from_flat(seq_stride, *flat)
+    call = HeadCall.from_flat(seq_stride, *flat[:-1])
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     acc = problem.acc_dtype
     saved = get_backend(call.backend).saved_like(problem)
@@ -256,6 +265,7 @@ def _custom_backward(
     chunk_size: int,
     deterministic: bool,
     hidden_grad: bool,
+    backends_digest: int,
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
@@ -271,7 +281,7 @@ def _custom_backward(
 
 @_custom_backward.register_fake
 def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_mask, weight, bias, *rest):
-    hidden_grad = rest[-1]
+    hidden_grad = rest[-2]
     grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
     grad_pooled = torch.empty_like(pooled) if pooled is not None and hidden_grad else hidden.new_empty(0)
     return [grad_hidden, grad_pooled, torch.empty_like(weight), torch.empty_like(bias)]
@@ -279,7 +289,8 @@ def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_m
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, pooled, seq_stride, token_mask, weight, bias, targets, divisor_override, task_weights, *flat = inputs
-    ctx.seq_stride, ctx.flat, ctx.num_inputs, ctx.num_targets = seq_stride, flat[:-1], len(inputs), len(targets)
+    # flat ends with compute_grad and the digest; the backward op takes the digest, not compute_grad
+    ctx.seq_stride, ctx.flat, ctx.num_inputs, ctx.num_targets = seq_stride, flat[:-2], len(inputs), len(targets)
     # The gradients must mirror the inputs' structure, in which an empty list is a list, not a leaf.
     ctx.empty_lists = [i for i, value in enumerate(inputs) if isinstance(value, list) and not value]
     ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets,
@@ -300,7 +311,7 @@ def _custom_autograd(ctx, grads):
     if needs[0] or needs[1] or needs[4] or needs[5]:
         grad_hidden, grad_pooled, grad_weight, grad_bias = torch.ops.mtlfast.fused_heads_loss_backward(
             grad_total, saved, hidden, pooled, ctx.seq_stride, token_mask, weight, bias, list(targets),
-            divisor_override, task_weights, *ctx.flat,
+            divisor_override, task_weights, *ctx.flat, BACKENDS_DIGEST,
         )  # fmt: skip
         grads_in[4], grads_in[5] = grad_weight, grad_bias
         if ctx.flat[-1]:  # hidden_grad

@@ -223,3 +223,17 @@ def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
         ops[num_tasks] = counter.ops
         assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{num_tasks} tasks")
     assert ops[12] == ops[60], ops
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["first-token", "pooled"])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_torch_backend_mixes_dh_from_forward_and_backward(pooled, chunk_size):
+    """D = 40: the 300-class head's dH is computed in forward (its dlogits would be wider than dH),
+    the narrow heads' in backward from their kept dlogits (5 and 7 columns); both add up."""
+    tasks = [Task("vocab", 300, "cross_entropy", level="token"), Task("ner", 5, "cross_entropy", level="token"),
+             Task("cls", 3, "cross_entropy", label_smoothing=0.1), Task("tags", 4, "bce")]  # fmt: skip
+    case = case_for(tasks, (3, 7, 40))
+    if pooled:
+        case.pooled = torch.randn(3, 40)
+    out, grads = run_heads(case, "torch", torch.float32, chunk_size=chunk_size)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], case.describe())

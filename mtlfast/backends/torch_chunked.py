@@ -2,17 +2,18 @@
 
 Rows are processed in chunks. Per chunk, one GEMM over the packed weight gives the fp32
 logits of all of a level's tasks of up to ``NARROW_MAX_COLS`` outputs (a span: their weight
-rows gathered once per call into the order below), and one GEMM those of each wider task.
+rows gathered once per call into the order below), and one GEMM per wider task its own.
 A span's tasks are not walked one by one: its cross-entropy tasks are one block [rows, tasks,
 C_max], its bce tasks and its mse tasks each one run of columns, so the ops per chunk do not
 grow with the number of tasks (a class-weighted cross-entropy task goes alone). The logits
 are turned in place into per-task loss sums and ``dlogits`` (already scaled by
 ``task_weight / divisor``); then ``dH[chunk] += dlogits @ W`` and ``dW += dlogits^T @ H[chunk]``
 accumulate in fp32.
-Gradients are computed during forward and kept in fp32; backward only multiplies them
-by ``grad_output`` and rounds, so nothing is rounded to 16 bits before that scale is
-applied. Peak extra memory is one chunk of logits plus the fp32 gradients. Nothing
-synchronises with the host.
+Gradients are computed during forward and kept in fp32, except the dH of a span no wider than
+D: that span keeps its fp32 ``dlogits`` (fewer bytes than dH) and backward computes
+``dH = (grad_output * dlogits) @ W``. Otherwise backward only multiplies by ``grad_output`` and
+rounds, so nothing is rounded to 16 bits before that scale is applied. Peak extra memory is one
+chunk of logits plus the fp32 gradients. Nothing synchronises with the host.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..task import BCE, MSE
+from ..task import BCE, MSE, SEQUENCE, TOKEN
 from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_acc, weight_in, weighted_total
 
 name = "torch"
@@ -304,21 +305,56 @@ def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device,
 
 
 @cache
-def _level_plan(heads: tuple[HeadSpec, ...], level: int, device: torch.device, acc: torch.dtype) -> tuple[_Span, ...]:
-    """The GEMMs of one level's tasks: one over all tasks of up to ``NARROW_MAX_COLS`` outputs
-    (their weight rows gathered into the groups' order unless they already lie so in the packed
-    weight), and one per wider task (a vocabulary head, say: no gathered copy of its weight)."""
+def _level_spans(heads: tuple[HeadSpec, ...], level: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """``(tasks, width)`` of each GEMM of one level: one over all tasks of up to ``NARROW_MAX_COLS``
+    outputs, one per wider task (a vocabulary head, say: no gathered copy of its weight). Width
+    counts the cross-entropy block's padding. No tensors: fake-tensor code calls it too."""
     members = sorted((i for i, h in enumerate(heads) if h.level == level), key=lambda i: heads[i].col_start)
     narrow = [i for i in members if heads[i].num_cols <= NARROW_MAX_COLS]
-    spans = [_span(heads, narrow, device, acc)] if narrow else []
-    return tuple(spans + [_span(heads, [i], device, acc) for i in members if heads[i].num_cols > NARROW_MAX_COLS])
+    spans = ([narrow] if narrow else []) + [[i] for i in members if heads[i].num_cols > NARROW_MAX_COLS]
+    widths = []
+    for tasks in spans:
+        plain = [i for i in tasks if heads[i].is_ce and not heads[i].column_weights]
+        block = len(plain) * max((heads[i].num_cols for i in plain), default=0)
+        widths.append(block + sum(heads[i].num_cols for i in tasks if i not in plain))
+    return tuple((tuple(tasks), width) for tasks, width in zip(spans, widths))
+
+
+@cache
+def _level_plan(heads: tuple[HeadSpec, ...], level: int, device: torch.device, acc: torch.dtype) -> tuple[_Span, ...]:
+    """The spans of one level (:func:`_level_spans`), their weight rows gathered into the groups'
+    order unless they already lie so in the packed weight."""
+    return tuple(_span(heads, list(tasks), device, acc) for tasks, _ in _level_spans(heads, level))
+
+
+def _dh_in_backward(problem: HeadProblem, width: int) -> bool:
+    """Whether a span's dH is computed in backward from its scaled ``dlogits`` [R, width], kept
+    from forward, rather than in forward into an fp32 dH [R, D]: when the span is no wider than
+    D, it keeps fewer bytes and spares dH a zero fill and a scaling pass."""
+    return problem.compute_grad and problem.hidden_grad and width <= problem.hidden.shape[1]
+
+
+def _levels(problem: HeadProblem, acc: torch.dtype) -> list[tuple[int, tuple[_Span, ...]]]:
+    """Each level's spans, the token level first (its dH product covers every row of ``hidden``)."""
+    return [(level, _level_plan(problem.heads, level, problem.hidden.device, acc)) for level in (TOKEN, SEQUENCE)]
+
+
+def _forward_dh_shapes(problem: HeadProblem) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the fp32 dH and d pooled that forward accumulates, ``(0,)`` when no span's dH is
+    computed there."""
+    widths = [width for level in (TOKEN, SEQUENCE) for _, width in _level_spans(problem.heads, level)]
+    if not problem.hidden_grad or all(_dh_in_backward(problem, width) for width in widths):
+        return (0,), (0,)
+    return tuple(problem.hidden.shape), tuple(problem.pooled.shape) if problem.pooled is not None else (0,)
 
 
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``saved`` holds the fp32 dH and d pooled computed in forward (shape ``(0,)`` when none),
+    the fp32 dW and db, and the scaled ``dlogits`` of each span whose dH waits for backward."""
     acc, cdtype, device = problem.acc_dtype, problem.compute_dtype, problem.hidden.device
     weight = weight_in(cdtype, problem.weight)
     bias = problem.bias.to(acc)
-    levels = [(level, _level_plan(problem.heads, level, device, acc)) for level in (0, 1)]
+    levels = _levels(problem, acc)
     counts = torch.zeros(len(problem.heads), dtype=acc, device=device)
     states = [[[group.prepare(problem, counts) for group in span.groups] for span in spans] for _, spans in levels]
     divisors = problem.divisors(counts)
@@ -327,7 +363,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
 
     saved: list[Tensor] = []
     if problem.compute_grad:
-        hidden_shape, pooled_shape = _grad_rows_shapes(problem)
+        hidden_shape, pooled_shape = _forward_dh_shapes(problem)
         grad_hidden = torch.zeros(hidden_shape, dtype=acc, device=device)
         grad_pooled = torch.zeros(pooled_shape, dtype=acc, device=device)
         grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
@@ -337,29 +373,40 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     for (level, spans), level_states in zip(levels, states):
         if not spans:
             continue
-        rows_all = problem.level_rows(level == 1, problem.hidden, problem.pooled)
-        if problem.hidden_grad:
-            grad_rows_all = problem.level_rows(level == 1, grad_hidden, grad_pooled)
+        rows_all = problem.level_rows(level == TOKEN, problem.hidden, problem.pooled)
         widest = max(span.width for span in spans)
         chunk = problem.chunk_size or auto_chunk_rows(widest, problem.hidden.shape[1], device.type)
         for span, span_states in zip(spans, level_states):
             w_span, b_span = span.gather(weight), span.gather(bias)
             wide16 = problem.compute_grad and span.width >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
-            w_grad = (w_span if wide16 else w_span.to(acc)) if problem.hidden_grad else None
+            dh_now = problem.hidden_grad and not _dh_in_backward(problem, span.width)
+            if dh_now:
+                grad_rows_all = problem.level_rows(level == TOKEN, grad_hidden, grad_pooled)
+                w_grad = w_span if wide16 else w_span.to(acc)
             gathered = span.span_cols is not None
             if problem.compute_grad:
                 gw_span = grad_weight.new_zeros(span.width, grad_weight.shape[1]) if gathered else grad_weight[span.rows]
                 gb_span = grad_bias.new_zeros(span.width) if gathered else grad_bias[span.rows]
+            kept = torch.empty(rows_all.shape[0], span.width, dtype=acc, device=device) if (
+                _dh_in_backward(problem, span.width)
+            ) else None  # fmt: skip
+            if kept is not None:
+                saved.append(kept)
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
                 h = rows_all[rows].to(cdtype)  # fp32 rows under autocast: rounded chunk by chunk
-                logits = mm_acc(h, w_span.t(), acc).add_(b_span)
+                if kept is None:
+                    logits = mm_acc(h, w_span.t(), acc)
+                else:
+                    logits = kept[rows]
+                    addmm_acc_(logits, h, w_span.t(), beta=0.0)
+                logits.add_(b_span)
                 for group, state in zip(span.groups, span_states):
                     group.apply_(logits, rows, state, scales, sums)
                 if not problem.compute_grad:
                     continue
                 dlogits = logits.to(cdtype) if wide16 else logits
-                if problem.hidden_grad:
+                if dh_now:
                     addmm_acc_(grad_rows_all[rows], dlogits, w_grad)
                 addmm_acc_(gw_span, dlogits.t(), h if wide16 else h.to(acc))
                 gb_span += logits.sum(dim=0)
@@ -371,32 +418,54 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     return weighted_total(losses, problem.task_weights), losses, saved
 
 
+def _add_rows(problem: HeadProblem, token: bool, grads: list[Tensor | None], dlogits: Tensor, weight: Tensor) -> None:
+    """Adds ``dlogits @ weight`` to one level's rows of ``grads = [dH, d pooled]`` (fp32),
+    creating a missing one: from the product itself when it covers every row."""
+    index = 1 if not token and problem.pooled is not None else 0
+    whole = token or index == 1 or problem.seq_stride == 1
+    if grads[index] is None and whole:
+        grads[index] = dlogits @ weight
+        return
+    if grads[index] is None:
+        grads[index] = dlogits.new_zeros(problem.hidden.shape)
+    rows = grads[index] if whole else grads[index][:: problem.seq_stride]
+    rows.addmm_(dlogits, weight)
+
+
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
-    grad_hidden, grad_pooled, grad_weight, grad_bias = saved
-    g = grad_total.to(grad_weight.dtype)
-    return (
-        (grad_hidden * g).to(problem.hidden.dtype) if problem.hidden_grad else None,
-        (grad_pooled * g).to(problem.pooled.dtype) if problem.hidden_grad and problem.pooled is not None else None,
-        (grad_weight * g).to(problem.weight.dtype),
-        (grad_bias * g).to(problem.bias.dtype),
-    )
-
-
-def _grad_rows_shapes(problem: HeadProblem) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the fp32 dH and d pooled kept from forward ([0] when not needed)."""
-    if not problem.hidden_grad:
-        return (0,), (0,)
-    return tuple(problem.hidden.shape), tuple(problem.pooled.shape) if problem.pooled is not None else (0,)
+    grad_hidden, grad_pooled, grad_weight, grad_bias, *kept = saved
+    acc = grad_weight.dtype
+    g = grad_total.to(acc)
+    grad_rows: tuple[Tensor | None, Tensor | None] = (None, None)
+    if problem.hidden_grad:
+        grads = [grad_hidden * g if grad_hidden.dim() == 2 else None, grad_pooled * g if grad_pooled.dim() == 2 else None]
+        weight = weight_in(problem.compute_dtype, problem.weight)
+        dlogits = iter(kept)
+        for level, spans in _levels(problem, acc):
+            for span in spans:
+                if _dh_in_backward(problem, span.width):
+                    _add_rows(problem, level == TOKEN, grads, next(dlogits) * g, span.gather(weight).to(acc))
+        grad_rows = (
+            torch.zeros_like(problem.hidden) if grads[0] is None else grads[0].to(problem.hidden.dtype),
+            None if problem.pooled is None else
+            torch.zeros_like(problem.pooled) if grads[1] is None else grads[1].to(problem.pooled.dtype),
+        )  # fmt: skip
+    return (*grad_rows, (grad_weight * g).to(problem.weight.dtype), (grad_bias * g).to(problem.bias.dtype))
 
 
 def saved_like(problem: HeadProblem) -> list[Tensor]:
     if not problem.compute_grad:
         return []
     acc = problem.acc_dtype
-    hidden_shape, pooled_shape = _grad_rows_shapes(problem)
+    hidden_shape, pooled_shape = _forward_dh_shapes(problem)
+    kept = [problem.hidden.new_empty((problem.level_rows(level == TOKEN, problem.hidden, problem.pooled).shape[0],
+                                      width), dtype=acc)
+            for level in (TOKEN, SEQUENCE) for _, width in _level_spans(problem.heads, level)
+            if _dh_in_backward(problem, width)]  # fmt: skip
     return [
         problem.hidden.new_empty(hidden_shape, dtype=acc),
         problem.hidden.new_empty(pooled_shape, dtype=acc),
         problem.weight.new_empty(problem.weight.shape, dtype=acc),
         problem.bias.new_empty(problem.bias.shape, dtype=acc),
+        *kept,
     ]
