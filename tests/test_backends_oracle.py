@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtlfast import Task
 from mtlfast.backends import torch_chunked
+from mtlfast.task import TOKEN, TaskLayout
 
 BACKENDS = ["reference", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.float16]
@@ -203,8 +204,9 @@ class _OpCounter(TorchDispatchMode):
 
 
 def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
-    """The torch backend computes a level's tasks of each loss together: its forward issues as many
-    tensor ops for 60 tasks as for 12 (levels alternating, widths differing)."""
+    """The torch backend computes a level's tasks of each loss together (cross-entropy ones in a
+    block per power-of-two bracket of C): its forward issues as many tensor ops for 120 tasks as
+    for 60 (levels alternating; C from 2 to 12: every bracket present in both, the wider ones padded)."""
     real_forward, counter = torch_chunked.forward, _OpCounter()
 
     def counted_forward(problem):
@@ -213,7 +215,7 @@ def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
 
     monkeypatch.setattr(torch_chunked, "forward", counted_forward)
     ops = {}
-    for num_tasks in (12, 60):
+    for num_tasks in (60, 120):
         losses, levels = ("cross_entropy", "bce", "mse"), ("sequence", "token")
         tasks = [Task(f"t{k}", 2 + (5 * k) % 11, losses[k % 3], level=levels[k // 3 % 2]) for k in range(num_tasks)]
         case = case_for(tasks, (3, 5, 16))
@@ -222,7 +224,7 @@ def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
         out, grads = run_heads(case, "torch", torch.float32)
         ops[num_tasks] = counter.ops
         assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{num_tasks} tasks")
-    assert ops[12] == ops[60], ops
+    assert ops[60] == ops[120], ops
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["first-token", "pooled"])
@@ -236,4 +238,15 @@ def test_torch_backend_mixes_dh_from_forward_and_backward(pooled, chunk_size):
     if pooled:
         case.pooled = torch.randn(3, 40)
     out, grads = run_heads(case, "torch", torch.float32, chunk_size=chunk_size)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], case.describe())
+
+
+def test_torch_backend_pads_cross_entropy_within_a_bracket():
+    """One 100-class task among twenty binary ones: the binary tasks are not padded to 100 columns.
+    The span is 20 * 2 + 100 columns wide, and its results match the oracle."""
+    tasks = [Task(f"bin{k}", 2, "cross_entropy", level="token") for k in range(20)]
+    tasks.insert(7, Task("wide", 100, "cross_entropy", level="token"))
+    case = case_for(tasks, (2, 5, 24))
+    assert [width for _, width in torch_chunked._level_spans(TaskLayout(tuple(tasks)).heads, TOKEN)] == [140]
+    out, grads = run_heads(case, "torch", torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], case.describe())

@@ -75,8 +75,9 @@ def _weighted_cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: Hea
 
 
 class _CrossEntropyGroup(NamedTuple):
-    """Unweighted cross-entropy tasks of one span, computed together as one block of logits
-    [rows, G, C_max], a view of the span's logits (a narrower task's last columns are padding)."""
+    """Unweighted cross-entropy tasks of one span with C in one power-of-two bracket, computed
+    together as one block of logits [rows, G, C_max], a view of the span's columns (a narrower
+    task's last columns are padding: less than half of the block)."""
 
     tasks: tuple[int, ...]
     is_token: bool
@@ -224,7 +225,8 @@ class _Span(NamedTuple):
         """The span's rows [width, ...] of a tensor laid out like the packed weight rows."""
         if self.span_cols is None:
             return packed[self.rows]
-        return packed.new_zeros(self.width, *packed.shape[1:]).index_copy_(0, self.span_cols, packed[self.rows])
+        rows = packed.index_select(0, self.rows)
+        return packed.new_zeros(self.width, *packed.shape[1:]).index_copy_(0, self.span_cols, rows)
 
     def scatter_(self, packed: Tensor, span_rows: Tensor) -> None:
         """Writes the span's rows ``span_rows`` [width, ...] into ``packed`` (padding left out)."""
@@ -233,6 +235,16 @@ class _Span(NamedTuple):
 
 def _long(values: list[int], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _cross_entropy_blocks(heads: tuple[HeadSpec, ...], tasks: list[int]) -> list[tuple[list[int], int]]:
+    """``(tasks, C_max)`` of each block of unweighted cross-entropy tasks: one per power-of-two
+    bracket of C, so that padding stays under half of a block (one wide task among binary ones
+    does not pad them all), and there are at most 8 blocks whatever the number of tasks."""
+    plain = [i for i in tasks if heads[i].is_ce and not heads[i].column_weights]
+    brackets = sorted({(heads[i].num_cols - 1).bit_length() for i in plain})
+    blocks = [[i for i in plain if (heads[i].num_cols - 1).bit_length() == b] for b in brackets]
+    return [(block, max(heads[i].num_cols for i in block)) for block in blocks]
 
 
 def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_col: int, width: int,
@@ -278,16 +290,14 @@ def _dense_group(heads: tuple[HeadSpec, ...], kind: int, tasks: list[int], first
 
 
 def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device, acc: torch.dtype) -> _Span:
-    """One GEMM's worth of tasks and their groups, each on adjacent span columns: the unweighted
-    cross-entropy tasks in one block (padded to the widest), then the bce tasks, the mse tasks
-    and each class-weighted cross-entropy task."""
+    """One GEMM's worth of tasks and their groups, each on adjacent span columns: the blocks of
+    unweighted cross-entropy tasks (:func:`_cross_entropy_blocks`), then the bce tasks, the mse
+    tasks and each class-weighted cross-entropy task."""
     layout: list[int] = []  # the packed row of each span column, -1 for padding
     groups: list[_Group] = []
-    plain = [i for i in members if heads[i].is_ce and not heads[i].column_weights]
-    if plain:
-        width = max(heads[i].num_cols for i in plain)
-        groups.append(_cross_entropy_group(heads, plain, 0, width, device, acc))
-        for i in plain:
+    for block, width in _cross_entropy_blocks(heads, members):
+        groups.append(_cross_entropy_group(heads, block, len(layout), width, device, acc))
+        for i in block:
             layout += [*range(heads[i].col_start, heads[i].col_end), *[-1] * (width - heads[i].num_cols)]
     for kind in (BCE, MSE):
         tasks = [i for i in members if heads[i].kind == kind]
@@ -308,15 +318,16 @@ def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device,
 def _level_spans(heads: tuple[HeadSpec, ...], level: int) -> tuple[tuple[tuple[int, ...], int], ...]:
     """``(tasks, width)`` of each GEMM of one level: one over all tasks of up to ``NARROW_MAX_COLS``
     outputs, one per wider task (a vocabulary head, say: no gathered copy of its weight). Width
-    counts the cross-entropy block's padding. No tensors: fake-tensor code calls it too."""
+    counts the cross-entropy blocks' padding. No tensors: fake-tensor code calls it too."""
     members = sorted((i for i, h in enumerate(heads) if h.level == level), key=lambda i: heads[i].col_start)
     narrow = [i for i in members if heads[i].num_cols <= NARROW_MAX_COLS]
     spans = ([narrow] if narrow else []) + [[i] for i in members if heads[i].num_cols > NARROW_MAX_COLS]
     widths = []
     for tasks in spans:
-        plain = [i for i in tasks if heads[i].is_ce and not heads[i].column_weights]
-        block = len(plain) * max((heads[i].num_cols for i in plain), default=0)
-        widths.append(block + sum(heads[i].num_cols for i in tasks if i not in plain))
+        blocks = _cross_entropy_blocks(heads, tasks)
+        in_blocks = {i for block, _ in blocks for i in block}
+        widths.append(sum(len(block) * width for block, width in blocks)
+                      + sum(heads[i].num_cols for i in tasks if i not in in_blocks))  # fmt: skip
     return tuple((tuple(tasks), width) for tasks, width in zip(spans, widths))
 
 
