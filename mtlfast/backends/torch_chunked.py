@@ -29,8 +29,9 @@ from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_ac
 
 name = "torch"
 
-# Spans at least this wide take 16-bit GEMMs (fp32 accumulation) for the gradients on
-# CUDA with bf16 compute; narrower spans use exact fp32 GEMMs on fp32 dlogits.
+# Spans at least this wide take 16-bit GEMMs (fp32 accumulation) for the gradients computed
+# in forward on CUDA with bf16 compute; narrower spans, and every dH computed in backward,
+# use exact fp32 GEMMs on fp32 dlogits.
 WIDE_SPAN = 1024
 # fp32 elements of one chunk of logits (plus its upcast rows): 32 MiB on the CPU; 512 MiB
 # on a GPU, where every chunk also re-reads and re-writes the fp32 dW of its columns, so
