@@ -13,6 +13,18 @@ def _by_workload(results: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
+# Extra peak memory below this is measurement noise on a CPU (peak RSS growth can even come
+# out negative): no memory ratio is given against such a baseline, or for a negative figure.
+MEMORY_RATIO_MIN_MB = 1.0
+
+
+def _memory_ratio(row: dict, eager: dict | None) -> float | None:
+    peak, base = row.get("peak_mb"), eager.get("peak_mb") if eager else None
+    if peak is None or base is None or base < MEMORY_RATIO_MIN_MB or peak < 0:
+        return None
+    return peak / base
+
+
 def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
@@ -39,7 +51,7 @@ def markdown(doc: dict) -> str:
         eager = next((r for r in rows if r["provider"] == "eager" and r.get("ms")), None)
         for r in rows:
             speed = eager["ms"] / r["ms"] if eager and r.get("ms") else None
-            memory = r["peak_mb"] / eager["peak_mb"] if eager and r.get("peak_mb") and eager.get("peak_mb") else None
+            memory = _memory_ratio(r, eager)
             lines.append(
                 f"| {workload} | {r['provider']} | {_fmt(r.get('ms'), '.3f')} | {_fmt(speed, '.2f')}x | "
                 f"{_fmt(r.get('peak_mb'), '.1f')} | {_fmt(memory, '.2f')}x | {_fmt(r.get('tokens_per_s'), ',.0f')} | "

@@ -46,6 +46,19 @@ def test_merge_keeps_each_runs_ceilings(tmp_path):
     assert doc["command"] == "run bert ; run big" and len(doc["results"]) == 2
 
 
+def test_memory_ratio_needs_a_baseline_above_noise():
+    from mtlfast.bench import report
+
+    rows = [{"workload": "w", "provider": p, "ms": 1.0, "peak_mb": mb, "status": "ok"}
+            for p, mb in (("eager", -0.1), ("mtlfast-torch", 3.9))]  # fmt: skip
+    doc = {"device": "cpu", "torch": "t", "triton": "t", "commit": "c", "date": "d", "command": "x", "results": rows}
+    assert "| w | mtlfast-torch | 1.000 | 1.00x | 3.9 | -x |" in report.markdown(doc)
+    rows[0]["peak_mb"] = 2.0
+    assert "| w | mtlfast-torch | 1.000 | 1.00x | 3.9 | 1.95x |" in report.markdown(doc)
+    rows[1]["peak_mb"] = -0.5
+    assert "| w | mtlfast-torch | 1.000 | 1.00x | -0.5 | -x |" in report.markdown(doc)
+
+
 def test_warm_runs_each_provider_once(capsys):
     from mtlfast.bench import warm
 
