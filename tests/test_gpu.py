@@ -42,6 +42,21 @@ def test_triton_bf16_within_eager_error(trial):
         assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
 
 
+def test_triton_wide_path_bf16_within_eager_error():
+    """Wide bce/mse and class-weighted cross-entropy heads (the wide path) beside a vocabulary
+    head and small heads, bf16 autocast."""
+    tasks = [Task("labels", 300, "bce", level="token", pos_weight=2.0), Task("scores", 150, "mse"),
+             Task("weighted", 200, "cross_entropy", level="token", class_weights=[0.5 + k % 3 for k in range(200)]),
+             Task("vocab", 1000, "cross_entropy", level="token"), Task("cls", 3, "cross_entropy")]  # fmt: skip
+    case = case_for(tasks, (4, 33, 96))
+    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
+    eager = eager_errors(case)
+    out, grads = run_heads(case, "triton", torch.bfloat16, device=DEVICE, autocast=True)
+    assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
+    for name in ("hidden", "weight", "bias"):
+        assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_bert_sized(dtype):
     tasks = [Task("sentiment", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
@@ -178,17 +193,17 @@ def test_k16_accumulation_on_gpu(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_training_step_never_syncs(backend):
-    """With validate=False a step (small and vocabulary heads, a divisor override, class and
+    """With validate=False a step (small, vocabulary and wide heads, a divisor override, class and
     positive weights, fp32 rows under autocast) runs under torch.cuda.set_sync_debug_mode("error")
     once kernels are compiled, tuned and planned."""
     tasks = [Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, 2.0]), Task("ner", 9, "cross_entropy", level="token"),
              Task("r", 1, "mse"), Task("lm", 300, "cross_entropy", level="token"),
-             Task("tags", 4, "bce", pos_weight=3.0)]  # fmt: skip
+             Task("tags", 4, "bce", pos_weight=3.0), Task("labels", 200, "bce", level="token")]  # fmt: skip
     heads = MultiTaskHeads(64, tasks, backend=backend, validate=False).to(DEVICE)
     h = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
     labels = {"cls": torch.randint(0, 3, (2,), device=DEVICE), "ner": torch.randint(0, 9, (2, 17), device=DEVICE),
               "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE),
-              "tags": torch.rand(2, 4, device=DEVICE)}  # fmt: skip
+              "tags": torch.rand(2, 4, device=DEVICE), "labels": torch.rand(2, 17, 200, device=DEVICE)}  # fmt: skip
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

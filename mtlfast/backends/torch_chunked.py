@@ -339,6 +339,13 @@ def _level_plan(heads: tuple[HeadSpec, ...], level: int, device: torch.device, a
     return tuple(_span(heads, list(tasks), device, acc) for tasks, _ in _level_spans(heads, level))
 
 
+@cache
+def task_span(heads: tuple[HeadSpec, ...], index: int, device: torch.device) -> _Span:
+    """One task on its own (fp32): its packed weight rows and its one group, whose ``prepare``
+    and ``apply_`` other backends can borrow for a task their kernels do not take."""
+    return _span(heads, [index], device, torch.float32)
+
+
 def _dh_in_backward(problem: HeadProblem, width: int) -> bool:
     """Whether a span's dH is computed in backward from its scaled ``dlogits`` [R, width], kept
     from forward, rather than in forward into an fp32 dH [R, D]: when the span is no wider than

@@ -12,15 +12,18 @@ Tasks are split in two paths, picked per task:
   an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
   turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
   ``dH += dlogits @ W`` and ``dW += dlogits^T @ H`` with GEMMs that accumulate in fp32
-  (beta = 1). No N x C buffer, no float atomics.
+  (beta = 1). No N x C buffer, no float atomics;
+- wide path: a task wider than ``MAX_BLOCK_C`` that neither kernel takes (a bce or mse head,
+  or a cross-entropy head with class weights) is walked in chunks of rows: cuBLAS GEMMs,
+  and the torch backend's ops for that loss (``torch_chunked.task_span``), in forward for the
+  loss and again in backward for ``dlogits``; its dH joins the large path's fp32 dH.
 
 Forward keeps each task's gradient scale (task weight / divisor), the table of label
 addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing synchronises with
 the host. fp32 rows with 16-bit compute (an encoder output under autocast) are read as
-they are: the small-heads kernel rounds them on chip, the vocabulary path casts a copy once
-per pass; dH comes back in fp32. fp64 inputs, a bce/mse task wider than ``MAX_BLOCK_C`` and
-a V100 with triton before 3.6 (whose compiler fails on the kernels there) run the ``torch``
-backend instead.
+they are: the small-heads kernel rounds them on chip, the vocabulary and wide paths cast a
+copy once per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
+(whose compiler fails on the kernels there) run the ``torch`` backend instead.
 """
 
 from __future__ import annotations
@@ -71,9 +74,22 @@ def _is_large(head: HeadSpec) -> bool:
 
 
 @cache
+def _small_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
+    """Indices of the tasks that take the small path."""
+    return tuple(i for i, h in enumerate(heads) if not _is_large(h))
+
+
+@cache
 def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the large path."""
-    return tuple(i for i, h in enumerate(heads) if _is_large(h))
+    """Indices of the tasks that take the large path: wide cross-entropy without class weights."""
+    return tuple(i for i, h in enumerate(heads) if _is_large(h) and h.is_ce and not h.column_weights)
+
+
+@cache
+def _wide_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
+    """Indices of the tasks that take the wide path: the other tasks wider than ``MAX_BLOCK_C``."""
+    large = _large_tasks(heads)
+    return tuple(i for i, h in enumerate(heads) if _is_large(h) and i not in large)
 
 
 @cache
@@ -86,9 +102,7 @@ def _kernels_compile_on(device: torch.device) -> bool:
 
 
 def _delegates(problem: HeadProblem) -> bool:
-    if problem.compute_dtype == torch.float64 or not _kernels_compile_on(problem.hidden.device):
-        return True
-    return any(not problem.heads[i].is_ce or problem.heads[i].column_weights for i in _large_tasks(problem.heads))
+    return problem.compute_dtype == torch.float64 or not _kernels_compile_on(problem.hidden.device)
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class _SmallPlan:
 def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan:
     """Packs the small tasks into groups of slots, one slot per row of the packed weight."""
     small_heads = _kernels().small_heads
-    small = sorted((i for i, h in enumerate(heads) if not _is_large(h)), key=lambda i: heads[i].col_start)
+    small = sorted(_small_tasks(heads), key=lambda i: heads[i].col_start)
     total = sum(heads[i].num_cols for i in small)
     block_c = min(MAX_BLOCK_C, max(16, 1 << (max(total, 1) - 1).bit_length()))
     groups: list[list[int]] = [[]]
@@ -179,8 +193,11 @@ def _unwritten_rows(heads: tuple[HeadSpec, ...], packed_rows: int, small_written
 
 @cache
 def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
-    """fp32 [T]: C for bce/mse (their divisor is kept rows * C), 1 for cross-entropy."""
-    return torch.tensor([1.0 if h.is_ce else float(h.num_cols) for h in heads], dtype=torch.float32, device=device)
+    """fp32 [T]: C for small bce/mse tasks (their divisor is kept rows * C, the kernel counts
+    rows), 1 for cross-entropy and for the wide path (whose counts include C)."""
+    wide = _wide_tasks(heads)
+    scale = [1.0 if h.is_ce or i in wide else float(h.num_cols) for i, h in enumerate(heads)]
+    return torch.tensor(scale, dtype=torch.float32, device=device)
 
 
 # Device tables of label addresses by (device, addresses): a training loop that reallocates
@@ -310,6 +327,51 @@ def _large_backward(
         addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=0.0 if first else 1.0)
 
 
+def _wide_chunks(problem: HeadProblem, head: HeadSpec, rows_all: Tensor, weight: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """Walks a wide-path head by chunks of rows of at most ``LARGE_CHUNK_ELEMENTS`` logits,
+    yielding ``(rows, logits)``: the chunk's rows of ``rows_all`` (the head's rows in the
+    computation dtype) and its fp32 logits [rows, C] with the bias (``weight``: the head's
+    weight rows in the computation dtype)."""
+    bias = problem.bias[head.col_start : head.col_end].to(torch.float32)
+    chunk_rows = problem.chunk_size or max(1, LARGE_CHUNK_ELEMENTS // head.num_cols)
+    for r0, r1 in _spans(rows_all.shape[0], chunk_rows):
+        yield slice(r0, r1), mm_acc(rows_all[r0:r1], weight.t(), torch.float32).add_(bias)
+
+
+def _wide_weight(problem: HeadProblem, head: HeadSpec) -> Tensor:
+    return weight_in(problem.compute_dtype, problem.weight[head.col_start : head.col_end])
+
+
+def _wide_forward(problem: HeadProblem, index: int, sums: Tensor, counts: Tensor) -> None:
+    """Adds a wide-path task's loss sum to ``sums`` [T] and its divisor's count to ``counts``."""
+    head = problem.heads[index]
+    (group,) = torch_chunked.task_span(problem.heads, index, problem.hidden.device).groups
+    state = group.prepare(problem, counts)
+    for rows, logits in _wide_chunks(problem, head, _large_rows(problem, head), _wide_weight(problem, head)):
+        group.apply_(logits, rows, state, None, sums)
+
+
+def _wide_backward(problem: HeadProblem, index: int, scales: Tensor, grad_rows: Tensor | None, grad_weight: Tensor,
+                   grad_bias: Tensor) -> None:  # fmt: skip
+    """Adds a wide-path task's gradients into ``grad_rows`` (fp32 [rows, D]; None: not needed)
+    and writes its rows of ``grad_weight`` and ``grad_bias`` (fp32): per chunk, logits
+    recomputed and turned into fp32 ``dlogits`` scaled by ``scales`` [T], then GEMMs."""
+    head = problem.heads[index]
+    cols = slice(head.col_start, head.col_end)
+    (group,) = torch_chunked.task_span(problem.heads, index, problem.hidden.device).groups
+    state = group.prepare(problem, torch.zeros_like(scales))
+    grad_weight[cols].zero_()
+    grad_bias[cols].zero_()
+    rows_all, weight = _large_rows(problem, head), _wide_weight(problem, head)
+    weight_fp32 = weight.to(torch.float32)
+    for rows, dlogits in _wide_chunks(problem, head, rows_all, weight):
+        group.apply_(dlogits, rows, state, scales, torch.zeros_like(scales))
+        if grad_rows is not None:
+            grad_rows[rows].addmm_(dlogits, weight_fp32)
+        grad_weight[cols].addmm_(dlogits.t(), rows_all[rows].to(torch.float32))
+        grad_bias[cols] += dlogits.sum(dim=0)
+
+
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
     """Programs owning partial dW/db buffers, or 0 for float atomics."""
     per_program = plan.n_groups * plan.block_c * (problem.hidden.shape[1] + 1) * 4
@@ -359,7 +421,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     sums, counts = torch.zeros((2, n_tasks), dtype=torch.float32, device=device).unbind(0)
     table = _target_table(problem)
     large = _large_tasks(heads)
-    if len(large) < n_tasks:
+    if _small_tasks(heads):
         plan = _small_plan(heads, device)
         programs = _partial_programs(problem, plan) if problem.deterministic else 0
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
@@ -380,6 +442,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         sums[i] = torch.where(kept, row_loss, 0.0).sum()
         counts[i] = kept.sum(dtype=torch.float32)
         saved_large += [lse, target]
+    for i in _wide_tasks(heads):
+        _wide_forward(problem, i, sums, counts)
     losses = alloc_output((n_tasks,), torch.float32, device)
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
@@ -399,8 +463,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
     grad_out = grad_total.to(torch.float32).contiguous()
-    large = _large_tasks(heads)
-    plan = _small_plan(heads, device) if len(large) < len(heads) else None
+    large, wide = _large_tasks(heads), _wide_tasks(heads)
+    plan = _small_plan(heads, device) if _small_tasks(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
     # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here.
@@ -414,17 +478,21 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     # skips its dH half and the vocabulary path its dH GEMM.
     hidden_grad = problem.hidden_grad
     dh_large = None
-    if large:
+    if large or wide:
         scale = loss_scale * grad_out
         if hidden_grad:
             dh_large = torch.zeros((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
+
+        def grad_rows_of(head: HeadSpec) -> Tensor | None:
+            if dh_large is None:
+                return None
+            return problem.level_rows(head.is_token, dh_large[:n_hidden], dh_large[n_hidden:])
+
         for i, lse, target in zip(large, saved_large[::2], saved_large[1::2]):
-            head = heads[i]
-            grad_rows = None
-            if dh_large is not None:
-                grad_rows = problem.level_rows(head.is_token, dh_large[:n_hidden], dh_large[n_hidden:])
             row_scale = torch.where(target >= 0, scale[i], 0.0)
-            _large_backward(problem, head, target, lse, row_scale, grad_rows, grad_weight, grad_bias)
+            _large_backward(problem, heads[i], target, lse, row_scale, grad_rows_of(heads[i]), grad_weight, grad_bias)
+        for i in wide:
+            _wide_backward(problem, i, scale, grad_rows_of(heads[i]), grad_weight, grad_bias)
 
     grad_hidden = grad_pooled = None
     if plan is not None:
@@ -472,8 +540,7 @@ def saved_like(problem: HeadProblem) -> list[Tensor]:
         return torch_chunked.saved_like(problem)
     count = len(problem.heads)
     saved = [problem.hidden.new_empty((count,), dtype=torch.float32), problem.hidden.new_empty((count,), dtype=torch.int64)]
-    for head in problem.heads:
-        if _is_large(head):
-            rows = (problem.rows_for(head).shape[0],)
-            saved += [problem.hidden.new_empty(rows, dtype=torch.float32), problem.hidden.new_empty(rows, dtype=torch.int32)]
+    for i in _large_tasks(problem.heads):
+        rows = (problem.rows_for(problem.heads[i]).shape[0],)
+        saved += [problem.hidden.new_empty(rows, dtype=torch.float32), problem.hidden.new_empty(rows, dtype=torch.int32)]
     return saved

@@ -94,15 +94,58 @@ def test_large_cross_entropy_path(dtype, trial):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/large/{dtype}")
 
 
-def test_vocabulary_head_with_class_weights():
-    """A class-weighted head wider than MAX_BLOCK_C runs the torch path (the vocabulary path
-    has no class weights), beside class-weighted small heads."""
+def _wide_path_case(rng: random.Random):
+    """Tasks wider than MAX_BLOCK_C that neither kernel takes (bce, mse, class-weighted
+    cross-entropy), with a vocabulary head and small heads, on random levels."""
+    level = lambda: rng.choice(["token", "sequence"])  # noqa: E731
+    classes = rng.randint(129, 200)
+    tasks = [
+        Task("tags", rng.randint(129, 260), "bce", level=level(), pos_weight=rng.choice([None, 2.5])),
+        Task("reg", rng.randint(129, 200), "mse", level=level()),
+        Task("weighted", classes, "cross_entropy", level=level(), label_smoothing=rng.choice([0.0, 0.1]),
+             class_weights=[rng.choice([0.0, rng.uniform(0.1, 3.0)]) for _ in range(classes)]),
+        Task("vocab", rng.randint(129, 300), "cross_entropy", level=level()),
+        Task("cls", 4, "cross_entropy", class_weights=rng.choice([None, (0.5, 1.0, 2.0, 0.0)])),
+        Task("ner", 3, "bce", level="token"),
+    ]  # fmt: skip
+    tasks = [tasks[0], *rng.sample(tasks[1:], rng.randint(1, len(tasks) - 1))]
+    case = case_for(tasks, (2, rng.randint(1, 6), rng.choice([7, 24])))
+    if rng.random() < 0.3:
+        case.pooled = torch.randn(2, case.hidden.shape[-1])
+    return case
+
+
+@pytest.fixture
+def no_delegation(monkeypatch):
+    """Fails a test if the triton backend hands the whole call to the torch backend."""
+    from mtlfast.backends import torch_chunked
+
+    def delegated(*args, **kwargs):
+        raise AssertionError("the triton backend delegated the call to the torch backend")
+
+    for name in ("forward", "backward", "saved_like"):
+        monkeypatch.setattr(torch_chunked, name, delegated)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(3))
+def test_wide_path_beside_the_kernels(no_delegation, dtype, trial):
+    """A wide bce/mse or class-weighted cross-entropy head no longer sends the whole call to the
+    torch backend: it takes the wide path (rows in chunks, a few rows each in odd trials) while
+    the other heads stay on the kernels."""
     rng = random.Random(fresh_seed())
-    tasks = [Task("vocab", 150, "cross_entropy", level="token", class_weights=[rng.uniform(0, 3) for _ in range(150)]),
-             Task("cls", 4, "cross_entropy", label_smoothing=0.2, class_weights=[0.5, 1.0, 2.0, 0.0])]  # fmt: skip
-    case = case_for(tasks, (2, 5, 13))
-    out, grads = run_heads(case, "triton", torch.float32)
-    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/class-weighted vocab")
+    case = _wide_path_case(rng)
+    kwargs = {"chunk_size": rng.randint(1, 5)} if trial % 2 else {}
+    out, grads = run_heads(case, "triton", dtype, **kwargs)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/wide/{dtype}")
+
+
+def test_wide_path_frozen_and_fp32_rows(no_delegation):
+    """The wide path with hidden states that need no gradient, and with fp32 rows under fp16
+    autocast (cast once per pass, dH in fp32)."""
+    case = _wide_path_case(random.Random(fresh_seed()))
+    check_frozen_hidden(case, "triton", torch.float32)
+    check_autocast_reads_fp32_rows(case, "triton", torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
