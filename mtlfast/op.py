@@ -66,23 +66,18 @@ class HeadCall:
         )
 
     def flat(self) -> tuple:
-        """The call as the custom op's scalar arguments; the heads' column weights
-        concatenated, with a flag per head."""
+        """The call as the custom op's scalar arguments; each head's column weights as the key
+        they are registered under (-1 for none)."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        column_weights = [w for h in self.heads if h.column_weights is not None for w in h.column_weights.values]
-        has_column_weights = [h.column_weights is not None for h in self.heads]
-        return (*columns, column_weights, has_column_weights, self.compute_dtype, self.backend, self.chunk_size,
-                self.deterministic, self.hidden_grad)  # fmt: skip
+        column_weights = [-1 if h.column_weights is None else h.column_weights.key for h in self.heads]
+        return (*columns, column_weights, self.compute_dtype, self.backend, self.chunk_size, self.deterministic,
+                self.hidden_grad)  # fmt: skip
 
     @classmethod
     def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                  has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                  compute_grad) -> HeadCall:  # fmt: skip
-        weights, start = [], 0
-        for cols, has in zip(num_cols, has_column_weights):
-            weights.append(ColumnWeights(column_weights[start : start + cols]) if has else None)
-            start += cols if has else 0
+                  compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
+        weights = [None if key < 0 else ColumnWeights.registered(key) for key in column_weights]
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
         return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad, compute_dtype)
@@ -210,8 +205,7 @@ def _custom_forward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
-    column_weights: List[float],
-    has_column_weights: List[bool],
+    column_weights: List[int],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -222,8 +216,7 @@ def _custom_forward(
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                              compute_grad)  # fmt: skip
+                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -258,8 +251,7 @@ def _custom_backward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
-    column_weights: List[float],
-    has_column_weights: List[bool],
+    column_weights: List[int],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -270,8 +262,7 @@ def _custom_backward(
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              has_column_weights, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                              True)  # fmt: skip
+                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one

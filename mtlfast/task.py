@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -47,13 +49,28 @@ class HeadSpec(NamedTuple):
 class ColumnWeights:
     """A head's per-column loss weights (``values``, C floats), hashed once: a vocabulary
     head's class weights are 100k+ floats, and the backends' caches hash a call's heads on
-    every step."""
+    every step. Each is registered under ``key``, a digest of its values (the same in every
+    process), so that the fused op names it with one integer: ``torch.compile`` writes the op's
+    arguments into its graph, and 100k floats there cost seconds of compile time and
+    milliseconds a step."""
 
-    __slots__ = ("values", "_hash")
+    __slots__ = ("values", "key", "_hash")
+    _registry: dict[int, ColumnWeights] = {}
 
     def __init__(self, values) -> None:
-        self.values = tuple(values)
+        self.values = tuple(float(v) for v in values)
         self._hash = hash(self.values)
+        digest = hashlib.blake2b(struct.pack(f"<{len(self.values)}d", *self.values), digest_size=8).digest()
+        self.key = int.from_bytes(digest, "little") >> 1  # fits an int64 argument
+        ColumnWeights._registry.setdefault(self.key, self)
+
+    @classmethod
+    def registered(cls, key: int) -> ColumnWeights:
+        """The column weights registered under ``key``."""
+        try:
+            return cls._registry[key]
+        except KeyError:
+            raise ValueError(f"no column weights registered under key {key} in this process") from None
 
     def __hash__(self) -> int:
         return self._hash

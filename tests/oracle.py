@@ -405,7 +405,8 @@ def check_compiled_over_shapes(backend: str, device: str) -> None:
     hidden_size = 24
     tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"),
              Task("lm", 301, "cross_entropy", level="token", label_smoothing=0.05), Task("reg", 2, "mse"),
-             Task("tags", 5, "bce", level="token", pos_weight=(0.5, 1.0, 2.0, 3.0, 0.0))]  # fmt: skip
+             Task("tags", 5, "bce", level="token", pos_weight=(0.5, 1.0, 2.0, 3.0, 0.0)),
+             Task("weighted", 150, "cross_entropy", level="token", class_weights=[0.5 + k % 4 for k in range(150)])]  # fmt: skip
     heads = MultiTaskHeads(hidden_size, tasks, backend=backend).to(device)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(lambda h, y, m: heads(h, y, attention_mask=m), fullgraph=True, backend=counter)

@@ -6,6 +6,8 @@ import torch
 from oracle import case_for, check_compiled_over_shapes
 
 from mtlfast import MultiTaskHeads, Task
+from mtlfast.op import HeadCall
+from mtlfast.task import ColumnWeights, TaskLayout
 
 
 def test_compile_fullgraph_matches_eager():
@@ -78,3 +80,21 @@ def test_compile_under_autocast_with_fp32_hidden_states(backend):
     assert results[0][1].dtype == torch.float32
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_column_weights_travel_as_one_key_per_head():
+    """Under torch.compile the op's arguments are written into the graph: a head's class or
+    positive weights go as one integer key (the same in every process), not as C floats."""
+    weights = torch.rand(5000).tolist()
+    tasks = (Task("vocab", 5000, "cross_entropy", level="token", class_weights=weights), Task("cls", 3, "cross_entropy"),
+             Task("tags", 4, "bce", pos_weight=2.0))  # fmt: skip
+    heads = TaskLayout(tasks).heads
+    call = HeadCall(heads, 7, "torch", 0, False, True, True, torch.float32)
+    flat = call.flat()
+    assert all(len(field) == 3 for field in flat[:7])
+    keys = flat[6]
+    assert keys[1] == -1 and keys[0] == ColumnWeights(weights).key and keys[2] == ColumnWeights([2.0] * 4).key
+    again = HeadCall.from_flat(7, *flat, True)
+    assert again == call and again.heads[0].column_weights is heads[0].column_weights
+    with pytest.raises(ValueError, match="no column weights registered"):
+        ColumnWeights.registered(-5)
