@@ -64,6 +64,11 @@ class ColumnWeights:
         self.key = int.from_bytes(digest, "little") >> 1  # fits an int64 argument
         ColumnWeights._registry.setdefault(self.key, self)
 
+    def __reduce__(self):
+        # Rebuilt through __init__ when unpickled or copied, so that a model loaded in another
+        # process registers its weights again.
+        return ColumnWeights, (self.values,)
+
     @classmethod
     def registered(cls, key: int) -> ColumnWeights:
         """The column weights registered under ``key``."""

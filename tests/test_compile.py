@@ -98,3 +98,16 @@ def test_column_weights_travel_as_one_key_per_head():
     assert again == call and again.heads[0].column_weights is heads[0].column_weights
     with pytest.raises(ValueError, match="no column weights registered"):
         ColumnWeights.registered(-5)
+
+
+def test_unpickled_column_weights_are_registered(monkeypatch):
+    """A model saved whole and loaded in another process (an empty registry) registers its
+    heads' weights again, so its compiled op finds them."""
+    import pickle
+
+    tasks = (Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, 2.0]), Task("tags", 2, "bce", pos_weight=4.0))
+    saved = pickle.dumps(MultiTaskHeads(8, list(tasks)))
+    monkeypatch.setattr(ColumnWeights, "_registry", {})
+    heads = pickle.loads(saved)
+    for spec in heads.layout.heads:
+        assert ColumnWeights.registered(spec.column_weights.key) == spec.column_weights
