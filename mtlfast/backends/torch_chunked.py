@@ -398,7 +398,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         for span, span_states in zip(spans, level_states):
             w_span, b_span = span.gather(weight), span.gather(bias)
             wide16 = problem.compute_grad and span.width >= WIDE_SPAN and cdtype == torch.bfloat16 and w_span.is_cuda
-            dh_now = problem.hidden_grad and not _dh_in_backward(problem, span.width)
+            deferred = _dh_in_backward(problem, span.width)
+            dh_now = problem.hidden_grad and not deferred
             if dh_now:
                 grad_rows_all = problem.level_rows(level == TOKEN, grad_hidden, grad_pooled)
                 w_grad = w_span if wide16 else w_span.to(acc)
@@ -406,10 +407,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
             if problem.compute_grad:
                 gw_span = grad_weight.new_zeros(span.width, grad_weight.shape[1]) if gathered else grad_weight[span.rows]
                 gb_span = grad_bias.new_zeros(span.width) if gathered else grad_bias[span.rows]
-            kept = torch.empty(rows_all.shape[0], span.width, dtype=acc, device=device) if (
-                _dh_in_backward(problem, span.width)
-            ) else None  # fmt: skip
-            if kept is not None:
+            kept = torch.empty(rows_all.shape[0], span.width, dtype=acc, device=device) if deferred else None
+            if deferred:
                 saved.append(kept)
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))

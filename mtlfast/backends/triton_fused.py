@@ -363,9 +363,9 @@ def _wide_backward(problem: HeadProblem, index: int, scales: Tensor, grad_rows: 
     grad_weight[cols].zero_()
     grad_bias[cols].zero_()
     rows_all, weight = _large_rows(problem, head), _wide_weight(problem, head)
-    weight_fp32 = weight.to(torch.float32)
+    weight_fp32, unused_sums = weight.to(torch.float32), torch.zeros_like(scales)
     for rows, dlogits in _wide_chunks(problem, head, rows_all, weight):
-        group.apply_(dlogits, rows, state, scales, torch.zeros_like(scales))
+        group.apply_(dlogits, rows, state, scales, unused_sums)
         if grad_rows is not None:
             grad_rows[rows].addmm_(dlogits, weight_fp32)
         grad_weight[cols].addmm_(dlogits.t(), rows_all[rows].to(torch.float32))
