@@ -205,8 +205,10 @@ class _OpCounter(TorchDispatchMode):
 
 def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
     """The torch backend computes a level's tasks of each loss together (cross-entropy ones in a
-    block per power-of-two bracket of C): its forward issues as many tensor ops for 120 tasks as
-    for 60 (levels alternating; C from 2 to 12: every bracket present in both, the wider ones padded)."""
+    block per power-of-two bracket of C, with class weights or without): its forward issues as
+    many tensor ops for 240 tasks as for 120 (levels alternating; C from 2 to 12, every fourth
+    task class-weighted, every other one smoothed: every kind of block present in both, the wider ones
+    padded)."""
     real_forward, counter = torch_chunked.forward, _OpCounter()
 
     def counted_forward(problem):
@@ -215,16 +217,22 @@ def test_torch_backend_ops_do_not_grow_with_tasks(monkeypatch):
 
     monkeypatch.setattr(torch_chunked, "forward", counted_forward)
     ops = {}
-    for num_tasks in (60, 120):
-        losses, levels = ("cross_entropy", "bce", "mse"), ("sequence", "token")
-        tasks = [Task(f"t{k}", 2 + (5 * k) % 11, losses[k % 3], level=levels[k // 3 % 2]) for k in range(num_tasks)]
-        case = case_for(tasks, (3, 5, 16))
+    losses, levels = ("cross_entropy", "bce", "mse"), ("sequence", "token")
+
+    def task(k: int) -> Task:
+        classes, loss = 2 + (5 * k) % 11, losses[k % 3]
+        ce = loss == "cross_entropy"
+        return Task(f"t{k}", classes, loss, level=levels[k // 3 % 2], label_smoothing=0.1 if ce and k % 2 else 0.0,
+                    class_weights=[0.5 + c % 3 for c in range(classes)] if ce and k % 4 == 0 else None)  # fmt: skip
+
+    for num_tasks in (120, 240):
+        case = case_for([task(k) for k in range(num_tasks)], (3, 5, 16))
         run_heads(case, "torch", torch.float32)  # builds the cached plan
         counter.ops = 0
         out, grads = run_heads(case, "torch", torch.float32)
         ops[num_tasks] = counter.ops
         assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{num_tasks} tasks")
-    assert ops[60] == ops[120], ops
+    assert ops[120] == ops[240], ops
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["first-token", "pooled"])

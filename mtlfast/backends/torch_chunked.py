@@ -3,9 +3,10 @@
 Rows are processed in chunks. Per chunk, one GEMM over the packed weight gives the fp32
 logits of all of a level's tasks of up to ``NARROW_MAX_COLS`` outputs (a span: their weight
 rows gathered once per call into the order below), and one GEMM per wider task its own.
-A span's tasks are not walked one by one: its cross-entropy tasks are one block [rows, tasks,
-C_max], its bce tasks and its mse tasks each one run of columns, so the ops per chunk do not
-grow with the number of tasks (a class-weighted cross-entropy task goes alone). The logits
+A span's tasks are not walked one by one: its cross-entropy tasks form a few blocks [rows,
+tasks, C_max] (one per power-of-two bracket of C, with class weights or without), its bce
+tasks and its mse tasks each one run of columns, so the ops per chunk do not grow with the
+number of tasks. The logits
 are turned in place into per-task loss sums and ``dlogits`` (already scaled by
 ``task_weight / divisor``); then ``dH[chunk] += dlogits @ W`` and ``dW += dlogits^T @ H[chunk]``
 accumulate in fp32.
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..task import BCE, MSE, SEQUENCE, TOKEN
-from .base import HeadProblem, HeadSpec, addmm_acc_, column_weight_tensor, mm_acc, weight_in, weighted_total
+from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in, weighted_total
 
 name = "torch"
 
@@ -49,36 +50,13 @@ def auto_chunk_rows(widest_span: int, hidden_size: int, device_type: str = "cpu"
     return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
 
 
-def _weighted_cross_entropy_(x: Tensor, target: Tensor, valid: Tensor, head: HeadSpec, scale: Tensor | None) -> Tensor:
-    """Loss sum of one class-weighted cross-entropy task's logits ``x`` [n, C]; with ``scale``,
-    ``x`` becomes ``scale * dloss/dx``. With class weights ``w`` a row's loss is ``(1 - eps) w_y
-    nll_y + eps / C sum_c w_c nll_c``, so ``lse`` counts ``coef = (1 - eps) w_y + eps / C sum w`` times."""
-    eps, inv_classes = head.label_smoothing, 1.0 / head.num_cols
-    weights = column_weight_tensor(head.column_weights, x.dtype, x.device)
-    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    w_target = weights[safe.squeeze(1)]
-    coef = (1.0 - eps) * w_target + eps * inv_classes * weights.sum()
-    x.sub_(x.amax(dim=1, keepdim=True))
-    rows = -(1.0 - eps) * w_target * x.gather(1, safe).squeeze(1)
-    if eps:
-        rows = rows - eps * inv_classes * (x @ weights)
-    x.exp_()
-    sumexp = x.sum(dim=1)
-    rows = rows + coef * sumexp.log()
-    loss = torch.where(valid, rows, torch.zeros_like(rows)).sum()
-    if scale is not None:
-        x.mul_((coef / sumexp).unsqueeze(1))
-        x.scatter_add_(1, safe, (-(1.0 - eps) * w_target).unsqueeze(1))
-        if eps:
-            x.sub_(eps * inv_classes * weights)
-        x.mul_(torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1))
-    return loss
-
-
 class _CrossEntropyGroup(NamedTuple):
-    """Unweighted cross-entropy tasks of one span with C in one power-of-two bracket, computed
-    together as one block of logits [rows, G, C_max], a view of the span's columns (a narrower
-    task's last columns are padding: less than half of the block)."""
+    """Cross-entropy tasks of one span with C in one power-of-two bracket, all with class
+    weights or all without, computed together as one block of logits [rows, G, C_max], a view
+    of the span's columns (a narrower task's last columns are padding: less than half of the
+    block). With class weights ``w`` a row's loss is ``(1 - eps) w_y nll_y + eps / C sum_c w_c
+    nll_c``, so its log-sum-exp counts ``coef = (1 - eps) w_y + eps / C sum_c w_c`` times (1
+    without weights)."""
 
     tasks: tuple[int, ...]
     is_token: bool
@@ -87,21 +65,29 @@ class _CrossEntropyGroup(NamedTuple):
     ignore_index: Tensor  # int64 [G]
     target_coef: Tensor  # acc [G]: 1 - label smoothing
     smoothing_per_class: Tensor | None  # acc [G]: label smoothing / C; None when no task smooths
+    class_weights: Tensor | None  # acc [G, C_max], 0 on padding; None for none
+    weight_sums: Tensor | None  # acc [G]: each task's summed class weights
     first_col: int  # the span column where the block starts
     width: int  # C_max
     pad: Tensor | None  # bool [G, C_max]: padding columns; None for none
 
-    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool)``; adds the
-        tasks' kept row counts to ``counts`` [T]."""
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool, the class weight
+        of each row's target [R, G] or None)``; adds the tasks' divisors to ``counts`` [T]: kept
+        rows, or their targets' summed class weights."""
         target = torch.stack([problem.targets[i] for i in self.tasks], dim=1)
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
         if self.is_token and problem.token_mask is not None:
             valid &= problem.token_mask.unsqueeze(1)
-        counts.index_add_(0, self.task_index, valid.sum(dim=0, dtype=counts.dtype))
-        return torch.where(valid, target, 0), valid
+        target = torch.where(valid, target, 0)
+        if self.class_weights is None:
+            counts.index_add_(0, self.task_index, valid.sum(dim=0, dtype=counts.dtype))
+            return target, valid, None
+        target_weight = self.class_weights.expand(target.shape[0], -1, -1).gather(2, target.unsqueeze(2)).squeeze(2)
+        counts.index_add_(0, self.task_index, torch.where(valid, target_weight, 0.0).sum(dim=0))
+        return target, valid, target_weight
 
-    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
+    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor, Tensor | None], scales: Tensor | None,
                sums: Tensor) -> None:  # fmt: skip
         """Adds the tasks' loss sums over ``rows`` to ``sums`` [T]; with ``scales`` [T], turns their
         columns of ``logits`` [rows, span width] into ``scale * dloss/dlogits``."""
@@ -111,20 +97,28 @@ class _CrossEntropyGroup(NamedTuple):
         if self.pad is not None:  # their weight rows are 0, and so is their gradient's effect on dH
             x.masked_fill_(self.pad, float("-inf"))
         x.sub_(x.amax(dim=2, keepdim=True))
-        row_loss = -self.target_coef * x.gather(2, target).squeeze(2)
+        # -(1 - eps) w_y x_y - eps / C sum_c w_c x_c + coef * lse, on logits shifted by their row max
+        target_coef = self.target_coef if self.class_weights is None else self.target_coef * state[2][rows]
+        row_loss = -target_coef * x.gather(2, target).squeeze(2)
         if self.smoothing_per_class is not None:
-            summed = x.sum(dim=2) if self.pad is None else x.masked_fill(self.pad, 0.0).sum(dim=2)
+            finite = x if self.pad is None else x.masked_fill(self.pad, 0.0)
+            summed = finite.sum(dim=2) if self.class_weights is None else (finite * self.class_weights).sum(dim=2)
             row_loss -= self.smoothing_per_class * summed
         x.exp_()
         sumexp = x.sum(dim=2)
-        row_loss += sumexp.log()
+        if self.class_weights is None:
+            row_loss += sumexp.log()
+        else:
+            coef = target_coef if self.smoothing_per_class is None else target_coef + self.smoothing_per_class * self.weight_sums
+            row_loss += coef * sumexp.log()
         sums.index_add_(0, self.task_index, torch.where(valid, row_loss, 0.0).sum(dim=0))
         if scales is None:
             return
-        x.div_(sumexp.unsqueeze(2))
-        x.scatter_add_(2, target, (-self.target_coef).expand(n, tasks).unsqueeze(2))
+        x.div_(sumexp.unsqueeze(2) if self.class_weights is None else (sumexp / coef).unsqueeze(2))
+        x.scatter_add_(2, target, (-target_coef).expand(n, tasks).unsqueeze(2))
         if self.smoothing_per_class is not None:
-            x.sub_(self.smoothing_per_class.unsqueeze(1))
+            smoothing = self.smoothing_per_class.unsqueeze(1)
+            x.sub_(smoothing if self.class_weights is None else smoothing * self.class_weights)
         x.mul_(torch.where(valid, scales[self.task_index], 0.0).unsqueeze(2))
 
 
@@ -190,25 +184,7 @@ class _DenseGroup(NamedTuple):
             x.sigmoid_().mul_(log_weight).sub_(self.pos_weight * y).mul_(scale)
 
 
-class _ClassWeightedTask(NamedTuple):
-    """A cross-entropy task with class weights, on its own (:func:`_weighted_cross_entropy_`)."""
-
-    index: int
-    head: HeadSpec
-    first_col: int
-
-    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
-        counts[self.index] = problem.class_weight_count(self.index)
-        return problem.targets[self.index], problem.valid_rows(self.index)
-
-    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
-               sums: Tensor) -> None:  # fmt: skip
-        x = logits[:, self.first_col : self.first_col + self.head.num_cols]
-        scale = None if scales is None else scales[self.index]
-        sums[self.index] += _weighted_cross_entropy_(x, state[0][rows], state[1][rows], self.head, scale)
-
-
-_Group = _CrossEntropyGroup | _DenseGroup | _ClassWeightedTask
+_Group = _CrossEntropyGroup | _DenseGroup
 
 
 class _Span(NamedTuple):
@@ -239,12 +215,14 @@ def _long(values: list[int], device: torch.device) -> Tensor:
 
 
 def _cross_entropy_blocks(heads: tuple[HeadSpec, ...], tasks: list[int]) -> list[tuple[list[int], int]]:
-    """``(tasks, C_max)`` of each block of unweighted cross-entropy tasks: one per power-of-two
-    bracket of C, so that padding stays under half of a block (one wide task among binary ones
-    does not pad them all), and there are at most 8 blocks whatever the number of tasks."""
-    plain = [i for i in tasks if heads[i].is_ce and not heads[i].column_weights]
-    brackets = sorted({(heads[i].num_cols - 1).bit_length() for i in plain})
-    blocks = [[i for i in plain if (heads[i].num_cols - 1).bit_length() == b] for b in brackets]
+    """``(tasks, C_max)`` of each block of cross-entropy tasks: one per power-of-two bracket of C,
+    with class weights or without, so that padding stays under half of a block (one wide task
+    among binary ones does not pad them all) and there are at most 16 blocks whatever the number
+    of tasks."""
+    ce = [i for i in tasks if heads[i].is_ce]
+    kinds = sorted({(bool(heads[i].column_weights), (heads[i].num_cols - 1).bit_length()) for i in ce})
+    blocks = [[i for i in ce if (bool(heads[i].column_weights), (heads[i].num_cols - 1).bit_length()) == k]
+              for k in kinds]  # fmt: skip
     return [(block, max(heads[i].num_cols for i in block)) for block in blocks]
 
 
@@ -253,6 +231,10 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
     specs = [heads[i] for i in tasks]
     smoothing = [h.label_smoothing for h in specs]
     padded = any(h.num_cols < width for h in specs)
+    weights = None
+    if specs[0].column_weights:
+        weights = torch.tensor([[*h.column_weights.values, *[0.0] * (width - h.num_cols)] for h in specs], dtype=acc,
+                               device=device)  # fmt: skip
     return _CrossEntropyGroup(
         tasks=tuple(tasks),
         is_token=specs[0].is_token,
@@ -262,6 +244,8 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
         target_coef=torch.tensor([1.0 - e for e in smoothing], dtype=acc, device=device),
         smoothing_per_class=torch.tensor([e / h.num_cols for e, h in zip(smoothing, specs)], dtype=acc,
                                          device=device) if any(smoothing) else None,  # fmt: skip
+        class_weights=weights,
+        weight_sums=None if weights is None else weights.sum(dim=1),
         first_col=first_col,
         width=width,
         pad=torch.tensor([[c >= h.num_cols for c in range(width)] for h in specs], device=device) if padded else None,
@@ -292,8 +276,7 @@ def _dense_group(heads: tuple[HeadSpec, ...], kind: int, tasks: list[int], first
 
 def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device, acc: torch.dtype) -> _Span:
     """One GEMM's worth of tasks and their groups, each on adjacent span columns: the blocks of
-    unweighted cross-entropy tasks (:func:`_cross_entropy_blocks`), then the bce tasks, the mse
-    tasks and each class-weighted cross-entropy task."""
+    cross-entropy tasks (:func:`_cross_entropy_blocks`), then the bce tasks and the mse tasks."""
     layout: list[int] = []  # the packed row of each span column, -1 for padding
     groups: list[_Group] = []
     for block, width in _cross_entropy_blocks(heads, members):
@@ -305,10 +288,6 @@ def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device,
         if tasks:
             groups.append(_dense_group(heads, kind, tasks, len(layout), device, acc))
             layout += [c for i in tasks for c in range(heads[i].col_start, heads[i].col_end)]
-    for i in members:
-        if heads[i].is_ce and heads[i].column_weights:
-            groups.append(_ClassWeightedTask(i, heads[i], len(layout)))
-            layout += range(heads[i].col_start, heads[i].col_end)
     if layout == list(range(layout[0], layout[0] + len(layout))):
         return _Span(slice(layout[0], layout[0] + len(layout)), None, len(layout), tuple(groups))
     rows = [(row, col) for col, row in enumerate(layout) if row >= 0]
