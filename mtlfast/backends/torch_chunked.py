@@ -38,8 +38,7 @@ WIDE_SPAN = 1024
 # on a GPU, where every chunk also re-reads and re-writes the fp32 dW of its columns, so
 # a vocabulary head needs chunks of ~1k rows to amortise that pass.
 LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
-# Tasks of up to this many outputs share one GEMM per level (their cross-entropy tasks one
-# padded block [rows, tasks, C_max]); a wider task has a GEMM of its own.
+# Tasks of up to this many outputs share one GEMM per level; a wider task has a GEMM of its own.
 NARROW_MAX_COLS = 128
 
 
