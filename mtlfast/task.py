@@ -55,6 +55,8 @@ class ColumnWeights:
     milliseconds a step."""
 
     __slots__ = ("values", "key", "_hash")
+    # Strong references: a compiled graph names weights by key alone, after the objects that
+    # built it (a task layout made per call, say) are gone.
     _registry: dict[int, ColumnWeights] = {}
 
     def __init__(self, values) -> None:
