@@ -67,17 +67,27 @@ class HeadCall:
 
     def flat(self) -> tuple:
         """The call as the custom op's scalar arguments; each head's column weights as the key
-        they are registered under (-1 for none)."""
+        they are registered under (-1 for none, -2 for weights that travel as their values, in
+        ``column_weight_values``)."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
-        column_weights = [-1 if h.column_weights is None else h.column_weights.key for h in self.heads]
-        return (*columns, column_weights, self.compute_dtype, self.backend, self.chunk_size, self.deterministic,
+        weights = [h.column_weights for h in self.heads]
+        keys = [-1 if w is None else w.key if w.by_key else -2 for w in weights]
+        values = [v for w in weights if w is not None and not w.by_key for v in w.values]
+        return (*columns, keys, values, self.compute_dtype, self.backend, self.chunk_size, self.deterministic,
                 self.hidden_grad)  # fmt: skip
 
     @classmethod
     def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                  compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
-        weights = [None if key < 0 else ColumnWeights.registered(key) for key in column_weights]
+                  column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                  compute_grad) -> HeadCall:  # fmt: skip
+        weights, start = [], 0
+        for key, cols in zip(column_weights, num_cols):
+            if key == -2:
+                weights.append(ColumnWeights(column_weight_values[start : start + cols]))
+                start += cols
+            else:
+                weights.append(None if key < 0 else ColumnWeights.registered(key))
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
         return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad, compute_dtype)
@@ -206,6 +216,7 @@ def _custom_forward(
     ignore_index: List[int],
     label_smoothing: List[float],
     column_weights: List[int],
+    column_weight_values: List[float],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -216,7 +227,8 @@ def _custom_forward(
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, compute_grad)  # fmt: skip
+                              column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                              compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -252,6 +264,7 @@ def _custom_backward(
     ignore_index: List[int],
     label_smoothing: List[float],
     column_weights: List[int],
+    column_weight_values: List[float],
     compute_dtype: torch.dtype,
     backend: str,
     chunk_size: int,
@@ -262,7 +275,8 @@ def _custom_backward(
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              compute_dtype, backend, chunk_size, deterministic, hidden_grad, True)  # fmt: skip
+                              column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
+                              True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one

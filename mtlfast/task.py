@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import torch
 
 LOSSES = ("cross_entropy", "bce", "mse")
 LEVELS = ("sequence", "token")
@@ -49,12 +49,14 @@ class HeadSpec(NamedTuple):
 class ColumnWeights:
     """A head's per-column loss weights (``values``, C floats), hashed once: a vocabulary
     head's class weights are 100k+ floats, and the backends' caches hash a call's heads on
-    every step. Each is registered under ``key``, a digest of its values (the same in every
-    process), so that the fused op names it with one integer: ``torch.compile`` writes the op's
-    arguments into its graph, and 100k floats there cost seconds of compile time and
-    milliseconds a step."""
+    every step. Each is registered under ``key``, the hash of its values made non-negative (the
+    same in every process: floats and tuples hash without a seed), so that the fused op names it
+    with one integer: ``torch.compile`` writes the op's arguments into its graph, and 100k
+    floats there cost seconds of compile time and milliseconds a step. Weights built while
+    ``torch.compile`` traces (tasks made inside the compiled function) are only registered once
+    the graph has run, so those travel as their values (``by_key`` False)."""
 
-    __slots__ = ("values", "key", "_hash")
+    __slots__ = ("values", "key", "by_key", "_hash")
     # Strong references: a compiled graph names weights by key alone, after the objects that
     # built it (a task layout made per call, say) are gone.
     _registry: dict[int, ColumnWeights] = {}
@@ -62,8 +64,8 @@ class ColumnWeights:
     def __init__(self, values) -> None:
         self.values = tuple(float(v) for v in values)
         self._hash = hash(self.values)
-        digest = hashlib.blake2b(struct.pack(f"<{len(self.values)}d", *self.values), digest_size=8).digest()
-        self.key = int.from_bytes(digest, "little") >> 1  # fits an int64 argument
+        self.key = self._hash & ((1 << 62) - 1)
+        self.by_key = not torch.compiler.is_compiling()
         ColumnWeights._registry.setdefault(self.key, self)
 
     def __reduce__(self):

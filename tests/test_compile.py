@@ -92,8 +92,9 @@ def test_column_weights_travel_as_one_key_per_head():
     call = HeadCall(heads, 7, "torch", 0, False, True, True, torch.float32)
     flat = call.flat()
     assert all(len(field) == 3 for field in flat[:7])
-    keys = flat[6]
+    keys, values = flat[6], flat[7]
     assert keys[1] == -1 and keys[0] == ColumnWeights(weights).key and keys[2] == ColumnWeights([2.0] * 4).key
+    assert values == []
     again = HeadCall.from_flat(7, *flat, True)
     assert again == call and again.heads[0].column_weights is heads[0].column_weights
     with pytest.raises(ValueError, match="no column weights registered"):
@@ -111,3 +112,28 @@ def test_unpickled_column_weights_are_registered(monkeypatch):
     heads = pickle.loads(saved)
     for spec in heads.layout.heads:
         assert ColumnWeights.registered(spec.column_weights.key) == spec.column_weights
+
+
+def test_tasks_built_inside_the_compiled_function():
+    """Tasks made inside the compiled function (the functional API): their weights are built while
+    dynamo traces, registered only after the graph runs, so they travel as values; the compiled
+    loss and gradients match eager mode's."""
+    from mtlfast.functional import multitask_loss
+
+    torch._dynamo.reset()
+    weight = torch.randn(7, 16, requires_grad=True)
+    bias = torch.zeros(7, requires_grad=True)
+    scale = torch.rand(()).item() + 0.5
+
+    def loss(hidden, labels):
+        tasks = [Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, scale]), Task("tags", 4, "bce", pos_weight=scale)]
+        return multitask_loss(hidden, weight, bias, tasks, labels, backend="torch").loss
+
+    hidden = torch.randn(5, 16)
+    labels = {"cls": torch.randint(0, 3, (5,)), "tags": torch.rand(5, 4)}
+    results = []
+    for step in (torch.compile(loss, fullgraph=True), loss):
+        value = step(hidden, labels)
+        results.append((value.detach(), *torch.autograd.grad(value, (weight, bias))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
