@@ -67,13 +67,13 @@ class HeadCall:
 
     def flat(self) -> tuple:
         """The call as the custom op's scalar arguments; each head's column weights as the key
-        they are registered under (-1 for none, -2 for weights that travel as their values, in
-        ``column_weight_values``)."""
+        they are registered under (-1 for none; ``ColumnWeights.BY_VALUE`` for weights that
+        travel as their values, in ``column_weight_values``)."""
         columns = [[getattr(h, f) for h in self.heads] for f in
                    ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
         weights = [h.column_weights for h in self.heads]
-        keys = [-1 if w is None else w.key if w.by_key else -2 for w in weights]
-        values = [v for w in weights if w is not None and not w.by_key for v in w.values]
+        keys = [-1 if w is None else w.key for w in weights]
+        values = [v for w in weights if w is not None and w.key == ColumnWeights.BY_VALUE for v in w.values]
         return (*columns, keys, values, self.compute_dtype, self.backend, self.chunk_size, self.deterministic,
                 self.hidden_grad)  # fmt: skip
 
@@ -83,7 +83,7 @@ class HeadCall:
                   compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
         for key, cols in zip(column_weights, num_cols):
-            if key == -2:
+            if key == ColumnWeights.BY_VALUE:
                 weights.append(ColumnWeights(column_weight_values[start : start + cols]))
                 start += cols
             else:

@@ -53,20 +53,23 @@ class ColumnWeights:
     same in every process: floats and tuples hash without a seed), so that the fused op names it
     with one integer: ``torch.compile`` writes the op's arguments into its graph, and 100k
     floats there cost seconds of compile time and milliseconds a step. Weights built while
-    ``torch.compile`` traces (tasks made inside the compiled function) are only registered once
-    the graph has run, so those travel as their values (``by_key`` False)."""
+    ``torch.compile`` traces (tasks made inside the compiled function) would only be registered
+    once the graph has run: they are not, and travel as their values (``key`` is
+    :data:`BY_VALUE`); they are hashed when first needed, outside the trace."""
 
-    __slots__ = ("values", "key", "by_key", "_hash")
+    __slots__ = ("values", "key", "_hash")
+    BY_VALUE = -2
     # Strong references: a compiled graph names weights by key alone, after the objects that
     # built it (a task layout made per call, say) are gone.
     _registry: dict[int, ColumnWeights] = {}
 
     def __init__(self, values) -> None:
         self.values = tuple(float(v) for v in values)
-        self._hash = hash(self.values)
-        self.key = self._hash & ((1 << 62) - 1)
-        self.by_key = not torch.compiler.is_compiling()
-        ColumnWeights._registry.setdefault(self.key, self)
+        self._hash = None
+        self.key = ColumnWeights.BY_VALUE
+        if not torch.compiler.is_compiling():
+            self.key = hash(self) & ((1 << 62) - 1)
+            ColumnWeights._registry.setdefault(self.key, self)
 
     def __reduce__(self):
         # Rebuilt through __init__ when unpickled or copied, so that a model loaded in another
@@ -82,10 +85,12 @@ class ColumnWeights:
             raise ValueError(f"no column weights registered under key {key} in this process") from None
 
     def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self.values)
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ColumnWeights) and self._hash == other._hash and self.values == other.values
+        return isinstance(other, ColumnWeights) and hash(self) == hash(other) and self.values == other.values
 
     def __repr__(self) -> str:
         return f"ColumnWeights({len(self.values)} values)"
@@ -208,7 +213,7 @@ class TaskLayout:
             if not isinstance(task, Task):
                 raise TypeError(f"tasks must be mtlfast.Task instances, got {type(task).__name__}")
         names = [task.name for task in self.tasks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        duplicates = sorted({name for k, name in enumerate(names) if name in names[:k]})
         if duplicates:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
