@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..task import BCE, MSE, SEQUENCE, TOKEN
+from ..task import BCE, CROSS_ENTROPY, MSE, SEQUENCE, TOKEN
 from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in, weighted_total
 
 name = "torch"
@@ -273,41 +273,48 @@ def _dense_group(heads: tuple[HeadSpec, ...], kind: int, tasks: list[int], first
     )
 
 
-def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device, acc: torch.dtype) -> _Span:
-    """One GEMM's worth of tasks and their groups, each on adjacent span columns: the blocks of
-    cross-entropy tasks (:func:`_cross_entropy_blocks`), then the bce tasks and the mse tasks."""
-    layout: list[int] = []  # the packed row of each span column, -1 for padding
-    groups: list[_Group] = []
+def _span_layout(heads: tuple[HeadSpec, ...], members: list[int]) -> tuple[list[int], list[tuple[int, list[int], int]]]:
+    """How one GEMM's tasks lie on its columns: the packed row of each span column (-1 for
+    padding) and each group's ``(kind, tasks, first column)``, each group on adjacent columns:
+    the blocks of cross-entropy tasks (:func:`_cross_entropy_blocks`), then the bce tasks and the
+    mse tasks. No tensors: fake-tensor code calls it too."""
+    layout: list[int] = []
+    groups: list[tuple[int, list[int], int]] = []
     for block, width in _cross_entropy_blocks(heads, members):
-        groups.append(_cross_entropy_group(heads, block, len(layout), width, device, acc))
+        groups.append((CROSS_ENTROPY, block, len(layout)))
         for i in block:
             layout += [*range(heads[i].col_start, heads[i].col_end), *[-1] * (width - heads[i].num_cols)]
     for kind in (BCE, MSE):
         tasks = [i for i in members if heads[i].kind == kind]
         if tasks:
-            groups.append(_dense_group(heads, kind, tasks, len(layout), device, acc))
+            groups.append((kind, tasks, len(layout)))
             layout += [c for i in tasks for c in range(heads[i].col_start, heads[i].col_end)]
+    return layout, groups
+
+
+def _span(heads: tuple[HeadSpec, ...], members: list[int], device: torch.device, acc: torch.dtype) -> _Span:
+    """One GEMM's worth of tasks and their groups (:func:`_span_layout`)."""
+    layout, placed = _span_layout(heads, members)
+    groups = tuple(
+        _cross_entropy_group(heads, tasks, first, max(heads[i].num_cols for i in tasks), device, acc)
+        if kind == CROSS_ENTROPY else _dense_group(heads, kind, tasks, first, device, acc)
+        for kind, tasks, first in placed
+    )  # fmt: skip
     if layout == list(range(layout[0], layout[0] + len(layout))):
-        return _Span(slice(layout[0], layout[0] + len(layout)), None, len(layout), tuple(groups))
+        return _Span(slice(layout[0], layout[0] + len(layout)), None, len(layout), groups)
     rows = [(row, col) for col, row in enumerate(layout) if row >= 0]
-    return _Span(_long([r for r, _ in rows], device), _long([c for _, c in rows], device), len(layout), tuple(groups))
+    return _Span(_long([r for r, _ in rows], device), _long([c for _, c in rows], device), len(layout), groups)
 
 
 @cache
 def _level_spans(heads: tuple[HeadSpec, ...], level: int) -> tuple[tuple[tuple[int, ...], int], ...]:
     """``(tasks, width)`` of each GEMM of one level: one over all tasks of up to ``NARROW_MAX_COLS``
     outputs, one per wider task (a vocabulary head, say: no gathered copy of its weight). Width
-    counts the cross-entropy blocks' padding. No tensors: fake-tensor code calls it too."""
+    counts the cross-entropy blocks' padding."""
     members = sorted((i for i, h in enumerate(heads) if h.level == level), key=lambda i: heads[i].col_start)
     narrow = [i for i in members if heads[i].num_cols <= NARROW_MAX_COLS]
     spans = ([narrow] if narrow else []) + [[i] for i in members if heads[i].num_cols > NARROW_MAX_COLS]
-    widths = []
-    for tasks in spans:
-        blocks = _cross_entropy_blocks(heads, tasks)
-        in_blocks = {i for block, _ in blocks for i in block}
-        widths.append(sum(len(block) * width for block, width in blocks)
-                      + sum(heads[i].num_cols for i in tasks if i not in in_blocks))  # fmt: skip
-    return tuple((tuple(tasks), width) for tasks, width in zip(spans, widths))
+    return tuple((tuple(tasks), len(_span_layout(heads, tasks)[0])) for tasks in spans)
 
 
 @cache
