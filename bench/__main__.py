@@ -58,7 +58,7 @@ def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: boo
             hidden_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
     suffix = "" if hidden_dtype in (None, dtype) else f" ({str(hidden_dtype).replace('torch.', '')} hidden)"
     row = {"workload": workload.name + suffix, "provider": provider}
-    reason = skip_reason(provider, device)
+    reason = skip_reason(provider, device, workload)
     if reason:
         return {**row, "status": f"skipped: {reason}"}
     try:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlfast import MultiTaskHeads, Task
+from mtlfast.backends.triton_fused import MAX_BLOCK_C
 
 from .workloads import Workload
 
@@ -113,9 +114,9 @@ def _torch_linear_ce(workload, linears, dtype):
     return _ce_only_provider(workload, linears, ce)
 
 
-def _mtlfast(backend: str):
+def _mtlfast(backend: str, **options):
     def build(workload, linears, dtype):
-        heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, validate=False)
+        heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, validate=False, **options)
 
         def loss(hidden, labels):
             return heads(hidden, labels).loss
@@ -164,6 +165,7 @@ PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
     "mtlfast-triton": (_mtlfast("triton"), _triton_reason),
     "torch-compile": (_compiled, lambda d: None),
     "cce": (_cce(exact=False), lambda d: _needs_module("cut_cross_entropy", d)),
+    "mtlfast-triton-filter": (_mtlfast("triton", grad_filter_eps="auto"), _triton_reason),
     "cce-exact": (_cce(exact=True), lambda d: _needs_module("cut_cross_entropy", d)),
     "liger": (_liger, lambda d: _needs_module("liger_kernel", d)),
     "torch-linear-ce": (_torch_linear_ce, _linear_ce_reason),
@@ -173,10 +175,21 @@ PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
 }
 
 
-def skip_reason(provider: str, device: str) -> str | None:
-    """Why ``provider`` cannot run on ``device``, or None."""
+# Providers that differ from another only on a vocabulary-sized cross-entropy head (mtlfast's
+# gradient filter, as cce's against cce-exact): skipped on workloads without one.
+VOCAB_HEAD_ONLY = {"mtlfast-triton-filter": "mtlfast-triton"}
+
+
+def _has_vocab_head(workload: Workload) -> bool:
+    return any(t.loss == "cross_entropy" and t.num_outputs > MAX_BLOCK_C for t in workload.tasks)
+
+
+def skip_reason(provider: str, device: str, workload: Workload | None = None) -> str | None:
+    """Why ``provider`` cannot run on ``device`` (for ``workload``, when given), or None."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose from {sorted(PROVIDERS)}")
+    if workload is not None and provider in VOCAB_HEAD_ONLY and not _has_vocab_head(workload):
+        return f"no vocabulary-sized head: the same step as {VOCAB_HEAD_ONLY[provider]}"
     return PROVIDERS[provider][1](device)
 
 

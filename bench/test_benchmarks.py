@@ -19,7 +19,7 @@ NAMES = GPU_WORKLOADS if DEVICE == "cuda" else CPU_WORKLOADS
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "mtlfast-reference"])
 @pytest.mark.parametrize("workload", NAMES)
 def test_training_step(benchmark, workload, provider):
-    reason = skip_reason(provider, DEVICE)
+    reason = skip_reason(provider, DEVICE, WORKLOADS[workload])
     if reason:
         pytest.skip(reason)
     runner = StepRunner(provider, WORKLOADS[workload], DEVICE, DTYPE)

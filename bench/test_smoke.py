@@ -7,6 +7,7 @@ import os
 
 import torch
 from mtlfast.bench.__main__ import main, run_one
+from mtlfast.bench.providers import skip_reason
 from mtlfast.bench.workloads import WORKLOADS
 
 
@@ -78,3 +79,10 @@ def test_fp32_hidden_states_under_autocast():
     assert eager["status"] == "ok" and eager["workload"] == "bert-base-4task-cpu (float32 hidden)", eager
     row = run_one(workload, "mtlfast-torch", "cpu", torch.bfloat16, True, eager["loss"], None, torch.float32)
     assert row["status"] == "ok" and row["loss_rel_diff_vs_eager"] < 2e-2, row
+
+
+def test_filter_provider_runs_only_where_a_vocabulary_head_is():
+    """mtlfast-triton-filter differs from mtlfast-triton only on a vocabulary-sized head."""
+    assert "no vocabulary-sized head" in skip_reason("mtlfast-triton-filter", "cuda", WORKLOADS["bert-base-4task"])
+    assert skip_reason("mtlfast-triton-filter", "cuda", WORKLOADS["big-head-128k"]) is None
+    assert skip_reason("mtlfast-triton-filter", "cpu", WORKLOADS["big-head-128k"]) == "needs a CUDA device"

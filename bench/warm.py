@@ -17,7 +17,7 @@ from .providers import PROVIDERS, skip_reason
 from .workloads import GPU_WORKLOADS, WORKLOADS
 
 # the providers whose first step compiles for long
-COMPILING = ["mtlfast-triton", "torch-compile", "cce", "cce-exact", "liger"]
+COMPILING = ["mtlfast-triton", "torch-compile", "cce", "mtlfast-triton-filter", "cce-exact", "liger"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     for name in args.workloads:
         for provider in args.providers:
-            reason = skip_reason(provider, args.device)
+            reason = skip_reason(provider, args.device, WORKLOADS[name])
             if reason:
                 print(f"[warm {name}] {provider}: skipped: {reason}", flush=True)
                 continue

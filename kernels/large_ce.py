@@ -10,7 +10,8 @@ kernels then read the chunk once:
 - backward, :func:`large_ce_dlogits_kernel` turns the recomputed chunk into
   ``row_scale * (softmax - (1 - eps) * onehot - eps / C)`` in the computation dtype for the
   two gradient GEMMs, and writes per-column partial sums of the unrounded fp32 values for
-  ``db``. No atomics: the results are bitwise reproducible.
+  ``db``; with a gradient filter it also marks the tiles the GEMMs cannot skip
+  (``filtered_matmul``). No float atomics: the results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import filtered_matmul
 
 # Memory-bound streaming passes: one tile shape serves sm_80 and sm_90, small enough to stay
 # within 128 registers a thread for occupancy (tests/test_kernels_compile.py checks).
@@ -61,11 +64,13 @@ def large_ce_lse_merge_kernel(
 @triton.jit
 def large_ce_dlogits_kernel(
     logits_ptr, stride_lm, n_rows, n_cols, bias_ptr, target_ptr, col_offset, lse_ptr, row_scale_ptr,
-    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr, filter_eps, tile_flags_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr,
 ):  # fmt: skip
     """Writes ``dlogits`` ``[n_rows, n_cols]`` and ``col_sums[split, n_cols]`` (fp32): the grid is
-    (column blocks, row splits), each program walking its split's row blocks."""
+    (column blocks, row splits), each program walking its split's row blocks. With ``FILTER``,
+    sets ``tile_flags[rows // FLAG_M, column block]`` (int32, zeroed) to 1 where an entry of a
+    row that counts has ``|softmax - target|`` not below ``filter_eps`` (NaN included)."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     split = tl.program_id(1)
     col_ok = cols < n_cols
@@ -85,7 +90,13 @@ def large_ce_dlogits_kernel(
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col_offset
         grad = tl.exp(x - lse[:, None]) - smoothing * inv_classes
         grad -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
-        grad = tl.where(ok & (scale != 0.0)[:, None], grad * scale[:, None], 0.0)
+        counts = ok & (scale != 0.0)[:, None]
+        if FILTER:
+            # not below: a NaN marks its tile, so that it reaches the gradients as without a filter
+            needed = tl.max(tl.max(tl.where(counts & ~(tl.abs(grad) < filter_eps), 1, 0), axis=1), axis=0)
+            flag_ptr = tile_flags_ptr + (block * BLOCK_M // FLAG_M) * tl.num_programs(0) + tl.program_id(0)
+            tl.atomic_max(flag_ptr, needed, sem="relaxed")
+        grad = tl.where(counts, grad * scale[:, None], 0.0)
         tl.store(dlogits_ptr + rows64[:, None] * stride_dm + cols[None, :], grad.to(dlogits_ptr.dtype.element_ty),
                  mask=ok)  # fmt: skip
         col_sum += tl.sum(grad, axis=0)
@@ -115,14 +126,19 @@ def dlogits_splits(n_rows: int, n_cols: int, programs_wanted: int) -> int:
 def dlogits(
     logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, col_offset: int, lse: torch.Tensor,
     row_scale: torch.Tensor, label_smoothing: float, num_classes: int, out: torch.Tensor, col_sums: torch.Tensor,
+    filter_eps: float = 0.0, tile_flags: torch.Tensor | None = None,
 ) -> None:
     """Writes the scaled cross-entropy gradient of ``logits + bias`` ([n, v] fp32) into ``out``
     [n, v] (the computation dtype) and its per-split column sums into ``col_sums``
-    [splits, v] fp32. ``lse`` and ``row_scale`` are fp32 [n]; a row scale of 0 skips the row."""
+    [splits, v] fp32. ``lse`` and ``row_scale`` are fp32 [n]; a row scale of 0 skips the row.
+    With ``tile_flags`` (``filtered_matmul.tile_flags``), marks the tiles holding an entry
+    with ``|softmax - target| >= filter_eps``."""
     n, v = logits.shape
     assert out.shape == logits.shape and out.stride(1) == 1 and col_sums.is_contiguous()
+    assert DLOGITS_BLOCK_V == filtered_matmul.TILE_V and filtered_matmul.TILE_M % DLOGITS_BLOCK_M == 0
     large_ce_dlogits_kernel[(triton.cdiv(v, DLOGITS_BLOCK_V), col_sums.shape[0])](
         logits, logits.stride(0), n, v, bias, target, col_offset, lse, row_scale,
-        float(label_smoothing), 1.0 / num_classes, out, out.stride(0), col_sums,
-        BLOCK_M=DLOGITS_BLOCK_M, BLOCK_V=DLOGITS_BLOCK_V, num_warps=NUM_WARPS,
+        float(label_smoothing), 1.0 / num_classes, out, out.stride(0), col_sums, float(filter_eps),
+        col_sums if tile_flags is None else tile_flags, BLOCK_M=DLOGITS_BLOCK_M, BLOCK_V=DLOGITS_BLOCK_V,
+        FILTER=tile_flags is not None, FLAG_M=filtered_matmul.TILE_M, num_warps=NUM_WARPS,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from torch import Tensor
 from .backends import READS_FP32_ROWS, resolve_backend
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
-from .validation import check_call, check_values
+from .validation import check_call, check_values, grad_filter_threshold
 
 
 @dataclass
@@ -109,6 +109,7 @@ def multitask_loss(
     validate: bool = True,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    grad_filter_eps: float | str | None = None,
 ) -> MultiTaskOutput:
     """Every task head's logits and loss in one fused call.
 
@@ -131,6 +132,13 @@ def multitask_loss(
         chunk_size: rows per chunk for chunked backends; None picks from sum C and D.
         deterministic: bitwise-reproducible gradients (no float atomics); also on while
             ``torch.use_deterministic_algorithms(True)`` is in force.
+        grad_filter_eps: gradient filtering for vocabulary-sized heads (cross-entropy with
+            more than 128 classes and no class weights) on the ``triton`` backend, as Cut
+            Cross-Entropy filters: backward skips the 64 x 256 tiles of their logit gradient
+            whose entries of ``softmax - target`` are all below it in magnitude. ``"auto"``
+            is the computation dtype's epsilon / 32 (2**-12 in bf16); None (the default)
+            computes every tile. The loss and ``db`` stay exact; other heads and backends are
+            never filtered.
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
     check_call(
@@ -142,6 +150,7 @@ def multitask_loss(
         check_values(layout, labels, attention_mask, num_items_in_batch)
 
     cdtype = computation_dtype(hidden_states)
+    filter_threshold = grad_filter_threshold(grad_filter_eps, cdtype)
     logits = None
     if return_logits or labels is None:
         logits = head_logits(layout, hidden_states.to(cdtype), pooled if pooled is None else pooled.to(cdtype),
@@ -198,6 +207,7 @@ def multitask_loss(
         backend=backend_name,
         chunk_size=chunk_size or 0,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
+        grad_filter_eps=filter_threshold,
         hidden_grad=hidden_grad,
         compute_grad=hidden_grad or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)),
         compute_dtype=cdtype,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS
 from .functional import MultiTaskOutput, multitask_loss
 from .task import Task, TaskLayout
-from .validation import WEIGHTINGS
+from .validation import WEIGHTINGS, grad_filter_threshold
 
 
 class MultiTaskHeads(nn.Module):
@@ -32,6 +32,8 @@ class MultiTaskHeads(nn.Module):
         chunk_size: rows per chunk for chunked backends (None: from sum C and D).
         deterministic: bitwise-reproducible gradients (no float atomics); also on while
             ``torch.use_deterministic_algorithms(True)`` is in force.
+        grad_filter_eps: None (exact), ``"auto"`` or a threshold: gradient filtering for
+            vocabulary-sized heads on the triton backend (see :func:`mtlfast.multitask_loss`).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class MultiTaskHeads(nn.Module):
         validate: bool = True,
         chunk_size: int | None = None,
         deterministic: bool = False,
+        grad_filter_eps: float | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -57,6 +60,7 @@ class MultiTaskHeads(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        grad_filter_threshold(grad_filter_eps, torch.bfloat16)
         self.layout = TaskLayout(tuple(tasks))
         self.hidden_size = hidden_size
         self.weighting = weighting
@@ -65,6 +69,7 @@ class MultiTaskHeads(nn.Module):
         self.validate = validate
         self.chunk_size = chunk_size
         self.deterministic = deterministic
+        self.grad_filter_eps = grad_filter_eps
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.layout.total_outputs, hidden_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.layout.total_outputs, **factory))
@@ -119,6 +124,7 @@ class MultiTaskHeads(nn.Module):
             validate=self.validate,
             chunk_size=self.chunk_size,
             deterministic=self.deterministic,
+            grad_filter_eps=self.grad_filter_eps,
         )
 
     @classmethod

@@ -42,6 +42,7 @@ class HeadCall:
     backend: str
     chunk_size: int
     deterministic: bool
+    grad_filter_eps: float  # < 0: exact gradients
     hidden_grad: bool  # hidden or pooled needs its gradient (False: frozen encoder output)
     compute_grad: bool
     compute_dtype: torch.dtype
@@ -60,6 +61,7 @@ class HeadCall:
             heads=self.heads,
             chunk_size=self.chunk_size,
             deterministic=self.deterministic,
+            grad_filter_eps=self.grad_filter_eps,
             hidden_grad=self.hidden_grad,
             compute_grad=self.compute_grad,
             compute_dtype=self.compute_dtype,
@@ -75,12 +77,12 @@ class HeadCall:
         keys = [-1 if w is None else w.key for w in weights]
         values = [v for w in weights if w is not None and w.key == ColumnWeights.BY_VALUE for v in w.values]
         return (*columns, keys, values, self.compute_dtype, self.backend, self.chunk_size, self.deterministic,
-                self.hidden_grad)  # fmt: skip
+                self.grad_filter_eps, self.hidden_grad)  # fmt: skip
 
     @classmethod
     def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                  column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                  compute_grad) -> HeadCall:  # fmt: skip
+                  column_weight_values, compute_dtype, backend, chunk_size, deterministic, grad_filter_eps,
+                  hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
         for key, cols in zip(column_weights, num_cols):
             if key == ColumnWeights.BY_VALUE:
@@ -90,7 +92,8 @@ class HeadCall:
                 weights.append(None if key < 0 else ColumnWeights.registered(key))
         heads = tuple(HeadSpec(*spec) for spec in
                       zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
-        return cls(heads, seq_stride, backend, chunk_size, deterministic, hidden_grad, compute_grad, compute_dtype)
+        return cls(heads, seq_stride, backend, chunk_size, deterministic, grad_filter_eps, hidden_grad, compute_grad,
+                   compute_dtype)  # fmt: skip
 
 
 def _autocast_off(device_type: str):
@@ -221,14 +224,15 @@ def _custom_forward(
     backend: str,
     chunk_size: int,
     deterministic: bool,
+    grad_filter_eps: float,
     hidden_grad: bool,
     compute_grad: bool,
     backends_digest: int,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                              compute_grad)  # fmt: skip
+                              column_weight_values, compute_dtype, backend, chunk_size, deterministic,
+                              grad_filter_eps, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -269,14 +273,15 @@ def _custom_backward(
     backend: str,
     chunk_size: int,
     deterministic: bool,
+    grad_filter_eps: float,
     hidden_grad: bool,
     backends_digest: int,
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              column_weight_values, compute_dtype, backend, chunk_size, deterministic, hidden_grad,
-                              True)  # fmt: skip
+                              column_weight_values, compute_dtype, backend, chunk_size, deterministic,
+                              grad_filter_eps, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one

@@ -17,6 +17,21 @@ from .task import Task, TaskLayout
 WEIGHTINGS = ("static", "uncertainty")
 
 
+def grad_filter_threshold(grad_filter_eps: float | str | None, compute_dtype: torch.dtype) -> float:
+    """The threshold the backends take for ``grad_filter_eps``: -1 for None (exact gradients),
+    the computation dtype's machine epsilon / 32 for ``"auto"`` (2**-12 in bf16), else the
+    value itself, which must be a finite float >= 0."""
+    if grad_filter_eps is None:
+        return -1.0
+    if grad_filter_eps == "auto":
+        return torch.finfo(compute_dtype).eps / 32
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not (
+        0.0 <= grad_filter_eps < float("inf")
+    ):
+        raise ValueError(f'grad_filter_eps must be None, "auto" or a finite number >= 0, got {grad_filter_eps!r}')
+    return float(grad_filter_eps)
+
+
 def _is_int_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 

@@ -173,6 +173,25 @@ def test_torch_backend_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_grad_filter_leaves_other_backends_exact(backend):
+    """Only the triton backend's vocabulary path filters: elsewhere a threshold changes nothing."""
+    case = case_for([Task("vocab", 300, "cross_entropy", level="token"), *TASKS[:2]], (3, 9, 16))
+    exact = run_heads(case, backend, torch.float32)[1]
+    filtered = run_heads(case, backend, torch.float32, grad_filter_eps=0.5)[1]
+    for name in exact:
+        assert torch.equal(exact[name], filtered[name]), name
+
+
+def test_grad_filter_auto_threshold():
+    """``"auto"``: the computation dtype's epsilon / 32, as Cut Cross-Entropy picks it."""
+    from mtlfast.validation import grad_filter_threshold
+
+    assert grad_filter_threshold("auto", torch.bfloat16) == 2.0**-12
+    assert grad_filter_threshold("auto", torch.float16) == 2.0**-15
+    assert grad_filter_threshold(None, torch.bfloat16) < 0 and grad_filter_threshold(0, torch.float32) == 0.0
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
 def test_chunk_size_does_not_change_results(chunk_size):
     case = case_for(TASKS, (3, 11, 20))

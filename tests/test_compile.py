@@ -15,7 +15,7 @@ def test_compile_fullgraph_matches_eager():
     tasks = [Task("cls", 3, "cross_entropy", label_smoothing=0.1), Task("tok", 6, "cross_entropy", level="token"),
              Task("reg", 2, "mse")]  # fmt: skip
     case = case_for(tasks, (2, 9, 16))
-    heads = MultiTaskHeads(16, tasks, backend="torch", weighting="uncertainty")
+    heads = MultiTaskHeads(16, tasks, backend="torch", weighting="uncertainty", grad_filter_eps="auto")
     with torch.no_grad():
         heads.weight.copy_(case.weight)
         heads.bias.copy_(case.bias)
@@ -89,7 +89,7 @@ def test_column_weights_travel_as_one_key_per_head():
     tasks = (Task("vocab", 5000, "cross_entropy", level="token", class_weights=weights), Task("cls", 3, "cross_entropy"),
              Task("tags", 4, "bce", pos_weight=2.0))  # fmt: skip
     heads = TaskLayout(tasks).heads
-    call = HeadCall(heads, 7, "torch", 0, False, True, True, torch.float32)
+    call = HeadCall(heads, 7, "torch", 0, False, -1.0, True, True, torch.float32)
     flat = call.flat()
     assert all(len(field) == 3 for field in flat[:7])
     keys, values = flat[6], flat[7]

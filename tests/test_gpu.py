@@ -110,6 +110,25 @@ def test_large_path_128k_classes(monkeypatch, dtype, chunk_elements):
     assert_matches_oracle(case, out, grads, dtype, tol, f"128k/{dtype}")
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 1 << 20], ids=["one-chunk", "24-chunks"])
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 0.0), (torch.bfloat16, "auto")], ids=["fp32-every-tile", "bf16-auto"])
+def test_grad_filter_128k_classes(monkeypatch, dtype, eps, chunk_elements):
+    """The gradient filter's GEMMs on a 128k-class head: with a threshold of 0 every tile of a
+    row that counts is kept (fp32 bounds); with ``"auto"`` in bf16, within bf16's bound. Also
+    bitwise repeatable."""
+    if chunk_elements:
+        monkeypatch.setattr(triton_fused, "LARGE_CHUNK_ELEMENTS", chunk_elements)
+    tasks = [Task("lm", 128256, "cross_entropy", level="token"), Task("ner", 9, "cross_entropy", level="token")]
+    case = case_for(tasks, (2, 96, 128))
+    autocast = dtype != torch.float32
+    out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=autocast, grad_filter_eps=eps)
+    tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
+    assert_matches_oracle(case, out, grads, dtype, tol, f"128k/filter {eps}/{dtype}")
+    again = run_heads(case, "triton", dtype, device=DEVICE, autocast=autocast, grad_filter_eps=eps)[1]
+    for name, grad in grads.items():
+        assert torch.equal(grad, again[name]), name
+
+
 def test_large_path_bitwise_repeatable():
     tasks = [Task("lm", 5003, "cross_entropy", level="token", label_smoothing=0.1), Task("cls", 3, "cross_entropy")]
     case = case_for(tasks, (3, 77, 96))

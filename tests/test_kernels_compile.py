@@ -11,10 +11,11 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from mtlfast.kernels import large_ce, loss_finalize, small_heads  # noqa: E402
+from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_heads  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -32,15 +33,18 @@ ALL_TARGETS = {**TARGETS, **OLDER_TARGETS}
 SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
 
 
-def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fits: bool = True, **options):
+def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fits: bool = True,
+                aligned: tuple[str, ...] = (), **options):  # fmt: skip
     """Compiles ``fn``: arguments named in ``pointers`` get those types, the other
-    non-constexpr arguments are i32 scalars. With ``fits``, checks that the kernel fits the
-    shared memory (autotuning skips configurations that do not, so only the ones that run
-    untuned must)."""
+    non-constexpr arguments are i32 scalars; those in ``aligned`` are taken as multiples of 16,
+    as the launcher specializes them on a GPU when they are. With ``fits``, checks that the
+    kernel fits the shared memory (autotuning skips configurations that do not, so only the
+    ones that run untuned must)."""
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
     }  # fmt: skip
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=ALL_TARGETS[target], options=options)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=ALL_TARGETS[target], options=options)
     assert not fits or kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
     return kernel
 
@@ -65,6 +69,7 @@ def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool
 
 
 DOT_TYPES = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
+COMPUTE_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -135,10 +140,36 @@ def _compile_large_ce(target: str, compute: str) -> tuple:
     grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
                      "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32",
                      "smoothing": "fp32", "inv_classes": "fp32"}  # fmt: skip
-    dlogits = compile_for(target, large_ce.large_ce_dlogits_kernel, grad_pointers,
-                          {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V},
-                          num_warps=large_ce.NUM_WARPS)  # fmt: skip
-    return lse, dlogits
+    dlogits = [
+        compile_for(target, large_ce.large_ce_dlogits_kernel,
+                    {**grad_pointers, "filter_eps": "fp32", "tile_flags_ptr": "*i32" if filtering else "*fp32"},
+                    {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": filtering,
+                     "FLAG_M": filtered_matmul.TILE_M}, num_warps=large_ce.NUM_WARPS)
+        for filtering in (False, True)
+    ]  # fmt: skip
+    return lse, *dlogits
+
+
+def _compile_filtered_matmul(target: str, compute: str) -> tuple:
+    """The gradient filter's two GEMMs (dW overwriting and accumulating), with the pointers and
+    row strides of a vocabulary head (multiples of 16, as the launcher sees them)."""
+    common = {"BLOCK_D": filtered_matmul.BLOCK_D, "BLOCK_K": filtered_matmul.BLOCK_K[COMPUTE_DTYPES[compute]],
+              "PRECISION": "tf32x3" if compute == "*fp32" else "ieee"}  # fmt: skip
+    options = {"num_warps": filtered_matmul.NUM_WARPS, "num_stages": filtered_matmul.NUM_STAGES}
+    blocks = {"k_blocks_ptr": "*i32", "k_count_ptr": "*i32"}
+    aligned = ("dlogits_ptr", "stride_gm", "stride_hm", "stride_wv")
+    dh = compile_for(target, filtered_matmul.filtered_dh_kernel,
+                     {"dlogits_ptr": compute, "w_ptr": compute, "dh_ptr": "*fp32", **blocks},
+                     {**common, "TILE_M": filtered_matmul.TILE_M}, aligned=(*aligned, "w_ptr", "dh_ptr"),
+                     **options)  # fmt: skip
+    dw = [
+        compile_for(target, filtered_matmul.filtered_dw_kernel,
+                    {"dlogits_ptr": compute, "h_ptr": compute, "dw_ptr": "*fp32", **blocks},
+                    {**common, "ACCUMULATE": accumulate, "TILE_V": filtered_matmul.TILE_V,
+                     "BLOCK_V": filtered_matmul.DW_BLOCK_V}, aligned=(*aligned, "h_ptr", "dw_ptr"), **options)
+        for accumulate in (False, True)
+    ]  # fmt: skip
+    return dh, *dw
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -192,6 +223,14 @@ def test_large_ce_kernels_compile(target, compute):
         assert registers <= 128 and stack == 0, (registers, stack)
 
 
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("compute", ["*bf16", "*fp16", "*fp32"])
+def test_filtered_matmul_kernels_compile(target, compute):
+    """The gradient filter's GEMMs fit the shared memory and keep their tiles in registers."""
+    for kernel in _compile_filtered_matmul(target, compute):
+        assert resource_usage(kernel)[1] == 0
+
+
 @pytest.mark.parametrize("target", sorted(OLDER_TARGETS))
 @pytest.mark.parametrize("compute", ["*fp16", "*fp32"])
 def test_kernels_compile_for_older_gpus(target, compute):
@@ -211,6 +250,7 @@ def test_kernels_compile_for_older_gpus(target, compute):
     _compile_reduce(target)
     _compile_loss_finalize(target)
     _compile_large_ce(target, compute)
+    _compile_filtered_matmul(target, compute)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])

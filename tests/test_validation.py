@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtlfast import MultiTaskHeads, Task
+from mtlfast import MultiTaskHeads, Task, multitask_loss
 
 TASKS = [
     Task("sentiment", 3, "cross_entropy"),
@@ -151,6 +151,15 @@ def test_bad_num_items_and_options():
         MultiTaskHeads(D, TASKS, weighting="gradnorm")
     with pytest.raises(TypeError, match="hidden_states must be floating"):
         _call(_good(), hidden=torch.ones(B, S, D, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf"), "high", True, [0.1]], ids=repr)
+def test_bad_grad_filter_eps(value):
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        MultiTaskHeads(D, TASKS, grad_filter_eps=value)
+    heads = MultiTaskHeads(D, TASKS)
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), grad_filter_eps=value)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_an_error():

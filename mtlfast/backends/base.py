@@ -34,6 +34,8 @@ class HeadProblem(NamedTuple):
     - ``targets``: T tensors. Cross-entropy: int64 [rows]; bce/mse: float [rows, C].
     - ``divisor_override`` [T] fp32: a task's mean divisor, or < 0 for PyTorch's default.
     - ``task_weights`` [T] fp32: ``total = sum_t task_weights[t] * loss[t]``.
+    - ``grad_filter_eps``: the triton backend's vocabulary path skips the tiles of its gradient
+      GEMMs whose entries of ``softmax - target`` are all below it in magnitude; < 0: none.
     - ``hidden_grad``: whether ``hidden``/``pooled`` need their gradient; a backend may skip
       ``dH`` without it (a frozen encoder) and return None for both.
     - ``compute_grad``: whether any gradient is needed (the torch backend's forward computes them).
@@ -53,6 +55,7 @@ class HeadProblem(NamedTuple):
     heads: tuple[HeadSpec, ...]
     chunk_size: int
     deterministic: bool
+    grad_filter_eps: float
     hidden_grad: bool
     compute_grad: bool
     compute_dtype: torch.dtype

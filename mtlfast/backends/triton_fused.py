@@ -12,7 +12,10 @@ Tasks are split in three paths, picked per task:
   an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
   turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
   ``dH += dlogits @ W`` and ``dW += dlogits^T @ H`` with GEMMs that accumulate in fp32
-  (beta = 1). No N x C buffer, no float atomics;
+  (beta = 1). No N x C buffer, no float atomics. With a gradient filter
+  (``grad_filter_eps``) the dlogits pass also marks the tiles holding an entry of
+  ``softmax - target`` above the threshold, and Triton GEMMs (``filtered_matmul``) walk
+  only those, as Cut Cross-Entropy's backward skips the rest;
 - wide path: a task wider than ``MAX_BLOCK_C`` that neither kernel takes (a bce or mse head,
   or a cross-entropy head with class weights) is walked in chunks of rows: cuBLAS GEMMs,
   and the torch backend's ops for that loss (``torch_chunked.task_span``), in forward for the
@@ -64,9 +67,10 @@ def alloc_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 @cache
 def _kernels() -> SimpleNamespace:
     """The kernel modules, imported on first use (this module imports without triton)."""
-    from ..kernels import large_ce, loss_finalize, small_heads
+    from ..kernels import filtered_matmul, large_ce, loss_finalize, small_heads
 
-    return SimpleNamespace(small_heads=small_heads, large_ce=large_ce, loss_finalize=loss_finalize)
+    return SimpleNamespace(small_heads=small_heads, large_ce=large_ce, loss_finalize=loss_finalize,
+                           filtered_matmul=filtered_matmul)  # fmt: skip
 
 
 def _is_large(head: HeadSpec) -> bool:
@@ -302,8 +306,9 @@ def _large_backward(
     """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]; None: not needed) and
     writes its rows of ``grad_weight`` and ``grad_bias`` (fp32, old contents never read): per
     chunk, logits recomputed, scaled dlogits in the computation dtype, then GEMMs accumulating
-    in fp32."""
-    large_ce = _kernels().large_ce
+    in fp32: cuBLAS's, or with a gradient filter ``filtered_matmul``'s over the marked tiles."""
+    large_ce, filtered_matmul = _kernels().large_ce, _kernels().filtered_matmul
+    filtering = problem.grad_filter_eps >= 0
     rows_all = _large_rows(problem, head)
     device = rows_all.device
     if rows_all.shape[0] == 0:  # no chunks to walk
@@ -314,14 +319,21 @@ def _large_backward(
         dlogits = alloc_output(logits.shape, problem.compute_dtype, device)
         splits = large_ce.dlogits_splits(*logits.shape, 2 * _multiprocessors(device))
         col_sums = alloc_output((splits, logits.shape[1]), torch.float32, device)
+        flags = filtered_matmul.tile_flags(*logits.shape, device) if filtering else None
         large_ce.dlogits(logits, problem.bias[cols], target[rows], c0, lse[rows], row_scale[rows],
-                         head.label_smoothing, head.num_cols, dlogits, col_sums)  # fmt: skip
+                         head.label_smoothing, head.num_cols, dlogits, col_sums, problem.grad_filter_eps,
+                         flags)  # fmt: skip
         del logits
         first = rows.start == 0
         if first:
             torch.sum(col_sums, dim=0, out=grad_bias[cols])
         else:
             grad_bias[cols] += col_sums.sum(dim=0)
+        if filtering:
+            filtered_matmul.filtered_grads(dlogits, flags, weight, rows_all[rows],
+                                           None if grad_rows is None else grad_rows[rows], grad_weight[cols],
+                                           accumulate=not first)  # fmt: skip
+            continue
         if grad_rows is not None:
             addmm_acc_(grad_rows[rows], dlogits, weight)
         addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=0.0 if first else 1.0)

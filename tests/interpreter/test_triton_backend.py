@@ -20,10 +20,11 @@ from oracle import (
     fresh_seed,
     make_heads,
     random_case,
+    rel_error,
     run_heads,
 )
 
-from mtlfast import Task
+from mtlfast import MultiTaskHeads, Task
 from mtlfast.backends import triton_fused
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -315,3 +316,119 @@ def test_frozen_hidden_states(trial):
     without its dH GEMM (every other trial has a 300-class head)."""
     case = random_case(ce_classes=(200, 400) if trial % 2 else None)
     check_frozen_hidden(case, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(2))
+def test_grad_filter_zero_keeps_every_tile(monkeypatch, dtype, trial):
+    """``grad_filter_eps=0`` marks every tile holding a row that counts, so the filtered GEMMs
+    compute every gradient: across row and column tiles that do not divide the head, chunks
+    of rows and columns (odd trial), both levels, beside small heads; and with a frozen encoder
+    output (no dH)."""
+    from mtlfast.kernels import filtered_matmul
+
+    rng = random.Random(fresh_seed())
+    if trial % 2:
+        monkeypatch.setattr(triton_fused, "LARGE_MIN_CHUNK_COLS", 320)
+        monkeypatch.setattr(triton_fused, "LARGE_CHUNK_ELEMENTS", 320 * 70)
+    tasks = [Task("vocab", rng.randint(300, 700), "cross_entropy", level="token", label_smoothing=rng.choice([0.0, 0.1])),
+             Task("seq_vocab", rng.randint(129, 300), "cross_entropy"),
+             Task("ner", rng.randint(2, 9), "cross_entropy", level="token")]  # fmt: skip
+    case = case_for(tasks, (3, rng.randint(25, 45), rng.choice([24, 40])))
+    assert case.hidden.shape[0] * case.hidden.shape[1] > filtered_matmul.TILE_M
+    out, grads = run_heads(case, "triton", dtype, grad_filter_eps=0.0)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/filter-0/{dtype}")
+    check_frozen_hidden(case, "triton", dtype, grad_filter_eps=0.0)
+
+
+def _filtered_oracle(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, eps: float):
+    """float64 loss and gradients of one token-level cross-entropy head (hidden [N, D], labels
+    [N]) whose logit gradient drops the (TILE_M x TILE_V) tiles where every entry of
+    ``softmax - onehot`` is below ``eps``; the bias gradient is exact. Also the tiles' maxima."""
+    from mtlfast.kernels import filtered_matmul
+
+    h, w, b = hidden.double(), weight.double(), bias.double()
+    valid = labels >= 0
+    logits = h @ w.T + b
+    grad = torch.softmax(logits, dim=1)
+    grad[valid, labels[valid]] -= 1.0
+    grad[~valid] = 0.0
+    n, c = grad.shape
+    tm, tv = filtered_matmul.TILE_M, filtered_matmul.TILE_V
+    padded = torch.zeros(-(-n // tm) * tm, -(-c // tv) * tv, dtype=torch.float64)
+    padded[:n, :c] = grad.abs()
+    maxima = padded.reshape(padded.shape[0] // tm, tm, padded.shape[1] // tv, tv).amax(dim=(1, 3))
+    keep = (maxima >= eps).repeat_interleave(tm, 0).repeat_interleave(tv, 1)[:n, :c]
+    scale = 1.0 / valid.sum()
+    loss = (torch.logsumexp(logits, 1) - logits.gather(1, labels.clamp_min(0)[:, None])[:, 0])[valid].mean()
+    kept = grad * keep * scale
+    return loss, {"hidden": kept @ w, "weight": kept.T @ h, "bias": (grad * scale).sum(0)}, maxima
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_filter_skips_exactly_the_tiles_below_the_threshold(dtype):
+    """Tiles differ in their largest ``|softmax - onehot|`` (row tiles of hidden states at
+    different scales, column tiles with different biases, the last one far below the rest, a
+    row tile holding no target). With a threshold between two tiles' maxima (the widest gap;
+    then the one just above the last column tile), the gradients are those of a float64
+    oracle that drops exactly the tiles below it, the loss and bias gradient are exact, and
+    the weight rows of the columns no kept tile covers get no gradient at all."""
+    from mtlfast.kernels import filtered_matmul
+
+    rng = random.Random(fresh_seed())
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    tm, tv = filtered_matmul.TILE_M, filtered_matmul.TILE_V
+    n, classes, d = rng.randint(3 * tm + 1, 4 * tm), rng.randint(2 * tv + 1, 3 * tv), rng.choice([16, 40])
+    row_scale = torch.tensor([rng.uniform(0.2, 3.0) for _ in range(-(-n // tm))]).repeat_interleave(tm)[:n]
+    hidden = torch.randn(n, d, generator=gen) * row_scale[:, None]
+    weight = torch.randn(classes, d, generator=gen) / d**0.5
+    col_tiles = -(-classes // tv)
+    bias = torch.tensor([rng.uniform(-6.0, 3.0) for _ in range(col_tiles - 1)] + [-25.0]).repeat_interleave(tv)[:classes]
+    labels = torch.randint(0, tv, (n,), generator=gen)  # every target in the first column tile
+    labels[torch.rand(n, generator=gen) < 0.15] = -100
+    labels[tm : 2 * tm] = -100  # a row tile that counts nothing
+    hidden, weight = hidden.to(dtype).float(), weight.to(dtype).float()  # the oracle sees the rounded inputs
+    _, _, maxima = _filtered_oracle(hidden, weight, bias, labels, 0.0)
+    levels = maxima[maxima > 0].sort().values
+    widest = int((levels[1:] / levels[:-1]).argmax())
+    last = maxima[:, -1].max()
+    above_last = levels[levels > last][0]
+    assert above_last / last > 1.5, levels
+    tol = TOLERANCE[dtype]
+    for eps in (float((levels[widest] * levels[widest + 1]).sqrt()), float((last * above_last).sqrt())):
+        loss, expected, _ = _filtered_oracle(hidden, weight, bias, labels, eps)
+        heads = MultiTaskHeads(d, [Task("vocab", classes, "cross_entropy", level="token")], backend="triton",
+                               grad_filter_eps=eps)  # fmt: skip
+        with torch.no_grad():
+            heads.weight.copy_(weight)
+            heads.bias.copy_(bias)
+        h = hidden.reshape(1, n, d).to(dtype).requires_grad_(True)
+        out = heads(h, {"vocab": labels.reshape(1, n)})
+        out.loss.backward()
+        got = {"hidden": h.grad.reshape(n, d), "weight": heads.weight.grad, "bias": heads.bias.grad}
+        assert abs(out.loss.double() - loss) <= tol * abs(loss)
+        for name, want in expected.items():
+            err = rel_error(got[name], want)
+            assert err <= tol, f"filtered grad of {name}: rel error {err:.3e} > {tol} (eps={eps:.3e})"
+    uncovered = torch.arange(classes) >= (col_tiles - 1) * tv
+    assert (heads.weight.grad[uncovered] == 0).all() and (heads.weight.grad[~uncovered] != 0).any(dim=1).all()
+    assert (heads.bias.grad[uncovered] != 0).all()
+
+
+def test_grad_filter_is_bitwise_repeatable():
+    """The filtered GEMMs walk the marked tiles in a fixed order: two runs agree to the bit."""
+    case = case_for([Task("vocab", 530, "cross_entropy", level="token"), Task("cls", 3, "cross_entropy")], (2, 40, 24))
+    first = run_heads(case, "triton", torch.float32, grad_filter_eps="auto")[1]
+    second = run_heads(case, "triton", torch.float32, grad_filter_eps="auto")[1]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_grad_filter_lets_nan_through():
+    """A NaN logit (here from a NaN hidden state) marks its tiles: the gradients show it, as
+    without a filter (GradScaler then skips the step), instead of losing it with the tile."""
+    case = case_for([Task("vocab", 300, "cross_entropy", level="token")], (1, 70, 16), ignore_rate=0.0)
+    case.hidden[0, 66, 5] = float("nan")
+    case.labels["vocab"][0, 64:] = torch.where(torch.arange(64, 70) == 66, case.labels["vocab"][0, 64:], -100)
+    out, grads = run_heads(case, "triton", torch.float32, grad_filter_eps=0.5)  # row 66 alone in its tile
+    assert out.loss.isnan() and grads["weight"].isnan().any() and grads["hidden"][0, 66].isnan().all()
