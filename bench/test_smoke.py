@@ -86,3 +86,12 @@ def test_filter_provider_runs_only_where_a_vocabulary_head_is():
     assert "no vocabulary-sized head" in skip_reason("mtlfast-triton-filter", "cuda", WORKLOADS["bert-base-4task"])
     assert skip_reason("mtlfast-triton-filter", "cuda", WORKLOADS["big-head-128k"]) is None
     assert skip_reason("mtlfast-triton-filter", "cpu", WORKLOADS["big-head-128k"]) == "needs a CUDA device"
+
+
+def test_filter_tiles_counts_the_kept_tiles():
+    """A threshold of 0 keeps every tile of rows that count; one above any |softmax - target| none."""
+    from mtlfast.bench.filter_tiles import kept_share
+
+    every = kept_share("big-head-128k-cpu", 64, 0.0)
+    assert every["tiles"] > 1 and every["tiles_kept"] == every["tiles"]
+    assert kept_share("big-head-128k-cpu", 64, 1.5)["tiles_kept"] == 0

@@ -1,0 +1,68 @@
+"""``python -m mtlfast.bench.filter_tiles [WORKLOAD] [--rows N] [--eps E]``
+
+The share of a vocabulary head's 64 x 256 logit-gradient tiles that the triton backend's
+gradient filter keeps (``grad_filter_eps``; default ``"auto"`` in bf16, 2**-12) on a
+benchmark workload's inputs (seed 0, ``nn.Linear`` initialisation), over its first ``N``
+token rows and with the backend's column chunks. It runs on the CPU, in fp32 products of
+bf16-rounded inputs: the backward's ``dH``/``dW`` GEMM work scales with this share.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from mtlfast.kernels import filtered_matmul
+
+from mtlfast.backends import triton_fused
+
+from .providers import make_linears
+from .workloads import WORKLOADS
+
+COLUMN_BLOCK = 16384
+
+
+def kept_share(workload_name: str, rows: int, eps: float) -> dict:
+    workload = WORKLOADS[workload_name]
+    task = next(t for t in workload.tasks if t.loss == "cross_entropy" and t.num_outputs > triton_fused.MAX_BLOCK_C)
+    linear = make_linears(workload, "cpu")[task.name]
+    hidden, labels = workload.make_inputs("cpu", torch.bfloat16)
+    h = hidden.detach().reshape(-1, workload.hidden)[:rows].float()
+    target = labels[task.name].reshape(-1)[:rows]
+    weight = linear.weight.detach().to(torch.bfloat16).float()
+    bias = linear.bias.detach().float()
+    classes = task.num_outputs
+    logits = torch.cat([h @ weight[c : c + COLUMN_BLOCK].T + bias[c : c + COLUMN_BLOCK]
+                        for c in range(0, classes, COLUMN_BLOCK)], dim=1)  # fmt: skip
+    grad = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).exp_()
+    counted = target >= 0
+    grad[counted, target[counted]] -= 1.0
+    grad.abs_()
+    grad[~counted] = -1.0  # rows that do not count mark no tile
+    _, chunk_cols = triton_fused._large_chunk_shape(workload.tokens, classes, 0)
+    kept = total = 0
+    for c0 in range(0, classes, chunk_cols):
+        c1 = min(c0 + chunk_cols, classes)
+        for t0 in range(c0, c1, filtered_matmul.TILE_V):
+            tile_cols = grad[:, t0 : min(t0 + filtered_matmul.TILE_V, c1)]
+            for r0 in range(0, rows, filtered_matmul.TILE_M):
+                total += 1
+                kept += bool((tile_cols[r0 : r0 + filtered_matmul.TILE_M] >= eps).any())
+    return {"workload": workload_name, "task": task.name, "rows": rows, "eps": eps, "tiles_kept": kept,
+            "tiles": total, "share_kept": kept / total}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("workload", nargs="?", default="big-head-128k",
+                        choices=[n for n, w in WORKLOADS.items() if any(t.num_outputs > 128 for t in w.tasks)])
+    parser.add_argument("--rows", type=int, default=1024, help="token rows to sample (a multiple of 64)")
+    parser.add_argument("--eps", type=float, default=torch.finfo(torch.bfloat16).eps / 32)
+    args = parser.parse_args(argv)
+    result = kept_share(args.workload, args.rows, args.eps)
+    print(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
