@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-# A tile of the filter; TILE_V is large_ce.DLOGITS_BLOCK_V (one flag per dlogits block of
-# columns), TILE_M a multiple of its BLOCK_M.
+# A tile of the filter; large_ce's dlogits blocks of columns are TILE_V wide (one flag each),
+# TILE_M is a multiple of their rows.
 TILE_M, TILE_V = 64, 256
 # Output tiles of TILE_M x BLOCK_D (dH) and DW_BLOCK_V x BLOCK_D (dW), products over
 # BLOCK_K, 8 warps: with 4 warps triton 3.6 spills on sm_80 and 3.8 comes close; with 8 both

@@ -25,7 +25,9 @@ from . import filtered_matmul
 # Memory-bound streaming passes: one tile shape serves sm_80 and sm_90, small enough to stay
 # within 128 registers a thread for occupancy (tests/test_kernels_compile.py checks).
 LSE_BLOCK_M, LSE_BLOCK_V = 8, 256
-DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 8, 256
+# A dlogits block of columns is one column tile of the gradient filter (one flag each).
+DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 8, filtered_matmul.TILE_V
+assert filtered_matmul.TILE_M % DLOGITS_BLOCK_M == 0
 NUM_WARPS = 4
 
 
@@ -132,10 +134,9 @@ def dlogits(
     [n, v] (the computation dtype) and its per-split column sums into ``col_sums``
     [splits, v] fp32. ``lse`` and ``row_scale`` are fp32 [n]; a row scale of 0 skips the row.
     With ``tile_flags`` (``filtered_matmul.tile_flags``), marks the tiles holding an entry
-    with ``|softmax - target| >= filter_eps``."""
+    with ``|softmax - target|`` not below ``filter_eps`` (NaN included)."""
     n, v = logits.shape
     assert out.shape == logits.shape and out.stride(1) == 1 and col_sums.is_contiguous()
-    assert DLOGITS_BLOCK_V == filtered_matmul.TILE_V and filtered_matmul.TILE_M % DLOGITS_BLOCK_M == 0
     large_ce_dlogits_kernel[(triton.cdiv(v, DLOGITS_BLOCK_V), col_sums.shape[0])](
         logits, logits.stride(0), n, v, bias, target, col_offset, lse, row_scale,
         float(label_smoothing), 1.0 / num_classes, out, out.stride(0), col_sums, float(filter_eps),
