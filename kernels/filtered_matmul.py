@@ -25,13 +25,15 @@ import triton.language as tl
 # TILE_M is a multiple of their rows.
 TILE_M, TILE_V = 64, 256
 # Output tiles of TILE_M x BLOCK_D (dH) and DW_BLOCK_V x BLOCK_D (dW), products over
-# BLOCK_K, 8 warps: with 4 warps triton 3.6 spills on sm_80 and 3.8 comes close; with 8 both
-# stay under ~180 registers a thread on sm_80 and sm_90 (tests/test_kernels_compile.py
-# checks), fp32 needing the narrower step.
+# BLOCK_K, 8 warps: with 4 warps triton 3.6 spills on sm_80; with 8 both 3.6 and 3.8 stay
+# under ~180 registers a thread on sm_80 and sm_90 (tests/test_kernels_compile.py checks),
+# fp32 with a shallower pipeline (3 stages spill a little on sm_80 where the sizes are not
+# multiples of 16).
 BLOCK_D = 128
 DW_BLOCK_V = 64
-BLOCK_K = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
-NUM_WARPS, NUM_STAGES = 8, 3
+# (BLOCK_K, pipeline stages) per computation dtype; triton 3.6 needs BLOCK_K >= 16.
+STEPS = {torch.float32: (16, 2), torch.float16: (32, 3), torch.bfloat16: (32, 3)}
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -46,15 +48,18 @@ def filtered_dh_kernel(
     rows = row_tile * TILE_M + tl.arange(0, TILE_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ks = tl.arange(0, BLOCK_K)
-    # Rows and columns past the end are clamped, not masked (their results are not stored),
-    # and so are the weight rows past n_cols, which meet zeros of the masked dlogits.
+    d_ok = (ds < hidden_size)[None, :]
+    # Rows past the end are clamped, not masked (their results are not stored). Columns are
+    # masked: a clamp would hide their contiguity from the compiler, which then neither
+    # vectorizes nor pipelines the loads.
     g_ptrs = dlogits_ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride_gm + ks[None, :]
-    w_ptrs = w_ptr + tl.minimum(ds, hidden_size - 1)[None, :]
+    w_ptrs = w_ptr + ds[None, :]
     acc = tl.zeros((TILE_M, BLOCK_D), dtype=tl.float32)
     for i in range(0, tl.load(k_count_ptr + row_tile)):
         k0 = tl.load(k_blocks_ptr + row_tile * k_stride + i) * BLOCK_K
-        g = tl.load(g_ptrs + k0, mask=(k0 + ks < n_cols)[None, :], other=0.0)
-        w = tl.load(w_ptrs + tl.minimum(k0 + ks, n_cols - 1).to(tl.int64)[:, None] * stride_wv)
+        k_ok = k0 + ks < n_cols
+        g = tl.load(g_ptrs + k0, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + (k0 + ks).to(tl.int64)[:, None] * stride_wv, mask=k_ok[:, None] & d_ok, other=0.0)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
     ok = (rows < n_rows)[:, None] & (ds < hidden_size)[None, :]
     out_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_hm + ds[None, :]
@@ -75,13 +80,16 @@ def filtered_dw_kernel(
     col_tile = tl.program_id(0) * BLOCK_V // TILE_V
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ms = tl.arange(0, BLOCK_K)
-    g_ptrs = dlogits_ptr + ms[:, None] * stride_gm + tl.minimum(cols, n_cols - 1)[None, :]
-    h_ptrs = h_ptr + tl.minimum(ds, hidden_size - 1)[None, :]
+    col_ok = (cols < n_cols)[None, :]
+    d_ok = (ds < hidden_size)[None, :]
+    g_ptrs = dlogits_ptr + ms[:, None] * stride_gm + cols[None, :]
+    h_ptrs = h_ptr + ds[None, :]
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
     for i in range(0, tl.load(k_count_ptr + col_tile)):
         m0 = tl.load(k_blocks_ptr + col_tile * k_stride + i) * BLOCK_K
-        g = tl.load(g_ptrs + m0.to(tl.int64) * stride_gm, mask=(m0 + ms < n_rows)[:, None], other=0.0)
-        h = tl.load(h_ptrs + tl.minimum(m0 + ms, n_rows - 1).to(tl.int64)[:, None] * stride_hm)
+        m_ok = (m0 + ms < n_rows)[:, None]
+        g = tl.load(g_ptrs + m0.to(tl.int64) * stride_gm, mask=m_ok & col_ok, other=0.0)
+        h = tl.load(h_ptrs + (m0 + ms).to(tl.int64)[:, None] * stride_hm, mask=m_ok & d_ok, other=0.0)
         acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
     ok = (cols < n_cols)[:, None] & (ds < hidden_size)[None, :]
     out_ptrs = dw_ptr + cols.to(tl.int64)[:, None] * stride_wv + ds[None, :]
@@ -120,7 +128,7 @@ def filtered_grads(dlogits: torch.Tensor, flags: torch.Tensor, weight: torch.Ten
     hidden_size = rows.shape[1]
     weight, rows = (t if t.stride(1) == 1 else t.contiguous() for t in (weight, rows))
     assert dlogits.stride(1) == 1 and grad_weight.stride(1) == 1
-    precision, block_k = _precision(dlogits.dtype), BLOCK_K[dlogits.dtype]
+    precision, (block_k, stages) = _precision(dlogits.dtype), STEPS[dlogits.dtype]
     d_blocks = triton.cdiv(hidden_size, BLOCK_D)
     if grad_rows is not None and n:
         assert grad_rows.stride(1) == 1
@@ -128,11 +136,11 @@ def filtered_grads(dlogits: torch.Tensor, flags: torch.Tensor, weight: torch.Ten
         filtered_dh_kernel[(flags.shape[0], d_blocks)](
             dlogits, dlogits.stride(0), weight, weight.stride(0), grad_rows, grad_rows.stride(0), n, v, hidden_size,
             blocks, count, blocks.shape[1], TILE_M=TILE_M, BLOCK_D=BLOCK_D, BLOCK_K=block_k, PRECISION=precision,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            num_warps=NUM_WARPS, num_stages=stages,
         )  # fmt: skip
     blocks, count = _marked_blocks(flags.t(), TILE_M, block_k)
     filtered_dw_kernel[(triton.cdiv(v, DW_BLOCK_V), d_blocks)](
         dlogits, dlogits.stride(0), rows, rows.stride(0), grad_weight, grad_weight.stride(0), n, v, hidden_size,
         blocks, count, blocks.shape[1], ACCUMULATE=accumulate, TILE_V=TILE_V, BLOCK_V=DW_BLOCK_V, BLOCK_D=BLOCK_D,
-        BLOCK_K=block_k, PRECISION=precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_K=block_k, PRECISION=precision, num_warps=NUM_WARPS, num_stages=stages,
     )  # fmt: skip

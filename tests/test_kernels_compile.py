@@ -150,14 +150,18 @@ def _compile_large_ce(target: str, compute: str) -> tuple:
     return lse, *dlogits
 
 
-def _compile_filtered_matmul(target: str, compute: str) -> tuple:
+def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = False) -> tuple:
     """The gradient filter's two GEMMs (dW overwriting and accumulating), with the pointers and
-    row strides of a vocabulary head (multiples of 16, as the launcher sees them)."""
-    common = {"BLOCK_D": filtered_matmul.BLOCK_D, "BLOCK_K": filtered_matmul.BLOCK_K[COMPUTE_DTYPES[compute]],
+    row strides of a vocabulary head (multiples of 16, as the launcher sees them), and with
+    ``sizes_aligned`` D, the chunk's columns and the tile lists' stride too."""
+    block_k, stages = filtered_matmul.STEPS[COMPUTE_DTYPES[compute]]
+    common = {"BLOCK_D": filtered_matmul.BLOCK_D, "BLOCK_K": block_k,
               "PRECISION": "tf32x3" if compute == "*fp32" else "ieee"}  # fmt: skip
-    options = {"num_warps": filtered_matmul.NUM_WARPS, "num_stages": filtered_matmul.NUM_STAGES}
+    options = {"num_warps": filtered_matmul.NUM_WARPS, "num_stages": stages}
     blocks = {"k_blocks_ptr": "*i32", "k_count_ptr": "*i32"}
     aligned = ("dlogits_ptr", "stride_gm", "stride_hm", "stride_wv")
+    if sizes_aligned:
+        aligned += ("hidden_size", "n_cols", "k_stride", "k_blocks_ptr", "k_count_ptr")
     dh = compile_for(target, filtered_matmul.filtered_dh_kernel,
                      {"dlogits_ptr": compute, "w_ptr": compute, "dh_ptr": "*fp32", **blocks},
                      {**common, "TILE_M": filtered_matmul.TILE_M}, aligned=(*aligned, "w_ptr", "dh_ptr"),
@@ -229,6 +233,55 @@ def test_filtered_matmul_kernels_compile(target, compute):
     """The gradient filter's GEMMs fit the shared memory and keep their tiles in registers."""
     for kernel in _compile_filtered_matmul(target, compute):
         assert resource_usage(kernel)[1] == 0
+
+
+def _compile_as_launched(target: str, compute: str) -> dict:
+    """The 16-bit kernels as the launcher specializes them for an aligned workload (D,
+    vocabulary chunks and row strides multiples of 16, contiguous rows): pointers and those
+    integers divisible by 16, unit strides constant."""
+    config = small_heads.configs_for(32)[0]
+    small_aligned = tuple(name for name in small_heads.small_heads_kernel.arg_names
+                          if name.endswith("_ptr") or name in ("stride_hn", "stride_pn", "stride_wc", "stride_dhn",
+                                                                "stride_dpn", "D"))  # fmt: skip
+    kernels = {
+        f"small_heads-{direction}": compile_for(
+            target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
+            {**_small_heads_constexprs(config, 32, backward, True, compute), "stride_hd": 1, "stride_pd": 1,
+             "stride_wd": 1}, aligned=small_aligned, num_warps=config.num_warps, num_stages=config.num_stages)
+        for direction, backward in (("fwd", False), ("bwd", True))
+    }  # fmt: skip
+    kernels["filtered_dh"], kernels["filtered_dw"], _ = _compile_filtered_matmul(target, compute, sizes_aligned=True)
+    grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
+                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32",
+                     "tile_flags_ptr": "*i32"}  # fmt: skip
+    kernels["large_ce_dlogits"] = compile_for(
+        target, large_ce.large_ce_dlogits_kernel,
+        {**grad_pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32"},
+        {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": True,
+         "FLAG_M": filtered_matmul.TILE_M}, aligned=(*grad_pointers, "stride_lm", "stride_dm", "n_cols"),
+        num_warps=large_ce.NUM_WARPS)  # fmt: skip
+    return kernels
+
+
+SCALAR_16BIT_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.[\w:]+)*\.b16\b")
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("compute", ["*bf16", "*fp16"])
+def test_streamed_tiles_move_in_vectors_and_gemms_pipeline(target, compute):
+    """For an aligned workload the GEMM loops load ahead with 16-byte asynchronous copies, and
+    the vocabulary head's kernels, which stream its [rows, columns] gradient, never move a
+    16-bit element on its own (the filtered GEMMs once clamped their column indices, which hid
+    the columns' contiguity from the compiler: every bf16 element was its own load, and nothing
+    was pipelined). The small heads' weight tile, a few KB read from cache, triton 3.6 still
+    loads element by element (3.8 does not)."""
+    for name, kernel in _compile_as_launched(target, compute).items():
+        ptx = kernel.asm["ptx"]
+        assert resource_usage(kernel)[1] == 0, name
+        if not name.startswith("small_heads"):
+            assert not SCALAR_16BIT_ACCESS.findall(ptx), (name, sorted(set(SCALAR_16BIT_ACCESS.findall(ptx))))
+        if name != "large_ce_dlogits":
+            assert "cp.async.cg.shared.global" in ptx, name
 
 
 @pytest.mark.parametrize("target", sorted(OLDER_TARGETS))
