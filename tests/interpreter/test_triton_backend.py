@@ -323,8 +323,8 @@ def test_frozen_hidden_states(trial):
 def test_grad_filter_zero_keeps_every_tile(monkeypatch, dtype, trial):
     """``grad_filter_eps=0`` marks every tile holding a row that counts, so the filtered GEMMs
     compute every gradient: across row and column tiles that do not divide the head, chunks
-    of rows and columns (odd trial), both levels, beside small heads; and with a frozen encoder
-    output (no dH)."""
+    of rows and columns and more than one block of D (odd trial), both levels, beside small
+    heads; and with a frozen encoder output (no dH)."""
     from mtlfast.kernels import filtered_matmul
 
     rng = random.Random(fresh_seed())
@@ -334,7 +334,8 @@ def test_grad_filter_zero_keeps_every_tile(monkeypatch, dtype, trial):
     tasks = [Task("vocab", rng.randint(300, 700), "cross_entropy", level="token", label_smoothing=rng.choice([0.0, 0.1])),
              Task("seq_vocab", rng.randint(129, 300), "cross_entropy"),
              Task("ner", rng.randint(2, 9), "cross_entropy", level="token")]  # fmt: skip
-    case = case_for(tasks, (3, rng.randint(25, 45), rng.choice([24, 40])))
+    hidden_size = filtered_matmul.BLOCK_D + rng.choice([8, 24]) if trial % 2 else rng.choice([24, 40])
+    case = case_for(tasks, (3, rng.randint(25, 45), hidden_size))
     assert case.hidden.shape[0] * case.hidden.shape[1] > filtered_matmul.TILE_M
     out, grads = run_heads(case, "triton", dtype, grad_filter_eps=0.0)
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/filter-0/{dtype}")
