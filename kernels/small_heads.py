@@ -91,9 +91,10 @@ def small_heads_kernel(
     ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
     ``[programs, G * BLOCK_C]``), stores them at its first row block and adds with plain
-    loads and stores after that, so they need no zeroing; otherwise float atomics add into
-    ``[T]``, ``[sum C, D]`` and ``[sum C]``. Without ``WRITE_DH`` backward skips dH (no
-    gradient is needed for the rows: a frozen encoder).
+    loads and stores after that, so they need no zeroing (the dW rows of padding slots stay
+    unwritten); otherwise float atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
+    Either way a slot adds to dW only in blocks with a row that counts for it. Without
+    ``WRITE_DH`` backward skips dH (no gradient is needed for the rows: a frozen encoder).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -217,6 +218,11 @@ def small_heads_kernel(
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(DOT)
                 _add_per_slot(db_ptr + part_slots, db_ptr + w_rows, tl.sum(grad, axis=0), slot_ok, revisit, PARTIALS)
+                # dW moves only for the slots some row of this block counts for (a sequence
+                # task's slots have none in most token blocks), and on a program's first block
+                # for every slot, to start its partial rows; padding slots never move.
+                slot_live = slot_ok & (tl.max(active.to(tl.int32), axis=0) > 0)
+                dw_slots = slot_live | (slot_ok & (block == pid)) if PARTIALS else slot_live
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
                 for k0 in range(0, D, BLOCK_K):
@@ -239,15 +245,15 @@ def small_heads_kernel(
                             tl.store(acc_ptrs, dh, mask=out_mask)
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
                     dw = tl.dot(tl.trans(grad), h.to(DOT).to(tl.float32), input_precision="tf32x3")
+                    dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
                         dw_ptrs = dw_ptr + part_slots.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
-                        dw_mask = k_ok[None, :] & (slots >= 0)[:, None]
                         if revisit:
                             dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                         tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
                         dw_ptrs = dw_ptr + w_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
-                        tl.atomic_add(dw_ptrs, dw, mask=slot_ok[:, None] & k_ok[None, :], sem="relaxed")
+                        tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
                 if USE_DH_ACC:
                     # Later groups read the fp32 partial dH this program's own threads wrote.
                     tl.debug_barrier()
@@ -306,13 +312,14 @@ def small_heads_reduce_kernel(
 # [BLOCK_M, BLOCK_C] tiles at once, so wide heads take short row blocks over more warps: each
 # candidate compiles for sm_80 and sm_90 with (almost) no register spills, which
 # tests/test_kernels_compile.py checks. The untuned first ones spill nothing and fit sm_80's
-# shared memory. With fp32 rows (under autocast) some candidates spill a little; each width
-# keeps at least one that does not, for the autotuner to find.
+# shared memory. With fp32 rows (under autocast) or class weights some candidates spill a
+# little; each width keeps at least one that does not, for the autotuner to find (at 128,
+# without pipelining: triton 3.6 on sm_80 spills with class weights otherwise).
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
     32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
     64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2)],
-    128: [(16, 16, 8, 2), (16, 32, 8, 2)],
+    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)],
 }
 
 

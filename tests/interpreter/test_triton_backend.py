@@ -79,6 +79,31 @@ def test_many_groups(deterministic):
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/40 tasks")
 
 
+def test_partials_skip_padding_slots(monkeypatch):
+    """The deterministic partial dW rows: each launched program writes those of the used slots
+    (its first block starts them, sequence slots included though that block holds no sequence
+    row) and never those of padding slots, which the reduction skips; the gradients match."""
+    buffers = []
+
+    def poisoned(shape, dtype, device):
+        buffer = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        buffers.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
+             Task("score", 1, "mse"), Task("tags", 5, "bce", level="token")]  # fmt: skip
+    case = case_for(tasks, (3, 120, 24), nan_rate=0.0)  # 12 row blocks for 8 programs
+    out, grads = run_heads(case, "triton", torch.float32, deterministic=True)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/partials")
+    (partial_dw,) = [b for b in buffers if b.dim() == 3]
+    written = ~partial_dw.isnan().all(dim=2)  # [programs, slots]
+    launched = written.any(dim=1)
+    assert launched.sum() > 1 and partial_dw.shape[1] > 18
+    assert (written[launched].sum(dim=1) == 18).all(), written.sum(dim=1)
+    assert not partial_dw[written].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trial", range(3))
 def test_large_cross_entropy_path(dtype, trial):
