@@ -61,7 +61,7 @@ def filtered_dh_kernel(
         g = tl.load(g_ptrs + k0, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + (k0 + ks).to(tl.int64)[:, None] * stride_wv, mask=k_ok[:, None] & d_ok, other=0.0)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
-    ok = (rows < n_rows)[:, None] & (ds < hidden_size)[None, :]
+    ok = (rows < n_rows)[:, None] & d_ok
     out_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_hm + ds[None, :]
     tl.store(out_ptrs, tl.load(out_ptrs, mask=ok, other=0.0) + acc, mask=ok)
 
@@ -91,7 +91,7 @@ def filtered_dw_kernel(
         g = tl.load(g_ptrs + m0.to(tl.int64) * stride_gm, mask=m_ok & col_ok, other=0.0)
         h = tl.load(h_ptrs + (m0 + ms).to(tl.int64)[:, None] * stride_hm, mask=m_ok & d_ok, other=0.0)
         acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
-    ok = (cols < n_cols)[:, None] & (ds < hidden_size)[None, :]
+    ok = (cols < n_cols)[:, None] & d_ok
     out_ptrs = dw_ptr + cols.to(tl.int64)[:, None] * stride_wv + ds[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=ok, other=0.0)
