@@ -130,23 +130,28 @@ def _compile_loss_finalize(target: str):
     return compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
 
 
-def _compile_large_ce(target: str, compute: str) -> tuple:
-    """The vocabulary path's two streaming kernels: online LSE and dlogits."""
+def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple:
+    """The vocabulary path's two streaming kernels: online LSE and dlogits (without and with
+    the filter); with ``aligned`` their pointers, row strides and chunk width are taken as
+    multiples of 16, as the launcher sees them for an aligned workload."""
     lse_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "run_max_ptr": "*fp32",
                     "run_sum_ptr": "*fp32", "target_logit_ptr": "*fp32", "logit_sum_ptr": "*fp32"}  # fmt: skip
+    sizes = ("stride_lm", "n_cols")
     lse = compile_for(target, large_ce.large_ce_lse_merge_kernel, lse_pointers,
                       {"BLOCK_M": large_ce.LSE_BLOCK_M, "BLOCK_V": large_ce.LSE_BLOCK_V},
-                      num_warps=large_ce.NUM_WARPS)  # fmt: skip
+                      aligned=(*lse_pointers, *sizes) if aligned else (), num_warps=large_ce.NUM_WARPS)  # fmt: skip
     grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
-                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32",
-                     "smoothing": "fp32", "inv_classes": "fp32"}  # fmt: skip
-    dlogits = [
-        compile_for(target, large_ce.large_ce_dlogits_kernel,
-                    {**grad_pointers, "filter_eps": "fp32", "tile_flags_ptr": "*i32" if filtering else "*fp32"},
-                    {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": filtering,
-                     "FLAG_M": filtered_matmul.TILE_M}, num_warps=large_ce.NUM_WARPS)
-        for filtering in (False, True)
-    ]  # fmt: skip
+                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32"}  # fmt: skip
+    dlogits = []
+    for filtering in (False, True):
+        pointers = {**grad_pointers, "tile_flags_ptr": "*i32" if filtering else "*fp32"}
+        dlogits.append(compile_for(
+            target, large_ce.large_ce_dlogits_kernel,
+            {**pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32"},
+            {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": filtering,
+             "FLAG_M": filtered_matmul.TILE_M},
+            aligned=(*pointers, *sizes, "stride_dm") if aligned else (), num_warps=large_ce.NUM_WARPS,
+        ))  # fmt: skip
     return lse, *dlogits
 
 
@@ -251,15 +256,7 @@ def _compile_as_launched(target: str, compute: str) -> dict:
         for direction, backward in (("fwd", False), ("bwd", True))
     }  # fmt: skip
     kernels["filtered_dh"], kernels["filtered_dw"], _ = _compile_filtered_matmul(target, compute, sizes_aligned=True)
-    grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
-                     "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32",
-                     "tile_flags_ptr": "*i32"}  # fmt: skip
-    kernels["large_ce_dlogits"] = compile_for(
-        target, large_ce.large_ce_dlogits_kernel,
-        {**grad_pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32"},
-        {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": True,
-         "FLAG_M": filtered_matmul.TILE_M}, aligned=(*grad_pointers, "stride_lm", "stride_dm", "n_cols"),
-        num_warps=large_ce.NUM_WARPS)  # fmt: skip
+    kernels["large_ce_dlogits"] = _compile_large_ce(target, compute, aligned=True)[2]
     return kernels
 
 
