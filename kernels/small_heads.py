@@ -110,28 +110,25 @@ def small_heads_kernel(
         if from_pooled:
             rows = (block - n_blocks_hidden) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < n_pooled_rows
-            rows64 = rows.to(tl.int64)
-            h_row_ptrs = p_ptr + rows64 * stride_pn
-            stride_k = stride_pd
             seq_row = rows
             is_seq_row = row_ok
             is_tok_row = rows < 0
-            out_row_ptrs = dp_ptr + rows64 * stride_dpn
-            acc_row = rows64 + n_hidden_rows
         else:
             rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < n_hidden_rows
-            rows64 = rows.to(tl.int64)
-            h_row_ptrs = h_ptr + rows64 * stride_hn
-            stride_k = stride_hd
             safe_stride = tl.maximum(seq_stride, 1)
             seq_row = rows // safe_stride
             is_seq_row = row_ok & (seq_stride > 0) & ((rows % safe_stride) == 0)
             is_tok_row = row_ok
             if HAS_MASK:
-                is_tok_row = is_tok_row & (tl.load(mask_ptr + rows64, mask=row_ok, other=0) != 0)
-            out_row_ptrs = dh_ptr + rows64 * stride_dhn
-            acc_row = rows64
+                is_tok_row = is_tok_row & (tl.load(mask_ptr + rows.to(tl.int64), mask=row_ok, other=0) != 0)
+        rows64 = rows.to(tl.int64)
+        # The row pointers come from selects, not from the branch: through a branch the compiler
+        # (triton 3.6) loses the rows' alignment and moves H and dH one 16-bit element at a time.
+        h_row_ptrs = tl.where(from_pooled, p_ptr, h_ptr) + rows64 * tl.where(from_pooled, stride_pn, stride_hn)
+        stride_k = tl.where(from_pooled, stride_pd, stride_hd)
+        out_row_ptrs = tl.where(from_pooled, dp_ptr, dh_ptr) + rows64 * tl.where(from_pooled, stride_dpn, stride_dhn)
+        acc_row = rows64 + tl.where(from_pooled, n_hidden_rows, 0)
         seq_row64 = seq_row.to(tl.int64)
 
         for group in range(0, n_groups):
