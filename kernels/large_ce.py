@@ -95,7 +95,7 @@ def large_ce_dlogits_kernel(
         counts = ok & (scale != 0.0)[:, None]
         if FILTER:
             # not below: a NaN marks its tile, so that it reaches the gradients as without a filter
-            needed = tl.max(tl.max(tl.where(counts & ~(tl.abs(grad) < filter_eps), 1, 0), axis=1), axis=0)
+            needed = tl.max(tl.max(tl.where(counts, tl.where(tl.abs(grad) < filter_eps, 0, 1), 0), axis=1), axis=0)
             flag_ptr = tile_flags_ptr + (block * BLOCK_M // FLAG_M) * tl.num_programs(0) + tl.program_id(0)
             tl.atomic_max(flag_ptr, needed, sem="relaxed")
         grad = tl.where(counts, grad * scale[:, None], 0.0)
