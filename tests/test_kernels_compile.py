@@ -19,6 +19,11 @@ from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_head
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+try:  # triton < 3.3 describes argument properties with a class, later ones with a dict
+    from triton.backends.compiler import AttrsDescriptor
+except ImportError:
+    AttrsDescriptor = None
+
 from mtlfast.backends import READS_FP32_ROWS, TRITON_VERSION  # noqa: E402
 
 # The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI); older
@@ -43,7 +48,11 @@ def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fit
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
     }  # fmt: skip
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    indices = [fn.arg_names.index(name) for name in aligned]
+    if AttrsDescriptor is None:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in indices}
+    else:
+        attrs = AttrsDescriptor.from_hints({i: 16 for i in indices})
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=ALL_TARGETS[target], options=options)
     assert not fits or kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
     return kernel
