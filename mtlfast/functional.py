@@ -41,10 +41,10 @@ def computation_dtype(hidden_states: Tensor) -> torch.dtype:
 
 
 def head_logits(
-    layout: TaskLayout, hidden: Tensor, pooled: Tensor | None, weight: Tensor, bias: Tensor
+    layout: TaskLayout, hidden: Tensor, pooled: Tensor | None, weight: Tensor, bias: Tensor | None
 ) -> dict[str, Tensor]:
     """Every task's logits in the dtype of ``hidden``: one GEMM per level over the packed weight."""
-    w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
+    w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
     per_level: dict[str, Tensor] = {}
     if any(t.level == "token" for t in layout.tasks):
         per_level["token"] = F.linear(hidden, w, b)
@@ -95,7 +95,7 @@ def _divisor_on(device: torch.device, value: int | float | Tensor | None) -> Ten
 def multitask_loss(
     hidden_states: Tensor,
     weight: Tensor,
-    bias: Tensor,
+    bias: Tensor | None,
     tasks: TaskLayout | Sequence[Task],
     labels: Mapping[str, Tensor] | None = None,
     *,
@@ -115,7 +115,8 @@ def multitask_loss(
 
     Args:
         hidden_states: [B, S, D] encoder output, or [B, D] when every task is sequence-level.
-        weight: [sum C, D] packed head weights, tasks in layout order. bias: [sum C].
+        weight: [sum C, D] packed head weights, tasks in layout order. bias: [sum C], or
+            None for heads without one (a language model's ``lm_head``, say).
         tasks: the tasks (or their :class:`TaskLayout`).
         labels: task name -> targets; cross-entropy int [B] / [B, S], bce/mse float
             [B, C] / [B, S, C] (mse with C = 1 may drop the last dim). Tasks absent
@@ -157,6 +158,8 @@ def multitask_loss(
                              weight, bias)  # fmt: skip
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
+    if bias is None:  # the op takes a bias: a zero one that needs no gradient
+        bias = weight.new_zeros(layout.total_outputs)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
     # the backends round them as they read them, instead of a cast pass here and one back in backward.
     backend_name = resolve_backend(backend, hidden_states.device)

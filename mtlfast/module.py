@@ -18,9 +18,10 @@ from .validation import WEIGHTINGS, grad_filter_threshold
 class MultiTaskHeads(nn.Module):
     """Every task head on one shared encoder output, computed in one fused pass.
 
-    Parameters are packed: ``weight`` [sum C, D] and ``bias`` [sum C], each task's rows
-    in the order the tasks were given (each initialised as ``nn.Linear`` initialises
-    itself), and with ``weighting="uncertainty"`` ``log_vars`` [T] (the ``s_t``, from 0).
+    Parameters are packed: ``weight`` [sum C, D] and ``bias`` [sum C] (None with
+    ``bias=False``), each task's rows in the order the tasks were given (each initialised
+    as ``nn.Linear`` initialises itself), and with ``weighting="uncertainty"`` ``log_vars``
+    [T] (the ``s_t``, from 0).
 
     Args:
         hidden_size: D.
@@ -34,6 +35,8 @@ class MultiTaskHeads(nn.Module):
             ``torch.use_deterministic_algorithms(True)`` is in force.
         grad_filter_eps: None (exact), ``"auto"`` or a threshold: gradient filtering for
             vocabulary-sized heads on the triton backend (see :func:`mtlfast.multitask_loss`).
+        bias: False for heads without a bias, as ``nn.Linear(bias=False)`` (the score head of
+            a decoder's ``*ForSequenceClassification``, say).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class MultiTaskHeads(nn.Module):
         chunk_size: int | None = None,
         deterministic: bool = False,
         grad_filter_eps: float | str | None = None,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -72,7 +76,10 @@ class MultiTaskHeads(nn.Module):
         self.grad_filter_eps = grad_filter_eps
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.layout.total_outputs, hidden_size, **factory))
-        self.bias = nn.Parameter(torch.empty(self.layout.total_outputs, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.layout.total_outputs, **factory))
+        else:
+            self.register_parameter("bias", None)
         if weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(self.layout.tasks), **factory))
         else:
@@ -90,7 +97,8 @@ class MultiTaskHeads(nn.Module):
             for task in self.tasks:
                 cols = self.layout.columns(task.name)
                 nn.init.kaiming_uniform_(self.weight[cols], a=math.sqrt(5))
-                nn.init.uniform_(self.bias[cols], -bound, bound)
+                if self.bias is not None:
+                    nn.init.uniform_(self.bias[cols], -bound, bound)
             if self.log_vars is not None:
                 self.log_vars.zero_()
 
@@ -133,7 +141,8 @@ class MultiTaskHeads(nn.Module):
     ) -> MultiTaskHeads:
         """Heads holding copies of existing per-task linears (a HF ``classifier``, say).
 
-        A linear without bias gets a zero bias; dtype and device follow the linears.
+        A linear without bias gets a zero bias, unless ``bias=False`` is passed (heads without
+        one; then no linear may have a bias); dtype and device follow the linears.
         """
         layout = TaskLayout(tuple(tasks))
         missing = [t.name for t in layout.tasks if t.name not in linears]
@@ -157,11 +166,15 @@ class MultiTaskHeads(nn.Module):
                 raise ValueError(
                     f"task '{task.name}': linear has in_features={linear.in_features}, expected {hidden_size}"
                 )
+            if linear.bias is not None and not kwargs.get("bias", True):
+                raise ValueError(f"task '{task.name}': linear has a bias, and the heads are built with bias=False")
         heads = cls(hidden_size, layout.tasks, device=first.weight.device, dtype=first.weight.dtype, **kwargs)
         with torch.no_grad():
             for task in layout.tasks:
                 linear, cols = linears[task.name], layout.columns(task.name)
                 heads.weight[cols].copy_(linear.weight)
+                if heads.bias is None:
+                    continue
                 if linear.bias is not None:
                     heads.bias[cols].copy_(linear.bias)
                 else:
@@ -173,13 +186,17 @@ class MultiTaskHeads(nn.Module):
         linears = {}
         for task in self.tasks:
             cols = self.layout.columns(task.name)
-            linear = nn.Linear(self.hidden_size, task.num_outputs, device=self.weight.device, dtype=self.weight.dtype)
+            linear = nn.Linear(self.hidden_size, task.num_outputs, bias=self.bias is not None,
+                               device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
             with torch.no_grad():
                 linear.weight.copy_(self.weight[cols])
-                linear.bias.copy_(self.bias[cols])
+                if self.bias is not None:
+                    linear.bias.copy_(self.bias[cols])
             linears[task.name] = linear
         return linears
 
     def extra_repr(self) -> str:
         tasks = ", ".join(f"{t.name}:{t.loss}/{t.level}[{t.num_outputs}]" for t in self.tasks)
-        return f"hidden_size={self.hidden_size}, weighting={self.weighting}, backend={self.backend}, tasks=({tasks})"
+        bias = "" if self.bias is not None else ", bias=False"
+        return (f"hidden_size={self.hidden_size}, weighting={self.weighting}, backend={self.backend}{bias}, "
+                f"tasks=({tasks})")  # fmt: skip

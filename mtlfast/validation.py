@@ -45,7 +45,7 @@ def check_call(
     layout: TaskLayout,
     hidden_states: Tensor,
     weight: Tensor,
-    bias: Tensor,
+    bias: Tensor | None,
     labels: Mapping[str, Tensor] | None,
     attention_mask: Tensor | None,
     pooled: Tensor | None,
@@ -59,12 +59,17 @@ def check_call(
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
     if hidden_states.dim() not in (2, 3):
         raise ValueError(f"hidden_states must be [B, S, D] or [B, D], got shape {tuple(hidden_states.shape)}")
-    hidden_size = weight.shape[1]
-    if weight.shape[0] != layout.total_outputs or bias.shape != (layout.total_outputs,):
+    if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+        raise TypeError("the packed weight must be a floating-point [sum C, D] torch.Tensor")
+    if bias is not None and (not isinstance(bias, Tensor) or not bias.dtype.is_floating_point):
+        raise TypeError("the packed bias must be a floating-point [sum C] torch.Tensor or None")
+    bias_shape = None if bias is None else tuple(bias.shape)
+    if weight.dim() != 2 or weight.shape[0] != layout.total_outputs or bias_shape not in (None, (layout.total_outputs,)):
         raise ValueError(
-            f"packed weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not match the tasks' "
+            f"packed weight {tuple(weight.shape)} / bias {bias_shape} do not match the tasks' "
             f"{layout.total_outputs} outputs"
         )
+    hidden_size = weight.shape[1]
     if hidden_states.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states has hidden size {hidden_states.shape[-1]}, the heads expect {hidden_size}")
     device = hidden_states.device

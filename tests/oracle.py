@@ -280,7 +280,10 @@ def make_heads(case: Case, backend: str, device="cpu", **kwargs) -> MultiTaskHea
     heads = heads.to(device)
     with torch.no_grad():
         heads.weight.copy_(case.weight)
-        heads.bias.copy_(case.bias)
+        if heads.bias is not None:
+            heads.bias.copy_(case.bias)
+        else:
+            assert not case.bias.any(), "heads built with bias=False need a case whose bias is zero"
         if case.log_vars is not None:
             heads.log_vars.copy_(case.log_vars)
     return heads
@@ -310,7 +313,9 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     with ctx:
         out = heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None)
     out.loss.backward()
-    grads = {"hidden": h.grad, "weight": heads.weight.grad, "bias": heads.bias.grad}
+    grads = {"hidden": h.grad, "weight": heads.weight.grad}
+    if heads.bias is not None:
+        grads["bias"] = heads.bias.grad
     if pooled is not None:
         grads["pooled"] = pooled.grad
     if case.log_vars is not None:

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import TOLERANCE, assert_matches_oracle, case_for, rel_error, run_heads
+from oracle import TOLERANCE, assert_matches_oracle, case_for, random_case, rel_error, run_heads
 from torch import nn
 
-from mtlfast import MultiTaskHeads, MultiTaskOutput, Task
+from mtlfast import MultiTaskHeads, MultiTaskOutput, Task, multitask_loss
 
 TASKS = [
     Task("sentiment", 3, "cross_entropy"),
@@ -63,6 +63,55 @@ def test_from_linears_rejects_wrong_width():
     linears["ner"] = nn.Linear(D, 8)
     with pytest.raises(ValueError, match="ner.*out_features=8"):
         MultiTaskHeads.from_linears(TASKS, linears)
+
+
+def test_bias_free_heads_convert_both_ways():
+    linears = {t.name: nn.Linear(D, t.num_outputs, bias=False) for t in TASKS}
+    heads = MultiTaskHeads.from_linears(TASKS, linears, backend="torch", bias=False)
+    assert heads.bias is None and [name for name, _ in heads.named_parameters()] == ["weight"]
+    assert "bias=False" in repr(heads)
+    back = heads.to_linears()
+    for task in TASKS:
+        assert back[task.name].bias is None
+        assert torch.equal(back[task.name].weight, linears[task.name].weight)
+    hidden = torch.randn(B, S, D)
+    out = heads(hidden)
+    torch.testing.assert_close(out.logits["ner"], hidden @ linears["ner"].weight.T)
+    linears["topics"] = nn.Linear(D, 20)
+    with pytest.raises(ValueError, match="task 'topics': linear has a bias.*bias=False"):
+        MultiTaskHeads.from_linears(TASKS, linears, bias=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bias_free_heads_match_the_oracle(backend):
+    """``bias=False``: the oracle with a zero bias, and no bias parameter to receive a gradient."""
+    case = random_case()
+    case.bias.zero_()
+    out, grads = run_heads(case, backend, torch.float32, bias=False)
+    assert "bias" not in grads
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} bias=False",
+                          skip=("bias",))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_functional_call_with_a_tied_weight_and_no_bias(backend):
+    """A language model's own output head as a vocabulary task: the weight is the input
+    embedding's (tied), there is no bias, and the gradient reaches the embedding."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    vocab, batch, seq_len, hidden_size = 300 + int(torch.randint(0, 40, (), generator=gen)), 2, 11, 24
+    embedding = nn.Embedding(vocab, hidden_size)
+    hidden = torch.randn(batch, seq_len, hidden_size, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    labels[:, -1] = -100
+    out = multitask_loss(hidden, embedding.weight, None, [Task("lm", vocab, "cross_entropy", level="token")],
+                         {"lm": labels}, backend=backend)  # fmt: skip
+    out.loss.backward()
+    h = hidden.detach().double().requires_grad_(True)
+    w = embedding.weight.detach().double().requires_grad_(True)
+    expected = F.cross_entropy((h @ w.T).reshape(-1, vocab), labels.reshape(-1))
+    expected.backward()
+    assert rel_error(out.loss, expected) <= 2e-4
+    assert rel_error(hidden.grad, h.grad) <= 2e-4 and rel_error(embedding.weight.grad, w.grad) <= 2e-4
 
 
 def test_inference_returns_every_tasks_logits():

@@ -82,6 +82,23 @@ def test_compile_under_autocast_with_fp32_hidden_states(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_heads_without_bias():
+    """``bias=False`` through the compiled custom op: the zero bias the op takes is built in the graph."""
+    torch._dynamo.reset()
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"), Task("reg", 2, "mse")]
+    case = case_for(tasks, (2, 9, 16))
+    heads = MultiTaskHeads(16, tasks, backend="torch", bias=False)
+    results = []
+    for step in (torch.compile(lambda h, y: heads(h, y).loss, fullgraph=True), lambda h, y: heads(h, y).loss):
+        hidden = case.hidden.clone().requires_grad_(True)
+        loss = step(hidden, case.labels)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, heads.weight.grad.clone()))
+        heads.zero_grad()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_column_weights_travel_as_one_key_per_head():
     """Under torch.compile the op's arguments are written into the graph: a head's class or
     positive weights go as one integer key (the same in every process), not as C floats."""

@@ -1,5 +1,6 @@
 """Hugging Face parity: BertForSequenceClassification + BertForTokenClassification sharing
-one encoder give the same summed loss and gradients as that encoder + MultiTaskHeads."""
+one encoder give the same summed loss and gradients as that encoder + MultiTaskHeads; a
+causal LM's tied output head gives its own loss and gradients through multitask_loss."""
 
 import pytest
 import torch
@@ -69,3 +70,37 @@ def test_matches_hf_heads(backend):
         # arithmetic (the attention key bias: softmax is shift invariant).
         floor = max(hf_encoder_grads[name].norm(), 1e-6 * scale)
         assert (p.grad - hf_encoder_grads[name]).norm() <= 1e-4 * floor, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_causal_lm_head_through_the_functional_call(backend):
+    """A causal LM's own output head (tied to its input embedding, no bias) as a vocabulary
+    task, fed HF's labels shifted by one: the loss and every gradient of
+    ``GPT2LMHeadModel(labels=...)``, the tied embedding's included."""
+    import torch.nn.functional as F
+
+    from mtlfast import multitask_loss
+
+    config = transformers.GPT2Config(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    torch.manual_seed(torch.seed() % 2**31)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.bias is None
+    input_ids = torch.randint(0, 211, (3, 13))
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    labels = input_ids.masked_fill(mask == 0, -100)
+
+    hf_loss = model(input_ids, attention_mask=mask, labels=labels).loss
+    hf_loss.backward()
+    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    hidden = model.transformer(input_ids, attention_mask=mask).last_hidden_state
+    task = Task("lm", 211, "cross_entropy", level="token")
+    next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
+    out = multitask_loss(hidden, model.lm_head.weight, None, [task], {"lm": next_tokens}, backend=backend)
+    out.loss.backward()
+    assert rel_error(out.loss, hf_loss) < 1e-5
+    for name, p in model.named_parameters():
+        assert rel_error(p.grad, hf_grads[name]) < 1e-4, name

@@ -185,3 +185,13 @@ def test_heads_on_another_device_than_hidden(weighting):
         heads.weight, heads.bias = torch.nn.Parameter(heads.weight.to("meta")), torch.nn.Parameter(heads.bias.to("meta"))
         with pytest.raises(ValueError, match="the heads' log_vars is on cpu, hidden_states on meta"):
             heads(hidden, labels)
+
+
+def test_packed_parameters_of_the_wrong_kind():
+    weight = torch.randn(17, D)
+    with pytest.raises(ValueError, match=r"bias \(16,\) do not match the tasks' 17 outputs"):
+        multitask_loss(torch.randn(B, S, D), weight, torch.zeros(16), TASKS, _good())
+    with pytest.raises(TypeError, match="packed bias must be a floating-point"):
+        multitask_loss(torch.randn(B, S, D), weight, [0.0] * 17, TASKS, _good())
+    with pytest.raises(TypeError, match="packed weight must be a floating-point"):
+        multitask_loss(torch.randn(B, S, D), weight.long(), None, TASKS, _good())

@@ -121,6 +121,18 @@ def test_large_cross_entropy_path(dtype, trial):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/large/{dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heads_without_bias(dtype):
+    """``bias=False``, small heads and a vocabulary head: the oracle with a zero bias."""
+    rng = random.Random(fresh_seed())
+    tasks = [Task("vocab", rng.randint(129, 300), "cross_entropy", level="token"),
+             Task("cls", rng.randint(2, 6), "cross_entropy"), Task("tags", rng.randint(1, 5), "bce", level="token")]  # fmt: skip
+    case = case_for(tasks, (2, rng.randint(2, 9), rng.choice([8, 24])))
+    case.bias.zero_()
+    out, grads = run_heads(case, "triton", dtype, bias=False)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/bias=False/{dtype}", skip=("bias",))
+
+
 def _wide_path_case(rng: random.Random):
     """Tasks wider than MAX_BLOCK_C that neither kernel takes (bce, mse, class-weighted
     cross-entropy), with a vocabulary head and small heads, on random levels."""
