@@ -104,6 +104,7 @@ def multitask_loss(
     log_vars: Tensor | None = None,
     weighting: str = "static",
     num_items_in_batch: Mapping[str, int | Tensor] | None = None,
+    task_weights: Mapping[str, float | Tensor] | None = None,
     return_logits: bool = False,
     backend: str = "auto",
     validate: bool = True,
@@ -127,6 +128,10 @@ def multitask_loss(
         weighting: ``"static"`` (``sum_t weight_t L_t``) or ``"uncertainty"``
             (``sum_t 0.5 exp(-s_t) L_t + 0.5 s_t``).
         num_items_in_batch: task name -> divisor of that task's mean (int or 0-dim tensor).
+        task_weights: task name -> its weight for this call under ``weighting="static"`` (a
+            number, or a 0-dim tensor that may require grad: its gradient is the task's loss),
+            in place of ``Task.weight``; for weights that change during training (DWA, or
+            weights learned as GradNorm learns them).
         return_logits: also return logits (one extra GEMM per level).
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
         validate: check label values (one host sync; skipped while torch.compile traces).
@@ -143,8 +148,9 @@ def multitask_loss(
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
     check_call(
-        layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting, log_vars
-    )
+        layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting, log_vars,
+        task_weights,
+    )  # fmt: skip
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if labels is not None and validate and not torch.compiler.is_compiling():
@@ -201,7 +207,13 @@ def multitask_loss(
         task_log_vars = log_vars[index]
         task_weights = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
     else:
-        task_weights = _constant(tuple(float(task.weight) for task in present_tasks), weight_dtype, device)
+        given = [(task_weights or {}).get(task.name, task.weight) for task in present_tasks]
+        if task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given)):
+            # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
+            one = torch.ones((), dtype=weight_dtype, device=device)
+            task_weights = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
+        else:
+            task_weights = _constant(tuple(float(value) for value in given), weight_dtype, device)
 
     hidden_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, op_pooled))
     call = HeadCall(

@@ -110,6 +110,7 @@ class MultiTaskHeads(nn.Module):
         pooled: Tensor | None = None,
         return_logits: bool = False,
         num_items_in_batch: Mapping[str, int | Tensor] | None = None,
+        task_weights: Mapping[str, float | Tensor] | None = None,
     ) -> MultiTaskOutput:
         """See :func:`mtlfast.multitask_loss` for shapes and semantics."""
         if self.training and self.dropout > 0.0:
@@ -127,6 +128,7 @@ class MultiTaskHeads(nn.Module):
             log_vars=self.log_vars,
             weighting=self.weighting,
             num_items_in_batch=num_items_in_batch,
+            task_weights=task_weights,
             return_logits=return_logits,
             backend=self.backend,
             validate=self.validate,

@@ -7,6 +7,7 @@ outside ``torch.compile`` tracing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -52,6 +53,7 @@ def check_call(
     num_items_in_batch: Mapping[str, int | Tensor] | None,
     weighting: str,
     log_vars: Tensor | None,
+    task_weights: Mapping[str, float | Tensor] | None = None,
 ) -> None:
     if not isinstance(hidden_states, Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
@@ -81,6 +83,8 @@ def check_call(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "uncertainty" and log_vars is None:
         raise ValueError("weighting='uncertainty' needs log_vars")
+    if task_weights is not None:
+        _check_task_weights(layout, task_weights, weighting, hidden_states.device)
     batch = hidden_states.shape[0]
     seq_len = hidden_states.shape[1] if hidden_states.dim() == 3 else None
     if pooled is not None:
@@ -159,6 +163,31 @@ def _check_num_items(
             raise TypeError(f"{where}: num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}")
         elif value < 0:
             raise ValueError(f"{where}: num_items_in_batch must be >= 0, got {value}")
+
+
+def _check_task_weights(
+    layout: TaskLayout, task_weights: Mapping[str, float | Tensor], weighting: str, device: torch.device
+) -> None:
+    if weighting != "static":
+        raise ValueError(f"task_weights are for weighting='static'; weighting='{weighting}' learns its own")
+    if not isinstance(task_weights, Mapping):
+        raise TypeError("task_weights must be a dict of task name -> number or 0-dim tensor")
+    unknown = sorted(set(task_weights) - set(layout.index))
+    if unknown:
+        raise ValueError(f"task_weights names unknown tasks {unknown}; the heads know {list(layout.index)}")
+    for name, value in task_weights.items():
+        where = f"task '{name}'"
+        if isinstance(value, Tensor):
+            if value.dim() != 0:
+                raise ValueError(f"{where}: task weight must be a 0-dim tensor, got shape {tuple(value.shape)}")
+            if not value.dtype.is_floating_point:
+                raise TypeError(f"{where}: task weight must be a floating-point tensor, got {value.dtype}")
+            if value.device != device:
+                raise ValueError(f"{where}: task weight is on {value.device}, hidden_states on {device}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: task weight must be a number or a 0-dim tensor, got {type(value).__name__}")
+        elif not torch.compiler.is_compiling() and not math.isfinite(value):  # traced numbers are symbolic
+            raise ValueError(f"{where}: task weight must be finite, got {value}")
 
 
 def check_values(

@@ -290,8 +290,9 @@ def make_heads(case: Case, backend: str, device="cpu", **kwargs) -> MultiTaskHea
 
 
 def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autocast: bool = False,
-              frozen_hidden: bool = False, **kwargs):  # fmt: skip
-    """Loss, per-task losses and gradients from mtlfast for the case.
+              frozen_hidden: bool = False, task_weights: dict | None = None, **kwargs):  # fmt: skip
+    """Loss, per-task losses and gradients from mtlfast for the case (``kwargs`` build the heads,
+    ``task_weights`` goes to the call).
 
     With ``autocast`` the parameters and hidden states stay fp32 and ``torch.autocast``
     sets the computation dtype; otherwise hidden states are given in ``dtype``. With
@@ -311,7 +312,8 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=dtype) if autocast else _null()
     with ctx:
-        out = heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None)
+        out = heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None,
+                    task_weights=task_weights)  # fmt: skip
     out.loss.backward()
     grads = {"hidden": h.grad, "weight": heads.weight.grad}
     if heads.bias is not None:

@@ -1,12 +1,14 @@
 """The public contract: parameters, outputs, conversions, options."""
 
+import dataclasses
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import TOLERANCE, assert_matches_oracle, case_for, random_case, rel_error, run_heads
+from oracle import TOLERANCE, assert_matches_oracle, case_for, fresh_seed, random_case, rel_error, run_heads
 from torch import nn
 
 from mtlfast import MultiTaskHeads, MultiTaskOutput, Task, multitask_loss
@@ -112,6 +114,41 @@ def test_functional_call_with_a_tied_weight_and_no_bias(backend):
     expected.backward()
     assert rel_error(out.loss, expected) <= 2e-4
     assert rel_error(hidden.grad, h.grad) <= 2e-4 and rel_error(embedding.weight.grad, w.grad) <= 2e-4
+
+
+def _reweighted(case, rng):
+    """Random call-time weights for some of the case's tasks, and the case whose tasks carry them."""
+    weights = {t.name: rng.uniform(-0.5, 3.0) for t in case.tasks if rng.random() < 0.7}
+    tasks = [dataclasses.replace(t, weight=weights.get(t.name, t.weight)) for t in case.tasks]
+    return weights, dataclasses.replace(case, tasks=tasks)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_call_time_task_weights_match_the_oracle(backend):
+    """``task_weights`` (numbers) replace ``Task.weight`` for one call: the oracle of tasks built
+    with those weights, whose gradients they scale."""
+    rng = random.Random(fresh_seed())
+    case = random_case(rng.randrange(2**31))
+    case.weighting, case.log_vars = "static", None
+    weights, reweighted = _reweighted(case, rng)
+    out, grads = run_heads(case, backend, torch.float32, task_weights=weights)
+    assert_matches_oracle(reweighted, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} task_weights")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_learned_task_weights_get_the_task_losses_as_gradient(backend):
+    """Task weights as tensors that require grad (weights learned as GradNorm learns them): the
+    total is their weighted sum of the losses, and each weight's gradient is its task's loss."""
+    case = case_for(TASKS, (B, S, D))
+    learned = torch.rand(len(TASKS), requires_grad=True)
+    out, grads = run_heads(case, backend, torch.float32,
+                           task_weights={t.name: learned[i] for i, t in enumerate(TASKS)})  # fmt: skip
+    losses = torch.stack([out.losses[t.name] for t in TASKS])
+    torch.testing.assert_close(learned.grad, losses)
+    torch.testing.assert_close(out.loss.detach(), (learned.detach() * losses).sum())
+    reweighted = dataclasses.replace(case, tasks=[dataclasses.replace(t, weight=float(learned[i]))
+                                                  for i, t in enumerate(TASKS)])  # fmt: skip
+    assert_matches_oracle(reweighted, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} learned")
 
 
 def test_inference_returns_every_tasks_logits():

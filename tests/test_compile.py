@@ -99,6 +99,47 @@ def test_compile_heads_without_bias():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_with_learned_task_weights():
+    """Call-time task weights as a tensor that requires grad, through the compiled custom op:
+    the loss and every gradient, the weights' included, as in eager mode."""
+    torch._dynamo.reset()
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token"), Task("reg", 2, "mse")]
+    case = case_for(tasks, (2, 9, 16))
+    heads = MultiTaskHeads(16, tasks, backend="torch")
+    learned = torch.rand(3, requires_grad=True)
+
+    def loss_of(h, y):
+        return heads(h, y, task_weights={"cls": learned[0], "tok": learned[1], "reg": learned[2]}).loss
+
+    results = []
+    for step in (torch.compile(loss_of, fullgraph=True), loss_of):
+        hidden = case.hidden.clone().requires_grad_(True)
+        loss = step(hidden, case.labels)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, heads.weight.grad.clone(), learned.grad.clone()))
+        heads.zero_grad()
+        learned.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_with_task_weights_that_change_between_calls():
+    """Call-time task weights as numbers that change from call to call (DWA): each call's
+    loss is its eager loss (the numbers are inputs of the graph, not constants of the first call)."""
+    torch._dynamo.reset()
+    tasks = [Task("cls", 3, "cross_entropy"), Task("tok", 6, "cross_entropy", level="token")]
+    case = case_for(tasks, (2, 9, 16), ignore_rate=0.0)
+    heads = MultiTaskHeads(16, tasks, backend="torch")
+
+    def loss_of(h, y, cls_weight):
+        return heads(h, y, task_weights={"cls": cls_weight, "tok": 1.5}).loss
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+    for cls_weight in (0.5, 0.75, 2.0):
+        torch.testing.assert_close(compiled(case.hidden, case.labels, cls_weight),
+                                   loss_of(case.hidden, case.labels, cls_weight), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_column_weights_travel_as_one_key_per_head():
     """Under torch.compile the op's arguments are written into the graph: a head's class or
     positive weights go as one integer key (the same in every process), not as C floats."""

@@ -4,6 +4,7 @@ Run by tests/test_triton_interpreter.py in a process of its own (the variable mu
 set before triton is imported). fp32 and fp16 only: the interpreter's bf16 dot is broken.
 """
 
+import dataclasses
 import os
 import random
 
@@ -131,6 +132,25 @@ def test_heads_without_bias(dtype):
     case.bias.zero_()
     out, grads = run_heads(case, "triton", dtype, bias=False)
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/bias=False/{dtype}", skip=("bias",))
+
+
+def test_call_time_task_weights():
+    """``task_weights`` given with the call, as numbers and as a tensor that requires grad: the
+    oracle of tasks built with those weights, and the task's loss as that tensor's gradient."""
+    rng = random.Random(fresh_seed())
+    case = random_case(rng.randrange(2**31), ce_classes=(129, 300) if rng.random() < 0.5 else None)
+    case.weighting, case.log_vars = "static", None
+    weights = {t.name: rng.uniform(0.0, 3.0) for t in case.tasks}
+    learned_name = case.tasks[0].name
+    learned = torch.tensor(weights[learned_name], requires_grad=True)
+    tasks = [dataclasses.replace(t, weight=weights[t.name]) for t in case.tasks]
+    out, grads = run_heads(case, "triton", torch.float32, task_weights={**weights, learned_name: learned})
+    assert_matches_oracle(dataclasses.replace(case, tasks=tasks), out, grads, torch.float32,
+                          TOLERANCE[torch.float32], "triton/task_weights")  # fmt: skip
+    if learned_name in out.losses:
+        torch.testing.assert_close(learned.grad, out.losses[learned_name])
+    else:  # a task absent from the labels: its weight is not used
+        assert learned.grad is None
 
 
 def _wide_path_case(rng: random.Random):
