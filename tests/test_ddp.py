@@ -63,6 +63,7 @@ def _rank(rank: int, init_file: str, cases: list, backend: str, wrapper: str, ou
             hidden_grads.append(h.grad)
         grads = {name: _full(getattr(heads, name).grad) for name in ("weight", "bias", "log_vars")}
         torch.save({**grads, "hidden": hidden_grads}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears its group down while the other still communicates
     finally:
         dist.destroy_process_group()
 
