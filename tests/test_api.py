@@ -425,3 +425,18 @@ def test_torch_deterministic_mode_turns_on_deterministic_heads(monkeypatch):
         torch.use_deterministic_algorithms(previous)
     assert seen == [False, True]
     assert torch.isfinite(out.loss)
+
+
+def test_last_token_takes_the_last_unmasked_row():
+    from mtlfast import last_token
+
+    hidden = torch.randn(4, 6, 5, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    pooled = last_token(hidden, mask.bool() if torch.rand(()) < 0.5 else mask)
+    torch.testing.assert_close(pooled, hidden[[0, 1, 2, 3], [5, 2, 5, 0]], rtol=0, atol=0)
+    pooled.sum().backward()
+    taken = torch.zeros(4, 6)
+    taken[[0, 1, 2, 3], [5, 2, 5, 0]] = 1
+    torch.testing.assert_close(hidden.grad, taken[:, :, None].expand(4, 6, 5))
+    with pytest.raises(ValueError, match=r"last_token: attention_mask must be \[B, S\] = \(4, 6\)"):
+        last_token(hidden, mask[:, :5])

@@ -104,3 +104,39 @@ def test_causal_lm_head_through_the_functional_call(backend):
     assert rel_error(out.loss, hf_loss) < 1e-5
     for name, p in model.named_parameters():
         assert rel_error(p.grad, hf_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_decoder_classifier_with_last_token_pooling(backend, padding_side):
+    """A decoder's sequence classifier (GPT2ForSequenceClassification: a bias-free score head
+    on the last non-pad token) as heads built with ``bias=False`` and ``pooled=last_token(...)``:
+    its loss and every gradient, with right or left padding."""
+    from mtlfast import last_token
+
+    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, num_labels=4, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(torch.seed() % 2**31)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    input_ids = torch.randint(1, 101, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    for row, length in ((1, 7), (3, 2)):
+        padded = slice(length, None) if padding_side == "right" else slice(None, 12 - length)
+        mask[row, padded] = 0
+        input_ids[row, padded] = 0
+    labels = torch.randint(0, 4, (4,))
+
+    hf_loss = model(input_ids, attention_mask=mask, labels=labels).loss
+    hf_loss.backward()
+    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    heads = MultiTaskHeads.from_linears([Task("cls", 4, "cross_entropy")], {"cls": model.score}, bias=False,
+                                        backend=backend)  # fmt: skip
+    hidden = model.transformer(input_ids, attention_mask=mask).last_hidden_state
+    out = heads(hidden, {"cls": labels}, pooled=last_token(hidden, mask))
+    out.loss.backward()
+    assert rel_error(out.loss, hf_loss) < 1e-5
+    assert rel_error(heads.weight.grad, hf_grads["score.weight"]) < 1e-4
+    for name, p in model.transformer.named_parameters():
+        assert rel_error(p.grad, hf_grads[f"transformer.{name}"]) < 1e-4, name
