@@ -8,7 +8,7 @@ outside ``torch.compile`` tracing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -119,7 +119,7 @@ def check_call(
     for name, label in labels.items():
         _check_label(layout.tasks[layout.index[name]], label, batch, seq_len, device)
     if num_items_in_batch is not None:
-        _check_num_items(layout, labels, num_items_in_batch, device)
+        _check_num_items(layout, num_items_in_batch)
 
 
 def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, device: torch.device) -> None:
@@ -144,19 +144,24 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
     raise ValueError(f"{where}: labels must have shape {expected}, got {shape}")
 
 
-def _check_num_items(
-    layout: TaskLayout, labels: Mapping[str, Tensor], num_items: Mapping[str, int | Tensor], device: torch.device
-) -> None:
-    if not isinstance(num_items, Mapping):
-        raise TypeError("num_items_in_batch must be a dict of task name -> int or 0-dim tensor")
-    unknown = sorted(set(num_items) - set(layout.index))
+def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: str) -> Iterator[tuple[str, object]]:
+    """Checks a dict of task name -> ``kinds`` or 0-dim tensor given as ``option``, and yields its
+    entries as ``(where, value)``; tensors among them are 0-dim."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{option} must be a dict of task name -> {kinds} or 0-dim tensor")
+    unknown = sorted(set(values) - set(layout.index))
     if unknown:
-        raise ValueError(f"num_items_in_batch names unknown tasks {unknown}")
-    for name, value in num_items.items():
+        raise ValueError(f"{option} names unknown tasks {unknown}; the heads know {list(layout.index)}")
+    for name, value in values.items():
         where = f"task '{name}'"
+        if isinstance(value, Tensor) and value.dim() != 0:
+            raise ValueError(f"{where}: {option} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+        yield where, value
+
+
+def _check_num_items(layout: TaskLayout, num_items: Mapping[str, int | Tensor]) -> None:
+    for where, value in _per_task_scalars(layout, num_items, "num_items_in_batch", "int"):
         if isinstance(value, Tensor):
-            if value.dim() != 0:
-                raise ValueError(f"{where}: num_items_in_batch must be a 0-dim tensor, got shape {tuple(value.shape)}")
             if value.dtype.is_complex or value.dtype == torch.bool:
                 raise TypeError(f"{where}: num_items_in_batch has dtype {value.dtype}")
         elif isinstance(value, bool) or not isinstance(value, int):
@@ -170,16 +175,8 @@ def _check_task_weights(
 ) -> None:
     if weighting != "static":
         raise ValueError(f"task_weights are for weighting='static'; weighting='{weighting}' learns its own")
-    if not isinstance(task_weights, Mapping):
-        raise TypeError("task_weights must be a dict of task name -> number or 0-dim tensor")
-    unknown = sorted(set(task_weights) - set(layout.index))
-    if unknown:
-        raise ValueError(f"task_weights names unknown tasks {unknown}; the heads know {list(layout.index)}")
-    for name, value in task_weights.items():
-        where = f"task '{name}'"
+    for where, value in _per_task_scalars(layout, task_weights, "task_weights", "number"):
         if isinstance(value, Tensor):
-            if value.dim() != 0:
-                raise ValueError(f"{where}: task weight must be a 0-dim tensor, got shape {tuple(value.shape)}")
             if not value.dtype.is_floating_point:
                 raise TypeError(f"{where}: task weight must be a floating-point tensor, got {value.dtype}")
             if value.device != device:

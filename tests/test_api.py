@@ -146,7 +146,7 @@ def test_learned_task_weights_get_the_task_losses_as_gradient(backend):
     losses = torch.stack([out.losses[t.name] for t in TASKS])
     torch.testing.assert_close(learned.grad, losses)
     torch.testing.assert_close(out.loss.detach(), (learned.detach() * losses).sum())
-    reweighted = dataclasses.replace(case, tasks=[dataclasses.replace(t, weight=float(learned[i]))
+    reweighted = dataclasses.replace(case, tasks=[dataclasses.replace(t, weight=float(learned[i].detach()))
                                                   for i, t in enumerate(TASKS)])  # fmt: skip
     assert_matches_oracle(reweighted, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} learned")
 

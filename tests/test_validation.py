@@ -202,11 +202,11 @@ def test_packed_parameters_of_the_wrong_kind():
     [
         ({"ner": 2.0}, {"weighting": "uncertainty"}, ValueError, "task_weights are for weighting='static'"),
         ({"nerr": 2.0}, {}, ValueError, r"task_weights names unknown tasks \['nerr'\]"),
-        ({"ner": torch.ones(1)}, {}, ValueError, r"task 'ner': task weight must be a 0-dim tensor, got shape \(1,\)"),
+        ({"ner": torch.ones(1)}, {}, ValueError, r"task 'ner': task_weights must be a 0-dim tensor, got shape \(1,\)"),
         ({"ner": torch.tensor(2)}, {}, TypeError, "task 'ner': task weight must be a floating-point tensor"),
         ({"score": True}, {}, TypeError, "task 'score': task weight must be a number or a 0-dim tensor, got bool"),
         ({"score": float("inf")}, {}, ValueError, "task 'score': task weight must be finite"),
-        ([("ner", 2.0)], {}, TypeError, "task_weights must be a dict"),
+        ([("ner", 2.0)], {}, TypeError, "task_weights must be a dict of task name -> number or 0-dim tensor"),
     ],
 )  # fmt: skip
 def test_bad_task_weights(task_weights, kwargs, error, match):
