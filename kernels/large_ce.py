@@ -32,12 +32,21 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _softcapped(x, softcap):
+    """``softcap * tanh(x / softcap)`` and ``tanh(x / softcap)`` (tanh from a sigmoid, which every
+    triton and its interpreter have)."""
+    t = 2.0 * tl.sigmoid(x * (2.0 / softcap)) - 1.0
+    return softcap * t, t
+
+
+@triton.jit
 def large_ce_lse_merge_kernel(
     logits_ptr, stride_lm, n_rows, n_cols, bias_ptr, target_ptr, col_offset,
-    run_max_ptr, run_sum_ptr, target_logit_ptr, logit_sum_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    run_max_ptr, run_sum_ptr, target_logit_ptr, logit_sum_ptr, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """Updates the fp32 ``[n_rows]`` running statistics with one chunk of logits."""
+    """Updates the fp32 ``[n_rows]`` running statistics with one chunk of logits (with
+    ``SOFTCAP``, of ``softcap * tanh(logits / softcap)``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     row_ptrs = logits_ptr + rows.to(tl.int64) * stride_lm
@@ -51,6 +60,8 @@ def large_ce_lse_merge_kernel(
         col_ok = cols < n_cols
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         x += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SOFTCAP:
+            x, _ = _softcapped(x, softcap)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
         logit_sum += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
         x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -66,13 +77,16 @@ def large_ce_lse_merge_kernel(
 @triton.jit
 def large_ce_dlogits_kernel(
     logits_ptr, stride_lm, n_rows, n_cols, bias_ptr, target_ptr, col_offset, lse_ptr, row_scale_ptr,
-    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr, filter_eps, tile_flags_ptr,
+    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr, filter_eps, tile_flags_ptr, softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Writes ``dlogits`` ``[n_rows, n_cols]`` and ``col_sums[split, n_cols]`` (fp32): the grid is
-    (column blocks, row splits), each program walking its split's row blocks. With ``FILTER``,
+    (column blocks, row splits), each program walking its split's row blocks. With ``SOFTCAP``
+    the loss saw ``softcap * tanh(logits / softcap)``, whose derivative the gradient takes. With ``FILTER``,
     sets ``tile_flags[rows // FLAG_M, column block]`` (int32, zeroed) to 1 where an entry of a
-    row that counts has ``|softmax - target|`` not below ``filter_eps`` (NaN included)."""
+    row that counts has ``|softmax - target|`` (times the softcap's derivative) not below
+    ``filter_eps`` (NaN included)."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     split = tl.program_id(1)
     col_ok = cols < n_cols
@@ -90,8 +104,12 @@ def large_ce_dlogits_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col_offset
+        if SOFTCAP:
+            x, t = _softcapped(x, softcap)
         grad = tl.exp(x - lse[:, None]) - smoothing * inv_classes
         grad -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
+        if SOFTCAP:
+            grad *= 1.0 - t * t
         counts = ok & (scale != 0.0)[:, None]
         if FILTER:
             # not below: a NaN marks its tile, so that it reaches the gradients as without a filter
@@ -106,16 +124,18 @@ def large_ce_dlogits_kernel(
 
 
 def lse_merge(
-    logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, col_offset: int, state: torch.Tensor
+    logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, col_offset: int, state: torch.Tensor,
+    softcap: float = 0.0,
 ) -> None:
     """Folds ``logits`` [n, v] (fp32, unit column stride) plus ``bias`` [v] into ``state``
     [4, n] fp32 (running max, sum of exp, target logit, sum of logits). ``target`` [n] int32
-    holds class ids of the whole head (-1: none); this chunk starts at ``col_offset``."""
+    holds class ids of the whole head (-1: none); this chunk starts at ``col_offset``. A
+    ``softcap`` > 0 folds ``softcap * tanh((logits + bias) / softcap)`` instead."""
     n, v = logits.shape
     run_max, run_sum, target_logit, logit_sum = state.unbind(0)
     large_ce_lse_merge_kernel[(triton.cdiv(n, LSE_BLOCK_M),)](
         logits, logits.stride(0), n, v, bias, target, col_offset, run_max, run_sum, target_logit, logit_sum,
-        BLOCK_M=LSE_BLOCK_M, BLOCK_V=LSE_BLOCK_V, num_warps=NUM_WARPS,
+        float(softcap), BLOCK_M=LSE_BLOCK_M, BLOCK_V=LSE_BLOCK_V, SOFTCAP=softcap > 0, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
@@ -128,18 +148,20 @@ def dlogits_splits(n_rows: int, n_cols: int, programs_wanted: int) -> int:
 def dlogits(
     logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, col_offset: int, lse: torch.Tensor,
     row_scale: torch.Tensor, label_smoothing: float, num_classes: int, out: torch.Tensor, col_sums: torch.Tensor,
-    filter_eps: float = 0.0, tile_flags: torch.Tensor | None = None,
+    filter_eps: float = 0.0, tile_flags: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> None:
     """Writes the scaled cross-entropy gradient of ``logits + bias`` ([n, v] fp32) into ``out``
     [n, v] (the computation dtype) and its per-split column sums into ``col_sums``
     [splits, v] fp32. ``lse`` and ``row_scale`` are fp32 [n]; a row scale of 0 skips the row.
     With ``tile_flags`` (``filtered_matmul.tile_flags``), marks the tiles holding an entry
-    with ``|softmax - target|`` not below ``filter_eps`` (NaN included)."""
+    of the gradient not below ``filter_eps`` in magnitude (NaN included). A ``softcap`` > 0:
+    the loss saw ``softcap * tanh((logits + bias) / softcap)``."""
     n, v = logits.shape
     assert out.shape == logits.shape and out.stride(1) == 1 and col_sums.is_contiguous()
     large_ce_dlogits_kernel[(triton.cdiv(v, DLOGITS_BLOCK_V), col_sums.shape[0])](
         logits, logits.stride(0), n, v, bias, target, col_offset, lse, row_scale,
         float(label_smoothing), 1.0 / num_classes, out, out.stride(0), col_sums, float(filter_eps),
-        col_sums if tile_flags is None else tile_flags, BLOCK_M=DLOGITS_BLOCK_M, BLOCK_V=DLOGITS_BLOCK_V,
-        FILTER=tile_flags is not None, FLAG_M=filtered_matmul.TILE_M, num_warps=NUM_WARPS,
+        col_sums if tile_flags is None else tile_flags, float(softcap), BLOCK_M=DLOGITS_BLOCK_M,
+        BLOCK_V=DLOGITS_BLOCK_V, FILTER=tile_flags is not None, FLAG_M=filtered_matmul.TILE_M,
+        SOFTCAP=softcap > 0, num_warps=NUM_WARPS,
     )  # fmt: skip

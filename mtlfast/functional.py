@@ -43,7 +43,8 @@ def computation_dtype(hidden_states: Tensor) -> torch.dtype:
 def head_logits(
     layout: TaskLayout, hidden: Tensor, pooled: Tensor | None, weight: Tensor, bias: Tensor | None
 ) -> dict[str, Tensor]:
-    """Every task's logits in the dtype of ``hidden``: one GEMM per level over the packed weight."""
+    """Every task's logits in the dtype of ``hidden`` (softcapped for tasks with a softcap): one
+    GEMM per level over the packed weight."""
     w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
     per_level: dict[str, Tensor] = {}
     if any(t.level == "token" for t in layout.tasks):
@@ -51,7 +52,11 @@ def head_logits(
     if any(t.level == "sequence" for t in layout.tasks):
         seq_rows = pooled if pooled is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
         per_level["sequence"] = F.linear(seq_rows, w, b)
-    return {t.name: per_level[t.level][..., layout.columns(t.name)] for t in layout.tasks}
+    logits = {t.name: per_level[t.level][..., layout.columns(t.name)] for t in layout.tasks}
+    for t in layout.tasks:
+        if t.softcap:
+            logits[t.name] = t.softcap * torch.tanh(logits[t.name] / t.softcap)
+    return logits
 
 
 def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> Tensor:

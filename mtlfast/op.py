@@ -72,7 +72,7 @@ class HeadCall:
         they are registered under (-1 for none; ``ColumnWeights.BY_VALUE`` for weights that
         travel as their values, in ``column_weight_values``)."""
         columns = [[getattr(h, f) for h in self.heads] for f in
-                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing")]  # fmt: skip
+                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing", "softcap")]  # fmt: skip
         weights = [h.column_weights for h in self.heads]
         keys = [-1 if w is None else w.key for w in weights]
         values = [v for w in weights if w is not None and w.key == ColumnWeights.BY_VALUE for v in w.values]
@@ -80,9 +80,9 @@ class HeadCall:
                 self.grad_filter_eps, self.hidden_grad)  # fmt: skip
 
     @classmethod
-    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                  column_weight_values, compute_dtype, backend, chunk_size, deterministic, grad_filter_eps,
-                  hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
+                  column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
+                  grad_filter_eps, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
         for key, cols in zip(column_weights, num_cols):
             if key == ColumnWeights.BY_VALUE:
@@ -91,7 +91,7 @@ class HeadCall:
             else:
                 weights.append(None if key < 0 else ColumnWeights.registered(key))
         heads = tuple(HeadSpec(*spec) for spec in
-                      zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, weights))  # fmt: skip
+                      zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap, weights))  # fmt: skip
         return cls(heads, seq_stride, backend, chunk_size, deterministic, grad_filter_eps, hidden_grad, compute_grad,
                    compute_dtype)  # fmt: skip
 
@@ -218,6 +218,7 @@ def _custom_forward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    softcap: List[float],
     column_weights: List[int],
     column_weight_values: List[float],
     compute_dtype: torch.dtype,
@@ -230,8 +231,8 @@ def _custom_forward(
     backends_digest: int,
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              column_weight_values, compute_dtype, backend, chunk_size, deterministic,
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
+                              column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
                               grad_filter_eps, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
@@ -267,6 +268,7 @@ def _custom_backward(
     level: List[int],
     ignore_index: List[int],
     label_smoothing: List[float],
+    softcap: List[float],
     column_weights: List[int],
     column_weight_values: List[float],
     compute_dtype: torch.dtype,
@@ -279,8 +281,8 @@ def _custom_backward(
 ) -> List[Tensor]:
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
-    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, column_weights,
-                              column_weight_values, compute_dtype, backend, chunk_size, deterministic,
+    call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
+                              column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
                               grad_filter_eps, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)

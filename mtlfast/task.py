@@ -31,6 +31,7 @@ class HeadSpec(NamedTuple):
     level: int
     ignore_index: int
     label_smoothing: float
+    softcap: float  # cross-entropy logits become softcap * tanh(logits / softcap); 0: as they are
     column_weights: ColumnWeights | None = None
 
     @property
@@ -117,6 +118,9 @@ class Task:
         class_weights: cross-entropy only: a weight per class (a sequence or a 1-d tensor of
             C), as ``torch.nn.functional.cross_entropy(weight=)``: the mean divides by the
             summed weights of the rows' classes; kept as a tuple of C floats.
+        softcap: cross-entropy only: the loss (and the logits returned) take
+            ``softcap * tanh(logits / softcap)``, as Gemma 2's ``final_logit_softcapping``
+            caps its language-model logits; None for plain logits.
     """
 
     name: str
@@ -128,6 +132,7 @@ class Task:
     weight: float = 1.0
     pos_weight: float | tuple[float, ...] | None = None
     class_weights: tuple[float, ...] | None = None
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -151,6 +156,13 @@ class Task:
             raise ValueError(f"{where}: label_smoothing must lie in [0, 1], got {smoothing}")
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"{where}: weight must be finite, got {self.weight}")
+        if self.softcap is not None:
+            if self.loss != "cross_entropy":
+                raise ValueError(f"{where}: softcap is only for cross_entropy, not {self.loss}")
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)):
+                raise TypeError(f"{where}: softcap must be a number, got {type(self.softcap).__name__}")
+            if not (0.0 < self.softcap < math.inf):
+                raise ValueError(f"{where}: softcap must be finite and > 0, got {self.softcap}")
         if self.pos_weight is not None:
             object.__setattr__(self, "pos_weight", self._column_weights("pos_weight", "bce", broadcast=True))
         if self.class_weights is not None:
@@ -219,7 +231,7 @@ class TaskLayout:
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
         heads = tuple(
             HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing),
-                     ColumnWeights(t.column_weights) if t.column_weights else None)
+                     float(t.softcap or 0.0), ColumnWeights(t.column_weights) if t.column_weights else None)
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})

@@ -109,9 +109,10 @@ def random_case(
             pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
         if loss == "cross_entropy" and rng.random() < 0.3:
             class_weights = tuple(rng.choice([0.0, rng.uniform(0.05, 6.0)]) for _ in range(classes))
+        softcap = rng.choice([0.5, 2.0, 30.0]) if loss == "cross_entropy" and rng.random() < 0.25 else None
         tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
                           weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight,
-                          class_weights=class_weights))  # fmt: skip
+                          class_weights=class_weights, softcap=softcap))  # fmt: skip
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -182,6 +183,8 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
     losses = {}
     for task, rows, cols, y, keep in _present_tasks(case, h, pooled):
         logits = rows @ w[cols].T + b[cols]
+        if task.softcap:
+            logits = task.softcap * torch.tanh(logits / task.softcap)
         n = rows.shape[0]
         if task.loss == "cross_entropy":
             y = y.reshape(n)
@@ -221,6 +224,8 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
     terms = []
     for task, rows, cols, y, keep in _present_tasks(case, h, pooled):
         logits = F.linear(rows, w[cols], b[cols])
+        if task.softcap:
+            logits = task.softcap * torch.tanh(logits / task.softcap)
         n = rows.shape[0]
         if task.loss == "cross_entropy":
             y = torch.where(keep, y.reshape(n), task.ignore_index)

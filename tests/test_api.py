@@ -440,3 +440,14 @@ def test_last_token_takes_the_last_unmasked_row():
     torch.testing.assert_close(hidden.grad, taken[:, :, None].expand(4, 6, 5))
     with pytest.raises(ValueError, match=r"last_token: attention_mask must be \[B, S\] = \(4, 6\)"):
         last_token(hidden, mask[:, :5])
+
+
+def test_softcap_caps_the_logits_returned():
+    tasks = [Task("capped", 5, "cross_entropy", level="token", softcap=0.7), Task("plain", 3, "cross_entropy")]
+    heads = MultiTaskHeads(D, tasks)
+    hidden = torch.randn(B, S, D) * 4
+    logits = heads(hidden).logits
+    linears = heads.to_linears()
+    torch.testing.assert_close(logits["capped"], 0.7 * torch.tanh(linears["capped"](hidden) / 0.7))
+    torch.testing.assert_close(logits["plain"], linears["plain"](hidden[:, 0]))
+    assert logits["capped"].abs().max() <= 0.7

@@ -258,3 +258,24 @@ def test_torch_backend_pads_cross_entropy_within_a_bracket():
     assert [width for _, width in torch_chunked._level_spans(TaskLayout(tuple(tasks)).heads, TOKEN)] == [140]
     out, grads = run_heads(case, "torch", torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], case.describe())
+
+
+def _softcap_case() -> Case:
+    """Softcapped cross-entropy heads (small and 300-class, both levels, with label smoothing and
+    class weights) beside plain ones of the same widths, logits large enough for the cap to bite."""
+    tasks = [Task("capped", 7, "cross_entropy", level="token", softcap=1.5, label_smoothing=0.1),
+             Task("plain", 5, "cross_entropy", level="token"),
+             Task("capped_seq", 3, "cross_entropy", softcap=0.5, class_weights=[1.0, 2.0, 0.5]),
+             Task("capped_vocab", 300, "cross_entropy", level="token", softcap=4.0),
+             Task("tags", 2, "bce", level="token")]  # fmt: skip
+    case = case_for(tasks, (3, 9, 24))
+    case.weight *= 3.0
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_softcapped_cross_entropy(backend, dtype):
+    case = _softcap_case()
+    out, grads = run_heads(case, backend, dtype, chunk_size=case.seed % 11 + 1)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/softcap/{dtype}")

@@ -140,3 +140,36 @@ def test_decoder_classifier_with_last_token_pooling(backend, padding_side):
     assert rel_error(heads.weight.grad, hf_grads["score.weight"]) < 1e-4
     for name, p in model.transformer.named_parameters():
         assert rel_error(p.grad, hf_grads[f"transformer.{name}"]) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_softcapped_lm_head_matches_gemma2(backend):
+    """Gemma 2 caps its language-model logits (``final_logit_softcapping``): its tied output
+    head as a vocabulary task with ``softcap`` gives ``Gemma2ForCausalLM(labels=)``'s loss and
+    every gradient."""
+    import torch.nn.functional as F
+
+    from mtlfast import multitask_loss
+
+    config = transformers.Gemma2Config(vocab_size=173, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=32, final_logit_softcapping=3.0,
+                                       attn_implementation="eager", pad_token_id=0)  # fmt: skip
+    torch.manual_seed(torch.seed() % 2**31)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    input_ids = torch.randint(1, 173, (2, 11))
+    labels = input_ids.clone()
+    labels[1, 8:] = -100
+    hf_loss = model(input_ids, labels=labels).loss
+    hf_loss.backward()
+    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    hidden = model.model(input_ids).last_hidden_state
+    task = Task("lm", 173, "cross_entropy", level="token", softcap=3.0)
+    next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
+    out = multitask_loss(hidden, model.lm_head.weight, None, [task], {"lm": next_tokens}, backend=backend)
+    out.loss.backward()
+    assert rel_error(out.loss, hf_loss) < 1e-5
+    for name, p in model.named_parameters():
+        assert rel_error(p.grad, hf_grads[name]) < 1e-4, name

@@ -141,27 +141,32 @@ def _compile_loss_finalize(target: str):
 
 def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple:
     """The vocabulary path's two streaming kernels: online LSE and dlogits (without and with
-    the filter); with ``aligned`` their pointers, row strides and chunk width are taken as
-    multiples of 16, as the launcher sees them for an aligned workload."""
+    the filter), then both with a softcap (dlogits with the filter); with ``aligned`` their
+    pointers, row strides and chunk width are taken as multiples of 16, as the launcher sees
+    them for an aligned workload."""
     lse_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "run_max_ptr": "*fp32",
                     "run_sum_ptr": "*fp32", "target_logit_ptr": "*fp32", "logit_sum_ptr": "*fp32"}  # fmt: skip
     sizes = ("stride_lm", "n_cols")
-    lse = compile_for(target, large_ce.large_ce_lse_merge_kernel, lse_pointers,
-                      {"BLOCK_M": large_ce.LSE_BLOCK_M, "BLOCK_V": large_ce.LSE_BLOCK_V},
-                      aligned=(*lse_pointers, *sizes) if aligned else (), num_warps=large_ce.NUM_WARPS)  # fmt: skip
+
+    def lse(softcap: bool):
+        return compile_for(target, large_ce.large_ce_lse_merge_kernel, {**lse_pointers, "softcap": "fp32"},
+                           {"BLOCK_M": large_ce.LSE_BLOCK_M, "BLOCK_V": large_ce.LSE_BLOCK_V, "SOFTCAP": softcap},
+                           aligned=(*lse_pointers, *sizes) if aligned else (), num_warps=large_ce.NUM_WARPS)  # fmt: skip
+
     grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
                      "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32"}  # fmt: skip
-    dlogits = []
-    for filtering in (False, True):
+
+    def dlogits(filtering: bool, softcap: bool):
         pointers = {**grad_pointers, "tile_flags_ptr": "*i32" if filtering else "*fp32"}
-        dlogits.append(compile_for(
+        return compile_for(
             target, large_ce.large_ce_dlogits_kernel,
-            {**pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32"},
+            {**pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32", "softcap": "fp32"},
             {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": filtering,
-             "FLAG_M": filtered_matmul.TILE_M},
+             "FLAG_M": filtered_matmul.TILE_M, "SOFTCAP": softcap},
             aligned=(*pointers, *sizes, "stride_dm") if aligned else (), num_warps=large_ce.NUM_WARPS,
-        ))  # fmt: skip
-    return lse, *dlogits
+        )  # fmt: skip
+
+    return lse(False), dlogits(False, False), dlogits(True, False), lse(True), dlogits(True, True)
 
 
 def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = False) -> tuple:
@@ -265,7 +270,8 @@ def _compile_as_launched(target: str, compute: str) -> dict:
         for direction, backward in (("fwd", False), ("bwd", True))
     }  # fmt: skip
     kernels["filtered_dh"], kernels["filtered_dw"], _ = _compile_filtered_matmul(target, compute, sizes_aligned=True)
-    kernels["large_ce_dlogits"] = _compile_large_ce(target, compute, aligned=True)[2]
+    large_ce_kernels = _compile_large_ce(target, compute, aligned=True)
+    kernels["large_ce_dlogits"], kernels["large_ce_dlogits_softcap"] = large_ce_kernels[2], large_ce_kernels[4]
     return kernels
 
 
@@ -285,7 +291,7 @@ def test_streamed_tiles_move_in_vectors_and_gemms_pipeline(target, compute):
         ptx = kernel.asm["ptx"]
         assert resource_usage(kernel)[1] == 0, name
         assert not SCALAR_16BIT_ACCESS.findall(ptx), (name, sorted(set(SCALAR_16BIT_ACCESS.findall(ptx))))
-        if name != "large_ce_dlogits":
+        if not name.startswith("large_ce_dlogits"):  # a streaming pass, no GEMM loop
             assert "cp.async.cg.shared.global" in ptx, name
 
 

@@ -44,6 +44,9 @@ def _good():
         (dict(name="x", num_outputs=2, loss="bce", class_weights=[1.0, 2.0]), "class_weights is only for cross_entropy"),
         (dict(name="x", num_outputs=3, loss="cross_entropy", class_weights=2.0), "1 values for 3 outputs"),
         (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[1.0, float("nan")]), "finite and >= 0"),
+        (dict(name="x", num_outputs=2, loss="bce", softcap=30.0), "softcap is only for cross_entropy"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=0.0), "softcap must be finite and > 0"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=float("inf")), "softcap must be finite and > 0"),
     ],
 )
 def test_bad_task_definitions(task_kwargs, match):

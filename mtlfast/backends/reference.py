@@ -26,6 +26,14 @@ def _task_logits(problem: HeadProblem, index: int) -> tuple[Tensor, Tensor, slic
     return F.linear(rows, weight, problem.bias[cols].to(acc)), rows, cols
 
 
+def _softcapped(head: HeadSpec, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(softcap * tanh(logits / softcap), its derivative)``, or ``(logits, None)`` without a softcap."""
+    if not head.softcap:
+        return logits, None
+    t = torch.tanh(logits / head.softcap)
+    return head.softcap * t, 1.0 - t * t
+
+
 def _dense_target(problem: HeadProblem, index: int, valid: Tensor) -> Tensor:
     target = problem.targets[index].to(problem.acc_dtype)
     return torch.where(valid[:, None], target, torch.zeros_like(target))
@@ -80,7 +88,8 @@ def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     divisors = problem.divisors()
     if problem.heads:
-        sums = torch.stack([_summed_loss(problem, i, _task_logits(problem, i)[0]) for i in range(len(problem.heads))])
+        sums = torch.stack([_summed_loss(problem, i, _softcapped(head, _task_logits(problem, i)[0])[0])
+                            for i, head in enumerate(problem.heads)])  # fmt: skip
         losses = torch.where(divisors > 0, sums / divisors.clamp_min(1e-30), torch.zeros_like(sums))
     else:
         losses = divisors
@@ -99,7 +108,10 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     weight = weight_in(problem.compute_dtype, problem.weight).to(acc)
     for i, head in enumerate(problem.heads):
         logits, rows, cols = _task_logits(problem, i)
+        logits, softcap_derivative = _softcapped(head, logits)
         dlogits = _dlogits(problem, i, logits) * scales[i]
+        if softcap_derivative is not None:
+            dlogits = dlogits * softcap_derivative
         problem.level_rows(head.is_token, grad_hidden, grad_pooled).add_(dlogits @ weight[cols])
         grad_weight[cols] += dlogits.t() @ rows
         grad_bias[cols] += dlogits.sum(dim=0)

@@ -69,6 +69,7 @@ class _CrossEntropyGroup(NamedTuple):
     first_col: int  # the span column where the block starts
     width: int  # C_max
     pad: Tensor | None  # bool [G, C_max]: padding columns; None for none
+    softcap: Tensor | None  # acc [G]: the tasks' softcaps; None for a block without
 
     def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool, the class weight
@@ -93,6 +94,13 @@ class _CrossEntropyGroup(NamedTuple):
         target, valid = state[0][rows].unsqueeze(2), state[1][rows]
         n, tasks = logits.shape[0], len(self.tasks)
         x = logits[:, self.first_col : self.first_col + tasks * self.width].view(n, tasks, self.width)
+        softcap_derivative = None
+        if self.softcap is not None:  # x = cap tanh(x / cap), whose derivative 1 - tanh^2 dlogits take
+            cap = self.softcap.unsqueeze(1)
+            x.div_(cap).tanh_()
+            if scales is not None:
+                softcap_derivative = 1.0 - x * x
+            x.mul_(cap)
         if self.pad is not None:  # their weight rows are 0, and so is their gradient's effect on dH
             x.masked_fill_(self.pad, float("-inf"))
         x.sub_(x.amax(dim=2, keepdim=True))
@@ -119,6 +127,8 @@ class _CrossEntropyGroup(NamedTuple):
             smoothing = self.smoothing_per_class.unsqueeze(1)
             x.sub_(smoothing if self.class_weights is None else smoothing * self.class_weights)
         x.mul_(torch.where(valid, scales[self.task_index], 0.0).unsqueeze(2))
+        if softcap_derivative is not None:
+            x.mul_(softcap_derivative)
 
 
 class _DenseGroup(NamedTuple):
@@ -215,13 +225,16 @@ def _long(values: list[int], device: torch.device) -> Tensor:
 
 def _cross_entropy_blocks(heads: tuple[HeadSpec, ...], tasks: list[int]) -> list[tuple[list[int], int]]:
     """``(tasks, C_max)`` of each block of cross-entropy tasks: one per power-of-two bracket of C,
-    with class weights or without, so that padding stays under half of a block (one wide task
-    among binary ones does not pad them all) and there are at most 16 blocks whatever the number
-    of tasks."""
+    with class weights or without, with a softcap or without, so that padding stays under half
+    of a block (one wide task among binary ones does not pad them all) and the number of blocks
+    does not grow with the number of tasks."""
     ce = [i for i in tasks if heads[i].is_ce]
-    kinds = sorted({(bool(heads[i].column_weights), (heads[i].num_cols - 1).bit_length()) for i in ce})
-    blocks = [[i for i in ce if (bool(heads[i].column_weights), (heads[i].num_cols - 1).bit_length()) == k]
-              for k in kinds]  # fmt: skip
+
+    def kind(head: HeadSpec) -> tuple[bool, bool, int]:
+        return bool(head.column_weights), bool(head.softcap), (head.num_cols - 1).bit_length()
+
+    kinds = sorted({kind(heads[i]) for i in ce})
+    blocks = [[i for i in ce if kind(heads[i]) == k] for k in kinds]
     return [(block, max(heads[i].num_cols for i in block)) for block in blocks]
 
 
@@ -248,6 +261,7 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
         first_col=first_col,
         width=width,
         pad=torch.tensor([[c >= h.num_cols for c in range(width)] for h in specs], device=device) if padded else None,
+        softcap=torch.tensor([h.softcap for h in specs], dtype=acc, device=device) if specs[0].softcap else None,
     )
 
 

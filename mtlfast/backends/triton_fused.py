@@ -3,11 +3,11 @@
 Tasks are split in three paths, picked per task:
 
 - small path: every task with at most ``MAX_BLOCK_C`` outputs (cross-entropy, with class
-  weights or not, bce, mse) goes through one launch of ``small_heads_kernel`` in forward
+  weights or not but without a softcap, bce, mse) goes through one launch of ``small_heads_kernel`` in forward
   and one in backward, whatever the number of tasks, both levels together; the kernel
   reads the label tensors itself, so the host issues a handful of small ops per call;
 - large path: a cross-entropy task with more classes and no class weights (a vocabulary
-  head) is walked in chunks of columns (and rows, when there are many) of at most
+  head, softcapped or not) is walked in chunks of columns (and rows, when there are many) of at most
   ``LARGE_CHUNK_ELEMENTS`` logits. Forward computes each chunk with a cuBLAS GEMM (fp32 output) and folds it into
   an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
   turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
@@ -16,8 +16,9 @@ Tasks are split in three paths, picked per task:
   (``grad_filter_eps``) the dlogits pass also marks the tiles holding an entry of
   ``softmax - target`` above the threshold, and Triton GEMMs (``filtered_matmul``) walk
   only those, as Cut Cross-Entropy's backward skips the rest;
-- wide path: a task wider than ``MAX_BLOCK_C`` that neither kernel takes (a bce or mse head,
-  or a cross-entropy head with class weights) is walked in chunks of rows: cuBLAS GEMMs,
+- wide path: a task that neither kernel takes (a bce or mse head or a cross-entropy head
+  with class weights wider than ``MAX_BLOCK_C``, or a softcapped cross-entropy head with at
+  most ``MAX_BLOCK_C`` classes) is walked in chunks of rows: cuBLAS GEMMs,
   and the torch backend's ops for that loss (``torch_chunked.task_span``), in forward for the
   loss and again in backward for ``dlogits``; its dH joins the large path's fp32 dH.
 
@@ -73,27 +74,28 @@ def _kernels() -> SimpleNamespace:
                            filtered_matmul=filtered_matmul)  # fmt: skip
 
 
-def _is_large(head: HeadSpec) -> bool:
-    return head.num_cols > MAX_BLOCK_C
+def _is_small(head: HeadSpec) -> bool:
+    return head.num_cols <= MAX_BLOCK_C and not head.softcap
 
 
 @cache
 def _small_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the small path."""
-    return tuple(i for i, h in enumerate(heads) if not _is_large(h))
+    """Indices of the tasks that take the small path: at most ``MAX_BLOCK_C`` outputs, no softcap."""
+    return tuple(i for i, h in enumerate(heads) if _is_small(h))
 
 
 @cache
 def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
     """Indices of the tasks that take the large path: wide cross-entropy without class weights."""
-    return tuple(i for i, h in enumerate(heads) if _is_large(h) and h.is_ce and not h.column_weights)
+    return tuple(i for i, h in enumerate(heads) if h.num_cols > MAX_BLOCK_C and h.is_ce and not h.column_weights)
 
 
 @cache
 def _wide_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the wide path: the other tasks wider than ``MAX_BLOCK_C``."""
+    """Indices of the tasks that take the wide path: the others (wider than ``MAX_BLOCK_C``, or
+    small cross-entropy with a softcap)."""
     large = _large_tasks(heads)
-    return tuple(i for i, h in enumerate(heads) if _is_large(h) and i not in large)
+    return tuple(i for i, h in enumerate(heads) if not _is_small(h) and i not in large)
 
 
 @cache
@@ -184,7 +186,7 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
 def _unwritten_rows(heads: tuple[HeadSpec, ...], packed_rows: int, small_written: bool) -> tuple[tuple[int, int], ...]:
     """``[start, end)`` runs of packed weight rows that backward's kernels do not write: rows of
     absent tasks, and of the small tasks unless their partials are reduced (``small_written``)."""
-    written = sorted((h.col_start, h.col_end) for h in heads if small_written or _is_large(h))
+    written = sorted((h.col_start, h.col_end) for h in heads if small_written or not _is_small(h))
     gaps, start = [], 0
     for begin, end in written:
         if begin > start:
@@ -294,7 +296,7 @@ def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Te
     state = torch.zeros((4, target.shape[0]), dtype=torch.float32, device=target.device)
     state[0].fill_(float("-inf"))
     for c0, cols, _, rows, logits in _large_chunks(problem, head, _large_rows(problem, head)):
-        large_ce.lse_merge(logits, problem.bias[cols], target[rows], c0, state[:, rows])
+        large_ce.lse_merge(logits, problem.bias[cols], target[rows], c0, state[:, rows], head.softcap)
     run_max, run_sum, target_logit, logit_sum = state.unbind(0)
     return run_max + run_sum.log(), target_logit, logit_sum
 
@@ -322,7 +324,7 @@ def _large_backward(
         flags = filtered_matmul.tile_flags(*logits.shape, device) if filtering else None
         large_ce.dlogits(logits, problem.bias[cols], target[rows], c0, lse[rows], row_scale[rows],
                          head.label_smoothing, head.num_cols, dlogits, col_sums, problem.grad_filter_eps,
-                         flags)  # fmt: skip
+                         flags, head.softcap)  # fmt: skip
         del logits
         first = rows.start == 0
         if first:
