@@ -77,13 +77,14 @@ def large_ce_lse_merge_kernel(
 @triton.jit
 def large_ce_dlogits_kernel(
     logits_ptr, stride_lm, n_rows, n_cols, bias_ptr, target_ptr, col_offset, lse_ptr, row_scale_ptr,
-    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr, filter_eps, tile_flags_ptr, softcap,
+    smoothing, inv_classes, dlogits_ptr, stride_dm, col_sums_ptr, filter_eps, tile_flags_ptr, softcap, z_loss,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
 ):  # fmt: skip
     """Writes ``dlogits`` ``[n_rows, n_cols]`` and ``col_sums[split, n_cols]`` (fp32): the grid is
     (column blocks, row splits), each program walking its split's row blocks. With ``SOFTCAP``
-    the loss saw ``softcap * tanh(logits / softcap)``, whose derivative the gradient takes. With ``FILTER``,
+    the loss saw ``softcap * tanh(logits / softcap)``, whose derivative the gradient takes; with
+    ``Z_LOSS`` it added ``z_loss * lse^2``, whose gradient is ``2 z_loss lse softmax``. With ``FILTER``,
     sets ``tile_flags[rows // FLAG_M, column block]`` (int32, zeroed) to 1 where an entry of a
     row that counts has ``|softmax - target|`` (times the softcap's derivative) not below
     ``filter_eps`` (NaN included)."""
@@ -106,7 +107,10 @@ def large_ce_dlogits_kernel(
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col_offset
         if SOFTCAP:
             x, t = _softcapped(x, softcap)
-        grad = tl.exp(x - lse[:, None]) - smoothing * inv_classes
+        grad = tl.exp(x - lse[:, None])
+        if Z_LOSS:
+            grad *= (1.0 + 2.0 * z_loss * lse)[:, None]
+        grad -= smoothing * inv_classes
         grad -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
         if SOFTCAP:
             grad *= 1.0 - t * t
@@ -148,20 +152,21 @@ def dlogits_splits(n_rows: int, n_cols: int, programs_wanted: int) -> int:
 def dlogits(
     logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, col_offset: int, lse: torch.Tensor,
     row_scale: torch.Tensor, label_smoothing: float, num_classes: int, out: torch.Tensor, col_sums: torch.Tensor,
-    filter_eps: float = 0.0, tile_flags: torch.Tensor | None = None, softcap: float = 0.0,
+    filter_eps: float = 0.0, tile_flags: torch.Tensor | None = None, softcap: float = 0.0, z_loss: float = 0.0,
 ) -> None:
     """Writes the scaled cross-entropy gradient of ``logits + bias`` ([n, v] fp32) into ``out``
     [n, v] (the computation dtype) and its per-split column sums into ``col_sums``
     [splits, v] fp32. ``lse`` and ``row_scale`` are fp32 [n]; a row scale of 0 skips the row.
     With ``tile_flags`` (``filtered_matmul.tile_flags``), marks the tiles holding an entry
     of the gradient not below ``filter_eps`` in magnitude (NaN included). A ``softcap`` > 0:
-    the loss saw ``softcap * tanh((logits + bias) / softcap)``."""
+    the loss saw ``softcap * tanh((logits + bias) / softcap)``; a ``z_loss`` > 0: it added
+    ``z_loss * lse^2`` per row."""
     n, v = logits.shape
     assert out.shape == logits.shape and out.stride(1) == 1 and col_sums.is_contiguous()
     large_ce_dlogits_kernel[(triton.cdiv(v, DLOGITS_BLOCK_V), col_sums.shape[0])](
         logits, logits.stride(0), n, v, bias, target, col_offset, lse, row_scale,
         float(label_smoothing), 1.0 / num_classes, out, out.stride(0), col_sums, float(filter_eps),
-        col_sums if tile_flags is None else tile_flags, float(softcap), BLOCK_M=DLOGITS_BLOCK_M,
+        col_sums if tile_flags is None else tile_flags, float(softcap), float(z_loss), BLOCK_M=DLOGITS_BLOCK_M,
         BLOCK_V=DLOGITS_BLOCK_V, FILTER=tile_flags is not None, FLAG_M=filtered_matmul.TILE_M,
-        SOFTCAP=softcap > 0, num_warps=NUM_WARPS,
+        SOFTCAP=softcap > 0, Z_LOSS=z_loss > 0, num_warps=NUM_WARPS,
     )  # fmt: skip

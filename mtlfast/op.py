@@ -72,7 +72,8 @@ class HeadCall:
         they are registered under (-1 for none; ``ColumnWeights.BY_VALUE`` for weights that
         travel as their values, in ``column_weight_values``)."""
         columns = [[getattr(h, f) for h in self.heads] for f in
-                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing", "softcap")]  # fmt: skip
+                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing", "softcap",
+                    "z_loss")]  # fmt: skip
         weights = [h.column_weights for h in self.heads]
         keys = [-1 if w is None else w.key for w in weights]
         values = [v for w in weights if w is not None and w.key == ColumnWeights.BY_VALUE for v in w.values]
@@ -80,7 +81,7 @@ class HeadCall:
                 self.grad_filter_eps, self.hidden_grad)  # fmt: skip
 
     @classmethod
-    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
+    def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap, z_loss,
                   column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
                   grad_filter_eps, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
         weights, start = [], 0
@@ -91,7 +92,8 @@ class HeadCall:
             else:
                 weights.append(None if key < 0 else ColumnWeights.registered(key))
         heads = tuple(HeadSpec(*spec) for spec in
-                      zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap, weights))  # fmt: skip
+                      zip(col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap, z_loss,
+                          weights))  # fmt: skip
         return cls(heads, seq_stride, backend, chunk_size, deterministic, grad_filter_eps, hidden_grad, compute_grad,
                    compute_dtype)  # fmt: skip
 
@@ -219,6 +221,7 @@ def _custom_forward(
     ignore_index: List[int],
     label_smoothing: List[float],
     softcap: List[float],
+    z_loss: List[float],
     column_weights: List[int],
     column_weight_values: List[float],
     compute_dtype: torch.dtype,
@@ -232,8 +235,8 @@ def _custom_forward(
 ) -> List[Tensor]:
     """``[total, losses, *saved]``; ``saved`` is the backend's state for its backward."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
-                              column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
-                              grad_filter_eps, hidden_grad, compute_grad)  # fmt: skip
+                              z_loss, column_weights, column_weight_values, compute_dtype, backend, chunk_size,
+                              deterministic, grad_filter_eps, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
     return [total, losses, *saved]
@@ -269,6 +272,7 @@ def _custom_backward(
     ignore_index: List[int],
     label_smoothing: List[float],
     softcap: List[float],
+    z_loss: List[float],
     column_weights: List[int],
     column_weight_values: List[float],
     compute_dtype: torch.dtype,
@@ -282,8 +286,8 @@ def _custom_backward(
     """``[d hidden, d pooled, d weight, d bias]`` of ``grad_total * total``; the first two empty
     without ``hidden_grad`` (and d pooled without pooled)."""
     call = HeadCall.from_flat(seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap,
-                              column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
-                              grad_filter_eps, hidden_grad, True)  # fmt: skip
+                              z_loss, column_weights, column_weight_values, compute_dtype, backend, chunk_size,
+                              deterministic, grad_filter_eps, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one

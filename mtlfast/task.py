@@ -32,6 +32,7 @@ class HeadSpec(NamedTuple):
     ignore_index: int
     label_smoothing: float
     softcap: float  # cross-entropy logits become softcap * tanh(logits / softcap); 0: as they are
+    z_loss: float  # cross-entropy: z_loss * lse^2 added to each row's loss
     column_weights: ColumnWeights | None = None
 
     @property
@@ -121,6 +122,9 @@ class Task:
         softcap: cross-entropy only: the loss (and the logits returned) take
             ``softcap * tanh(logits / softcap)``, as Gemma 2's ``final_logit_softcapping``
             caps its language-model logits; None for plain logits.
+        z_loss: cross-entropy only: adds ``z_loss * logsumexp(logits)^2`` to each row's loss
+            (PaLM's z-loss, Liger's ``lse_square_scale``), which keeps the log-partition
+            near 0; averaged as the loss is. Not with ``class_weights``.
     """
 
     name: str
@@ -133,6 +137,7 @@ class Task:
     pos_weight: float | tuple[float, ...] | None = None
     class_weights: tuple[float, ...] | None = None
     softcap: float | None = None
+    z_loss: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -163,6 +168,15 @@ class Task:
                 raise TypeError(f"{where}: softcap must be a number, got {type(self.softcap).__name__}")
             if not (0.0 < self.softcap < math.inf):
                 raise ValueError(f"{where}: softcap must be finite and > 0, got {self.softcap}")
+        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)):
+            raise TypeError(f"{where}: z_loss must be a number, got {type(self.z_loss).__name__}")
+        if self.z_loss:
+            if self.loss != "cross_entropy":
+                raise ValueError(f"{where}: z_loss is only for cross_entropy, not {self.loss}")
+            if not (0.0 < self.z_loss < math.inf):
+                raise ValueError(f"{where}: z_loss must be finite and >= 0, got {self.z_loss}")
+            if self.class_weights is not None:
+                raise ValueError(f"{where}: z_loss does not combine with class_weights")
         if self.pos_weight is not None:
             object.__setattr__(self, "pos_weight", self._column_weights("pos_weight", "bce", broadcast=True))
         if self.class_weights is not None:
@@ -231,7 +245,8 @@ class TaskLayout:
         starts = tuple(itertools.accumulate((t.num_outputs for t in self.tasks[:-1]), initial=0))
         heads = tuple(
             HeadSpec(start, t.num_outputs, t.loss_code, t.level_code, t.ignore_index, float(t.label_smoothing),
-                     float(t.softcap or 0.0), ColumnWeights(t.column_weights) if t.column_weights else None)
+                     float(t.softcap or 0.0), float(t.z_loss),
+                     ColumnWeights(t.column_weights) if t.column_weights else None)
             for start, t in zip(starts, self.tasks)
         )
         object.__setattr__(self, "index", {name: i for i, name in enumerate(names)})

@@ -110,9 +110,10 @@ def random_case(
         if loss == "cross_entropy" and rng.random() < 0.3:
             class_weights = tuple(rng.choice([0.0, rng.uniform(0.05, 6.0)]) for _ in range(classes))
         softcap = rng.choice([0.5, 2.0, 30.0]) if loss == "cross_entropy" and rng.random() < 0.25 else None
+        z_loss = rng.choice([1e-4, 0.1]) if loss == "cross_entropy" and not class_weights and rng.random() < 0.25 else 0.0
         tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
                           weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight,
-                          class_weights=class_weights, softcap=softcap))  # fmt: skip
+                          class_weights=class_weights, softcap=softcap, z_loss=z_loss))  # fmt: skip
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -190,10 +191,12 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
             y = y.reshape(n)
             keep &= y != task.ignore_index
             safe = torch.where(keep, y, torch.zeros_like(y))
-            logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            logp = logits - lse
             eps, classes = task.label_smoothing, task.num_outputs
             cw = torch.tensor(task.class_weights or (1.0,) * classes, dtype=torch.float64, device=h.device)
             row_loss = -(1 - eps) * cw[safe] * logp.gather(1, safe[:, None]).squeeze(1) - eps / classes * (logp * cw).sum(1)
+            row_loss = row_loss + task.z_loss * lse.squeeze(1) ** 2
             total = (row_loss * keep).sum()
             default = (cw[safe] * keep).sum()
         else:
@@ -232,6 +235,9 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
             weight = torch.tensor(task.class_weights, dtype=logits.dtype, device=h.device) if task.class_weights else None
             summed = F.cross_entropy(logits, y, weight=weight, ignore_index=task.ignore_index,
                                      label_smoothing=task.label_smoothing, reduction="sum")  # fmt: skip
+            if task.z_loss:
+                kept_rows = y != task.ignore_index
+                summed = summed + task.z_loss * (torch.logsumexp(logits.float(), dim=1) ** 2 * kept_rows).sum()
             kept = y != task.ignore_index
             count = kept.sum() if weight is None else torch.where(kept, weight[torch.where(kept, y, 0)], 0).sum()
         else:

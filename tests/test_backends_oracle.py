@@ -260,13 +260,16 @@ def test_torch_backend_pads_cross_entropy_within_a_bracket():
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], case.describe())
 
 
-def _softcap_case() -> Case:
-    """Softcapped cross-entropy heads (small and 300-class, both levels, with label smoothing and
-    class weights) beside plain ones of the same widths, logits large enough for the cap to bite."""
-    tasks = [Task("capped", 7, "cross_entropy", level="token", softcap=1.5, label_smoothing=0.1),
+def _softcap_and_z_loss_case() -> Case:
+    """Cross-entropy heads with a softcap, a z-loss or both (small and 300-class, both levels,
+    with label smoothing and class weights) beside plain ones of the same widths, logits large
+    enough for the cap to bite."""
+    tasks = [Task("capped", 7, "cross_entropy", level="token", softcap=1.5, label_smoothing=0.1, z_loss=0.1),
              Task("plain", 5, "cross_entropy", level="token"),
+             Task("z", 4, "cross_entropy", level="token", z_loss=0.05),
              Task("capped_seq", 3, "cross_entropy", softcap=0.5, class_weights=[1.0, 2.0, 0.5]),
-             Task("capped_vocab", 300, "cross_entropy", level="token", softcap=4.0),
+             Task("capped_vocab", 300, "cross_entropy", level="token", softcap=4.0, z_loss=1e-2),
+             Task("z_vocab", 200, "cross_entropy", z_loss=0.2, label_smoothing=0.2),
              Task("tags", 2, "bce", level="token")]  # fmt: skip
     case = case_for(tasks, (3, 9, 24))
     case.weight *= 3.0
@@ -275,7 +278,7 @@ def _softcap_case() -> Case:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_softcapped_cross_entropy(backend, dtype):
-    case = _softcap_case()
+def test_softcap_and_z_loss(backend, dtype):
+    case = _softcap_and_z_loss_case()
     out, grads = run_heads(case, backend, dtype, chunk_size=case.seed % 11 + 1)
-    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/softcap/{dtype}")
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/softcap+z/{dtype}")

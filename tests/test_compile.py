@@ -12,7 +12,7 @@ from mtlfast.task import ColumnWeights, TaskLayout
 
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
-    tasks = [Task("cls", 3, "cross_entropy", label_smoothing=0.1),
+    tasks = [Task("cls", 3, "cross_entropy", label_smoothing=0.1, z_loss=0.05),
              Task("tok", 6, "cross_entropy", level="token", softcap=2.0), Task("reg", 2, "mse")]  # fmt: skip
     case = case_for(tasks, (2, 9, 16))
     heads = MultiTaskHeads(16, tasks, backend="torch", weighting="uncertainty", grad_filter_eps="auto")
@@ -149,8 +149,8 @@ def test_column_weights_travel_as_one_key_per_head():
     heads = TaskLayout(tasks).heads
     call = HeadCall(heads, 7, "torch", 0, False, -1.0, True, True, torch.float32)
     flat = call.flat()
-    assert all(len(field) == 3 for field in flat[:8])
-    keys, values = flat[7], flat[8]
+    assert all(len(field) == 3 for field in flat[:9])
+    keys, values = flat[8], flat[9]
     assert keys[1] == -1 and keys[0] == ColumnWeights(weights).key and keys[2] == ColumnWeights([2.0] * 4).key
     assert values == []
     again = HeadCall.from_flat(7, *flat, True)

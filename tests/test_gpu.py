@@ -111,10 +111,10 @@ def test_large_path_128k_classes(monkeypatch, dtype, chunk_elements):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_softcapped_128k_classes(dtype):
-    """A 128k-class head with Gemma 2's softcap of 30 (logits scaled up so that it bites), with
-    the gradient filter keeping every tile, beside a softcapped small head (wide path)."""
-    tasks = [Task("lm", 128256, "cross_entropy", level="token", softcap=30.0),
+def test_softcap_and_z_loss_128k_classes(dtype):
+    """A 128k-class head with Gemma 2's softcap of 30 (logits scaled up so that it bites) and a
+    z-loss, with the gradient filter keeping every tile, beside a softcapped small head (wide path)."""
+    tasks = [Task("lm", 128256, "cross_entropy", level="token", softcap=30.0, z_loss=1e-4),
              Task("cls", 5, "cross_entropy", softcap=2.0), Task("ner", 9, "cross_entropy", level="token")]  # fmt: skip
     case = case_for(tasks, (2, 96, 128))
     case.weight *= 20.0
@@ -122,7 +122,7 @@ def test_softcapped_128k_classes(dtype):
         out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=dtype != torch.float32,
                                grad_filter_eps=eps)  # fmt: skip
         tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
-        assert_matches_oracle(case, out, grads, dtype, tol, f"128k softcap/{dtype}/filter {eps}")
+        assert_matches_oracle(case, out, grads, dtype, tol, f"128k softcap+z/{dtype}/filter {eps}")
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 1 << 20], ids=["one-chunk", "24-chunks"])

@@ -141,7 +141,7 @@ def _compile_loss_finalize(target: str):
 
 def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple:
     """The vocabulary path's two streaming kernels: online LSE and dlogits (without and with
-    the filter), then both with a softcap (dlogits with the filter); with ``aligned`` their
+    the filter), then both with a softcap (dlogits with the filter and a z-loss); with ``aligned`` their
     pointers, row strides and chunk width are taken as multiples of 16, as the launcher sees
     them for an aligned workload."""
     lse_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "run_max_ptr": "*fp32",
@@ -156,17 +156,18 @@ def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple
     grad_pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i32", "lse_ptr": "*fp32",
                      "row_scale_ptr": "*fp32", "dlogits_ptr": compute, "col_sums_ptr": "*fp32"}  # fmt: skip
 
-    def dlogits(filtering: bool, softcap: bool):
+    def dlogits(filtering: bool, softcap: bool, z_loss: bool = False):
         pointers = {**grad_pointers, "tile_flags_ptr": "*i32" if filtering else "*fp32"}
         return compile_for(
             target, large_ce.large_ce_dlogits_kernel,
-            {**pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32", "softcap": "fp32"},
+            {**pointers, "smoothing": "fp32", "inv_classes": "fp32", "filter_eps": "fp32", "softcap": "fp32",
+             "z_loss": "fp32"},
             {"BLOCK_M": large_ce.DLOGITS_BLOCK_M, "BLOCK_V": large_ce.DLOGITS_BLOCK_V, "FILTER": filtering,
-             "FLAG_M": filtered_matmul.TILE_M, "SOFTCAP": softcap},
+             "FLAG_M": filtered_matmul.TILE_M, "SOFTCAP": softcap, "Z_LOSS": z_loss},
             aligned=(*pointers, *sizes, "stride_dm") if aligned else (), num_warps=large_ce.NUM_WARPS,
         )  # fmt: skip
 
-    return lse(False), dlogits(False, False), dlogits(True, False), lse(True), dlogits(True, True)
+    return lse(False), dlogits(False, False), dlogits(True, False), lse(True), dlogits(True, True, z_loss=True)
 
 
 def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = False) -> tuple:

@@ -47,6 +47,10 @@ def _good():
         (dict(name="x", num_outputs=2, loss="bce", softcap=30.0), "softcap is only for cross_entropy"),
         (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=0.0), "softcap must be finite and > 0"),
         (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=float("inf")), "softcap must be finite and > 0"),
+        (dict(name="x", num_outputs=2, loss="mse", z_loss=1e-4), "z_loss is only for cross_entropy"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=-1.0), "z_loss must be finite and >= 0"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=1e-4, class_weights=[1.0, 2.0]),
+         "z_loss does not combine with class_weights"),
     ],
 )
 def test_bad_task_definitions(task_kwargs, match):

@@ -48,8 +48,11 @@ def _summed_loss(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
     head, valid = problem.heads[index], problem.valid_rows(index)
     if head.kind == CROSS_ENTROPY:
         target = torch.where(valid, problem.targets[index], torch.full_like(problem.targets[index], head.ignore_index))
-        return F.cross_entropy(logits, target, weight=_column_weights(head, logits), ignore_index=head.ignore_index,
-                               label_smoothing=head.label_smoothing, reduction="sum")  # fmt: skip
+        summed = F.cross_entropy(logits, target, weight=_column_weights(head, logits), ignore_index=head.ignore_index,
+                                 label_smoothing=head.label_smoothing, reduction="sum")  # fmt: skip
+        if head.z_loss:
+            summed = summed + head.z_loss * (torch.logsumexp(logits, dim=1).square() * valid).sum()
+        return summed
     target = _dense_target(problem, index, valid)
     if head.kind == BCE:
         per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
@@ -73,6 +76,8 @@ def _dlogits(problem: HeadProblem, index: int, logits: Tensor) -> Tensor:
             w_target = weights[safe].unsqueeze(1)
             coef = (1.0 - eps) * w_target + eps / head.num_cols * weights.sum()
             grad = coef * torch.softmax(logits, dim=1) - (1.0 - eps) * w_target * one_hot - eps / head.num_cols * weights
+        if head.z_loss:  # d/dx of z lse^2
+            grad = grad + 2.0 * head.z_loss * torch.logsumexp(logits, dim=1, keepdim=True) * torch.softmax(logits, dim=1)
     elif head.kind == BCE:
         target = _dense_target(problem, index, valid)
         pos_weight = _column_weights(head, logits)

@@ -70,6 +70,7 @@ class _CrossEntropyGroup(NamedTuple):
     width: int  # C_max
     pad: Tensor | None  # bool [G, C_max]: padding columns; None for none
     softcap: Tensor | None  # acc [G]: the tasks' softcaps; None for a block without
+    z_loss: Tensor | None  # acc [G]: the tasks' z-loss factors; None for a block without (never with class weights)
 
     def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool, the class weight
@@ -103,7 +104,8 @@ class _CrossEntropyGroup(NamedTuple):
             x.mul_(cap)
         if self.pad is not None:  # their weight rows are 0, and so is their gradient's effect on dH
             x.masked_fill_(self.pad, float("-inf"))
-        x.sub_(x.amax(dim=2, keepdim=True))
+        row_max = x.amax(dim=2, keepdim=True)
+        x.sub_(row_max)
         # -(1 - eps) w_y x_y - eps / C sum_c w_c x_c + coef * lse, on logits shifted by their row max
         target_coef = self.target_coef if self.class_weights is None else self.target_coef * state[2][rows]
         row_loss = -target_coef * x.gather(2, target).squeeze(2)
@@ -115,6 +117,9 @@ class _CrossEntropyGroup(NamedTuple):
         sumexp = x.sum(dim=2)
         if self.class_weights is None:
             row_loss += sumexp.log()
+            if self.z_loss is not None:
+                lse = row_max.squeeze(2) + sumexp.log()
+                row_loss += self.z_loss * lse.square()
         else:
             coef = target_coef if self.smoothing_per_class is None else target_coef + self.smoothing_per_class * self.weight_sums
             row_loss += coef * sumexp.log()
@@ -122,6 +127,8 @@ class _CrossEntropyGroup(NamedTuple):
         if scales is None:
             return
         x.div_(sumexp.unsqueeze(2) if self.class_weights is None else (sumexp / coef).unsqueeze(2))
+        if self.z_loss is not None:  # d/dx of z lse^2 = 2 z lse softmax
+            x.mul_((1.0 + 2.0 * self.z_loss * lse).unsqueeze(2))
         x.scatter_add_(2, target, (-target_coef).expand(n, tasks).unsqueeze(2))
         if self.smoothing_per_class is not None:
             smoothing = self.smoothing_per_class.unsqueeze(1)
@@ -225,13 +232,13 @@ def _long(values: list[int], device: torch.device) -> Tensor:
 
 def _cross_entropy_blocks(heads: tuple[HeadSpec, ...], tasks: list[int]) -> list[tuple[list[int], int]]:
     """``(tasks, C_max)`` of each block of cross-entropy tasks: one per power-of-two bracket of C,
-    with class weights or without, with a softcap or without, so that padding stays under half
+    with class weights or without, with a softcap or without, with a z-loss or without, so that padding stays under half
     of a block (one wide task among binary ones does not pad them all) and the number of blocks
     does not grow with the number of tasks."""
     ce = [i for i in tasks if heads[i].is_ce]
 
-    def kind(head: HeadSpec) -> tuple[bool, bool, int]:
-        return bool(head.column_weights), bool(head.softcap), (head.num_cols - 1).bit_length()
+    def kind(head: HeadSpec) -> tuple[bool, bool, bool, int]:
+        return bool(head.column_weights), bool(head.softcap), bool(head.z_loss), (head.num_cols - 1).bit_length()
 
     kinds = sorted({kind(heads[i]) for i in ce})
     blocks = [[i for i in ce if kind(heads[i]) == k] for k in kinds]
@@ -262,6 +269,7 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
         width=width,
         pad=torch.tensor([[c >= h.num_cols for c in range(width)] for h in specs], device=device) if padded else None,
         softcap=torch.tensor([h.softcap for h in specs], dtype=acc, device=device) if specs[0].softcap else None,
+        z_loss=torch.tensor([h.z_loss for h in specs], dtype=acc, device=device) if specs[0].z_loss else None,
     )
 
 

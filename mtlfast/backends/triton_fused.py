@@ -3,11 +3,11 @@
 Tasks are split in three paths, picked per task:
 
 - small path: every task with at most ``MAX_BLOCK_C`` outputs (cross-entropy, with class
-  weights or not but without a softcap, bce, mse) goes through one launch of ``small_heads_kernel`` in forward
+  weights or not but without a softcap or z-loss, bce, mse) goes through one launch of ``small_heads_kernel`` in forward
   and one in backward, whatever the number of tasks, both levels together; the kernel
   reads the label tensors itself, so the host issues a handful of small ops per call;
 - large path: a cross-entropy task with more classes and no class weights (a vocabulary
-  head, softcapped or not) is walked in chunks of columns (and rows, when there are many) of at most
+  head, with a softcap or a z-loss or neither) is walked in chunks of columns (and rows, when there are many) of at most
   ``LARGE_CHUNK_ELEMENTS`` logits. Forward computes each chunk with a cuBLAS GEMM (fp32 output) and folds it into
   an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
   turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
@@ -17,8 +17,8 @@ Tasks are split in three paths, picked per task:
   ``softmax - target`` above the threshold, and Triton GEMMs (``filtered_matmul``) walk
   only those, as Cut Cross-Entropy's backward skips the rest;
 - wide path: a task that neither kernel takes (a bce or mse head or a cross-entropy head
-  with class weights wider than ``MAX_BLOCK_C``, or a softcapped cross-entropy head with at
-  most ``MAX_BLOCK_C`` classes) is walked in chunks of rows: cuBLAS GEMMs,
+  with class weights wider than ``MAX_BLOCK_C``, or a cross-entropy head with a softcap or a
+  z-loss and at most ``MAX_BLOCK_C`` classes) is walked in chunks of rows: cuBLAS GEMMs,
   and the torch backend's ops for that loss (``torch_chunked.task_span``), in forward for the
   loss and again in backward for ``dlogits``; its dH joins the large path's fp32 dH.
 
@@ -75,12 +75,13 @@ def _kernels() -> SimpleNamespace:
 
 
 def _is_small(head: HeadSpec) -> bool:
-    return head.num_cols <= MAX_BLOCK_C and not head.softcap
+    return head.num_cols <= MAX_BLOCK_C and not head.softcap and not head.z_loss
 
 
 @cache
 def _small_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the small path: at most ``MAX_BLOCK_C`` outputs, no softcap."""
+    """Indices of the tasks that take the small path: at most ``MAX_BLOCK_C`` outputs, no softcap
+    or z-loss."""
     return tuple(i for i, h in enumerate(heads) if _is_small(h))
 
 
@@ -93,7 +94,7 @@ def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
 @cache
 def _wide_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
     """Indices of the tasks that take the wide path: the others (wider than ``MAX_BLOCK_C``, or
-    small cross-entropy with a softcap)."""
+    small cross-entropy with a softcap or a z-loss)."""
     large = _large_tasks(heads)
     return tuple(i for i, h in enumerate(heads) if not _is_small(h) and i not in large)
 
@@ -324,7 +325,7 @@ def _large_backward(
         flags = filtered_matmul.tile_flags(*logits.shape, device) if filtering else None
         large_ce.dlogits(logits, problem.bias[cols], target[rows], c0, lse[rows], row_scale[rows],
                          head.label_smoothing, head.num_cols, dlogits, col_sums, problem.grad_filter_eps,
-                         flags, head.softcap)  # fmt: skip
+                         flags, head.softcap, head.z_loss)  # fmt: skip
         del logits
         first = rows.start == 0
         if first:
@@ -452,6 +453,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
         lse, target_logit, logit_sum = _large_lse(problem, head, target)
         eps = head.label_smoothing
         row_loss = lse - (1.0 - eps) * target_logit - (eps / head.num_cols) * logit_sum
+        if head.z_loss:
+            row_loss = row_loss + head.z_loss * lse.square()
         kept = target >= 0
         sums[i] = torch.where(kept, row_loss, 0.0).sum()
         counts[i] = kept.sum(dtype=torch.float32)

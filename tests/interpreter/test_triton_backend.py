@@ -155,20 +155,21 @@ def test_call_time_task_weights():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("grad_filter_eps", [None, 0.0])
-def test_softcapped_cross_entropy(dtype, grad_filter_eps):
-    """Softcapped cross-entropy: a vocabulary head through the large path's kernels (exact, and
-    with the gradient filter keeping every tile), small ones through the wide path, beside
-    the small-heads kernel's plain tasks; fp32 and fp16."""
+def test_softcap_and_z_loss(dtype, grad_filter_eps):
+    """Cross-entropy with a softcap, a z-loss or both: vocabulary heads through the large path's
+    kernels (exact, and with the gradient filter keeping every tile), small ones through the
+    wide path, beside the small-heads kernel's plain tasks; fp32 and fp16."""
     rng = random.Random(fresh_seed())
     tasks = [Task("vocab", rng.randint(129, 400), "cross_entropy", level="token", softcap=rng.choice([1.0, 4.0]),
-                  label_smoothing=rng.choice([0.0, 0.1])),
+                  label_smoothing=rng.choice([0.0, 0.1]), z_loss=rng.choice([0.0, 0.05])),
+             Task("z_vocab", rng.randint(129, 300), "cross_entropy", level="token", z_loss=0.1),
              Task("capped", rng.randint(2, 9), "cross_entropy", softcap=0.5),
-             Task("capped_tok", rng.randint(2, 9), "cross_entropy", level="token", softcap=2.0),
+             Task("capped_tok", rng.randint(2, 9), "cross_entropy", level="token", softcap=2.0, z_loss=0.1),
              Task("plain", rng.randint(2, 9), "cross_entropy", level="token")]  # fmt: skip
     case = case_for(tasks, (2, rng.randint(20, 40), rng.choice([8, 24])))
     case.weight *= 3.0
     out, grads = run_heads(case, "triton", dtype, grad_filter_eps=grad_filter_eps)
-    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/softcap/{dtype}")
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/softcap+z/{dtype}")
 
 
 def _wide_path_case(rng: random.Random):
