@@ -33,6 +33,11 @@ from .task import ColumnWeights
 BACKENDS_DIGEST = zlib.crc32(b"".join(path.read_bytes() for path in sorted((Path(__file__).parent / "backends").glob("*.py"))))
 
 
+# Every HeadSpec field but the last (column_weights), each a list of one number per head in the ops' schemas.
+HEAD_SCALAR_FIELDS = HeadSpec._fields[:-1]
+assert HeadSpec._fields[-1] == "column_weights"
+
+
 @dataclass(frozen=True)
 class HeadCall:
     """The static part of one call: the present tasks and the options."""
@@ -71,9 +76,7 @@ class HeadCall:
         """The call as the custom op's scalar arguments; each head's column weights as the key
         they are registered under (-1 for none; ``ColumnWeights.BY_VALUE`` for weights that
         travel as their values, in ``column_weight_values``)."""
-        columns = [[getattr(h, f) for h in self.heads] for f in
-                   ("col_start", "num_cols", "kind", "level", "ignore_index", "label_smoothing", "softcap",
-                    "z_loss")]  # fmt: skip
+        columns = [[getattr(h, f) for h in self.heads] for f in HEAD_SCALAR_FIELDS]
         weights = [h.column_weights for h in self.heads]
         keys = [-1 if w is None else w.key for w in weights]
         values = [v for w in weights if w is not None and w.key == ColumnWeights.BY_VALUE for v in w.values]

@@ -6,7 +6,7 @@ import torch
 from oracle import case_for, check_compiled_over_shapes
 
 from mtlfast import MultiTaskHeads, Task
-from mtlfast.op import HeadCall
+from mtlfast.op import HEAD_SCALAR_FIELDS, HeadCall
 from mtlfast.task import ColumnWeights, TaskLayout
 
 
@@ -149,8 +149,9 @@ def test_column_weights_travel_as_one_key_per_head():
     heads = TaskLayout(tasks).heads
     call = HeadCall(heads, 7, "torch", 0, False, -1.0, True, True, torch.float32)
     flat = call.flat()
-    assert all(len(field) == 3 for field in flat[:9])
-    keys, values = flat[8], flat[9]
+    scalars = len(HEAD_SCALAR_FIELDS)
+    assert all(len(field) == 3 for field in flat[:scalars])
+    keys, values = flat[scalars], flat[scalars + 1]
     assert keys[1] == -1 and keys[0] == ColumnWeights(weights).key and keys[2] == ColumnWeights([2.0] * 4).key
     assert values == []
     again = HeadCall.from_flat(7, *flat, True)
