@@ -72,15 +72,31 @@ def test_matches_hf_heads(backend):
         assert (p.grad - hf_encoder_grads[name]).norm() <= 1e-4 * floor, name
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_causal_lm_head_through_the_functional_call(backend):
-    """A causal LM's own output head (tied to its input embedding, no bias) as a vocabulary
-    task, fed HF's labels shifted by one: the loss and every gradient of
-    ``GPT2LMHeadModel(labels=...)``, the tied embedding's included."""
+def _check_causal_lm_head(model, body, task: Task, input_ids, attention_mask, labels, backend: str) -> None:
+    """``model``'s own output head (``model.lm_head``, no bias) as the vocabulary ``task`` of a
+    functional call on ``body``'s hidden states, fed HF's labels shifted by one: the loss and
+    every gradient of ``model(labels=...)``, a tied input embedding's included."""
     import torch.nn.functional as F
 
     from mtlfast import multitask_loss
 
+    hf_loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    hf_loss.backward()
+    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    hidden = body(input_ids, attention_mask=attention_mask).last_hidden_state
+    next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
+    out = multitask_loss(hidden, model.lm_head.weight, None, [task], {"lm": next_tokens}, backend=backend)
+    out.loss.backward()
+    assert rel_error(out.loss, hf_loss) < 1e-5
+    for name, p in model.named_parameters():
+        assert rel_error(p.grad, hf_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_causal_lm_head_through_the_functional_call(backend):
+    """GPT-2's output head, tied to its input embedding, through the functional call."""
     config = transformers.GPT2Config(vocab_size=211, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     torch.manual_seed(torch.seed() % 2**31)
@@ -90,20 +106,8 @@ def test_causal_lm_head_through_the_functional_call(backend):
     mask = torch.ones(3, 13, dtype=torch.long)
     mask[1, 9:] = 0
     labels = input_ids.masked_fill(mask == 0, -100)
-
-    hf_loss = model(input_ids, attention_mask=mask, labels=labels).loss
-    hf_loss.backward()
-    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-
-    hidden = model.transformer(input_ids, attention_mask=mask).last_hidden_state
-    task = Task("lm", 211, "cross_entropy", level="token")
-    next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
-    out = multitask_loss(hidden, model.lm_head.weight, None, [task], {"lm": next_tokens}, backend=backend)
-    out.loss.backward()
-    assert rel_error(out.loss, hf_loss) < 1e-5
-    for name, p in model.named_parameters():
-        assert rel_error(p.grad, hf_grads[name]) < 1e-4, name
+    _check_causal_lm_head(model, model.transformer, Task("lm", 211, "cross_entropy", level="token"), input_ids, mask,
+                          labels, backend)  # fmt: skip
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -145,12 +149,7 @@ def test_decoder_classifier_with_last_token_pooling(backend, padding_side):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_softcapped_lm_head_matches_gemma2(backend):
     """Gemma 2 caps its language-model logits (``final_logit_softcapping``): its tied output
-    head as a vocabulary task with ``softcap`` gives ``Gemma2ForCausalLM(labels=)``'s loss and
-    every gradient."""
-    import torch.nn.functional as F
-
-    from mtlfast import multitask_loss
-
+    head as a vocabulary task with ``softcap``."""
     config = transformers.Gemma2Config(vocab_size=173, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                        max_position_embeddings=32, final_logit_softcapping=3.0,
@@ -160,16 +159,5 @@ def test_softcapped_lm_head_matches_gemma2(backend):
     input_ids = torch.randint(1, 173, (2, 11))
     labels = input_ids.clone()
     labels[1, 8:] = -100
-    hf_loss = model(input_ids, labels=labels).loss
-    hf_loss.backward()
-    hf_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-
-    hidden = model.model(input_ids).last_hidden_state
     task = Task("lm", 173, "cross_entropy", level="token", softcap=3.0)
-    next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
-    out = multitask_loss(hidden, model.lm_head.weight, None, [task], {"lm": next_tokens}, backend=backend)
-    out.loss.backward()
-    assert rel_error(out.loss, hf_loss) < 1e-5
-    for name, p in model.named_parameters():
-        assert rel_error(p.grad, hf_grads[name]) < 1e-4, name
+    _check_causal_lm_head(model, model.model, task, input_ids, None, labels, backend)

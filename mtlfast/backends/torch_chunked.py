@@ -231,10 +231,10 @@ def _long(values: list[int], device: torch.device) -> Tensor:
 
 
 def _cross_entropy_blocks(heads: tuple[HeadSpec, ...], tasks: list[int]) -> list[tuple[list[int], int]]:
-    """``(tasks, C_max)`` of each block of cross-entropy tasks: one per power-of-two bracket of C,
-    with class weights or without, with a softcap or without, with a z-loss or without, so that padding stays under half
-    of a block (one wide task among binary ones does not pad them all) and the number of blocks
-    does not grow with the number of tasks."""
+    """``(tasks, C_max)`` of each block of cross-entropy tasks: one per power-of-two bracket of C
+    and combination of options (class weights, softcap, z-loss: each present or not), so that
+    padding stays under half of a block (one wide task among binary ones does not pad them all)
+    and the number of blocks does not grow with the number of tasks."""
     ce = [i for i in tasks if heads[i].is_ce]
 
     def kind(head: HeadSpec) -> tuple[bool, bool, bool, int]:

@@ -3,14 +3,16 @@
 Tasks are split in three paths, picked per task:
 
 - small path: every task with at most ``MAX_BLOCK_C`` outputs (cross-entropy, with class
-  weights or not but without a softcap or z-loss, bce, mse) goes through one launch of ``small_heads_kernel`` in forward
-  and one in backward, whatever the number of tasks, both levels together; the kernel
-  reads the label tensors itself, so the host issues a handful of small ops per call;
+  weights or not but without a softcap or z-loss, bce, mse) goes through one launch of
+  ``small_heads_kernel`` in forward and one in backward, whatever the number of tasks, both
+  levels together; the kernel reads the label tensors itself, so the host issues a handful
+  of small ops per call;
 - large path: a cross-entropy task with more classes and no class weights (a vocabulary
-  head, with a softcap or a z-loss or neither) is walked in chunks of columns (and rows, when there are many) of at most
-  ``LARGE_CHUNK_ELEMENTS`` logits. Forward computes each chunk with a cuBLAS GEMM (fp32 output) and folds it into
-  an online log-sum-exp (``large_ce_lse_merge_kernel``); backward recomputes the chunk,
-  turns it into scaled ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
+  head, with a softcap or a z-loss or neither) is walked in chunks of columns (and rows,
+  when there are many) of at most ``LARGE_CHUNK_ELEMENTS`` logits. Forward computes each
+  chunk with a cuBLAS GEMM (fp32 output) and folds it into an online log-sum-exp
+  (``large_ce_lse_merge_kernel``); backward recomputes the chunk, turns it into scaled
+  ``dlogits`` in one pass (``large_ce_dlogits_kernel``) and adds
   ``dH += dlogits @ W`` and ``dW += dlogits^T @ H`` with GEMMs that accumulate in fp32
   (beta = 1). No N x C buffer, no float atomics. With a gradient filter
   (``grad_filter_eps``) the dlogits pass also marks the tiles holding an entry of
