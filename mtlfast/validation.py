@@ -8,6 +8,7 @@ outside ``torch.compile`` tracing.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -164,7 +165,7 @@ def _check_num_items(layout: TaskLayout, num_items: Mapping[str, int | Tensor]) 
         if isinstance(value, Tensor):
             if value.dtype.is_complex or value.dtype == torch.bool:
                 raise TypeError(f"{where}: num_items_in_batch has dtype {value.dtype}")
-        elif isinstance(value, bool) or not isinstance(value, int):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
             raise TypeError(f"{where}: num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}")
         elif value < 0:
             raise ValueError(f"{where}: num_items_in_batch must be >= 0, got {value}")
@@ -181,7 +182,7 @@ def _check_task_weights(
                 raise TypeError(f"{where}: task weight must be a floating-point tensor, got {value.dtype}")
             if value.device != device:
                 raise ValueError(f"{where}: task weight is on {value.device}, hidden_states on {device}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
             raise TypeError(f"{where}: task weight must be a number or a 0-dim tensor, got {type(value).__name__}")
         elif not torch.compiler.is_compiling() and not math.isfinite(value):  # traced numbers are symbolic
             raise ValueError(f"{where}: task weight must be finite, got {value}")

@@ -220,3 +220,14 @@ def test_bad_task_weights(task_weights, kwargs, error, match):
     heads = MultiTaskHeads(D, TASKS, backend="torch", **kwargs)
     with pytest.raises(error, match=match):
         heads(torch.randn(B, S, D), _good(), task_weights=task_weights)
+
+
+def test_numpy_numbers_are_numbers():
+    """Weights computed with numpy (DWA often is) and numpy integer divisors are taken as numbers."""
+    import numpy as np
+
+    hidden, labels = torch.randn(B, S, D), _good()
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    got = heads(hidden, labels, task_weights={"ner": np.float32(0.5)}, num_items_in_batch={"ner": np.int64(7)})
+    expected = heads(hidden, labels, task_weights={"ner": 0.5}, num_items_in_batch={"ner": 7})
+    torch.testing.assert_close(got.loss, expected.loss)
