@@ -210,15 +210,15 @@ def multitask_loss(
     if weighting == "uncertainty":
         index = _constant(tuple(present), torch.long, log_vars.device)
         task_log_vars = log_vars[index]
-        task_weights = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
+        weight_per_task = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
     else:
         given = [(task_weights or {}).get(task.name, task.weight) for task in present_tasks]
         if task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given)):
             # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
             one = torch.ones((), dtype=weight_dtype, device=device)
-            task_weights = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
+            weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
         else:
-            task_weights = _constant(tuple(float(value) for value in given), weight_dtype, device)
+            weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device)
 
     hidden_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, op_pooled))
     call = HeadCall(
@@ -233,7 +233,7 @@ def multitask_loss(
         compute_dtype=cdtype,
     )
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
-                                     task_weights)  # fmt: skip
+                                     weight_per_task)  # fmt: skip
     if weighting == "uncertainty" and present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
     detached = losses.detach()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -162,25 +163,26 @@ class Task:
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"{where}: weight must be finite, got {self.weight}")
         if self.softcap is not None:
-            if self.loss != "cross_entropy":
-                raise ValueError(f"{where}: softcap is only for cross_entropy, not {self.loss}")
-            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)):
-                raise TypeError(f"{where}: softcap must be a number, got {type(self.softcap).__name__}")
-            if not (0.0 < self.softcap < math.inf):
-                raise ValueError(f"{where}: softcap must be finite and > 0, got {self.softcap}")
-        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)):
-            raise TypeError(f"{where}: z_loss must be a number, got {type(self.z_loss).__name__}")
-        if self.z_loss:
-            if self.loss != "cross_entropy":
-                raise ValueError(f"{where}: z_loss is only for cross_entropy, not {self.loss}")
-            if not (0.0 < self.z_loss < math.inf):
-                raise ValueError(f"{where}: z_loss must be finite and >= 0, got {self.z_loss}")
+            self._check_cross_entropy_scalar("softcap", "> 0")
+        if self.z_loss != 0:
+            self._check_cross_entropy_scalar("z_loss", ">= 0")
             if self.class_weights is not None:
                 raise ValueError(f"{where}: z_loss does not combine with class_weights")
         if self.pos_weight is not None:
             object.__setattr__(self, "pos_weight", self._column_weights("pos_weight", "bce", broadcast=True))
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", self._column_weights("class_weights", "cross_entropy"))
+
+    def _check_cross_entropy_scalar(self, field: str, bound: str) -> None:
+        """A cross-entropy option given (not its default): a finite number > 0 (``bound`` is how
+        the message states the range)."""
+        where, value = f"task '{self.name}'", getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: {field} must be a number, got {type(value).__name__}")
+        if self.loss != "cross_entropy":
+            raise ValueError(f"{where}: {field} is only for cross_entropy, not {self.loss}")
+        if not 0.0 < value < math.inf:
+            raise ValueError(f"{where}: {field} must be finite and {bound}, got {value}")
 
     def _column_weights(self, field: str, loss: str, broadcast: bool = False) -> tuple[float, ...]:
         """The field's value as C finite floats >= 0 (one number stands for all with ``broadcast``)."""
