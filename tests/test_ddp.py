@@ -66,7 +66,7 @@ def _rank(rank: int, init_file: str, cases: list, backend: str, wrapper: str, ou
         torch.save({**grads, "hidden": hidden_grads}, f"{out_dir}/rank{rank}.pt")
         dist.barrier()  # neither rank tears its group down while the other still communicates
         # DDP's reducer holds the gloo group: left for interpreter teardown, its worker threads
-        # abort the process ("terminate called without an active exception") about one run in 40.
+        # abort the process ("terminate called without an active exception") about one run in 25.
         del model, heads
         gc.collect()
     finally:
