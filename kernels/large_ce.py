@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import filtered_matmul
+from .tiling import softcapped
 
 # Memory-bound streaming passes: one tile shape serves sm_80 and sm_90, small enough to stay
 # within 128 registers a thread for occupancy (tests/test_kernels_compile.py checks).
@@ -29,14 +30,6 @@ LSE_BLOCK_M, LSE_BLOCK_V = 8, 256
 DLOGITS_BLOCK_M, DLOGITS_BLOCK_V = 8, filtered_matmul.TILE_V
 assert filtered_matmul.TILE_M % DLOGITS_BLOCK_M == 0
 NUM_WARPS = 4
-
-
-@triton.jit
-def _softcapped(x, softcap):
-    """``softcap * tanh(x / softcap)`` and ``tanh(x / softcap)`` (tanh from a sigmoid, which every
-    triton and its interpreter have)."""
-    t = 2.0 * tl.sigmoid(x * (2.0 / softcap)) - 1.0
-    return softcap * t, t
 
 
 @triton.jit
@@ -61,7 +54,7 @@ def large_ce_lse_merge_kernel(
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         x += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
-            x, _ = _softcapped(x, softcap)
+            x, _ = softcapped(x, softcap)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
         logit_sum += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
         x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -106,7 +99,7 @@ def large_ce_dlogits_kernel(
         scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col_offset
         if SOFTCAP:
-            x, t = _softcapped(x, softcap)
+            x, t = softcapped(x, softcap)
         grad = tl.exp(x - lse[:, None])
         if Z_LOSS:
             grad *= (1.0 + 2.0 * z_loss * lse)[:, None]

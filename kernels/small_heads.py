@@ -11,8 +11,8 @@ group, so every task is one segment of one group) and, per group:
    their addresses) and decides which rows count: ``ignore_index`` and out-of-range
    class ids, rows with a NaN target, masked tokens;
 3. forward: the per-slot loss terms (segmented softmax cross-entropy with label
-   smoothing, BCE, MSE), reduced over rows into per-task loss sums, and the per-task
-   counts of kept rows;
+   smoothing, a logit softcap and a z-loss, BCE, MSE), reduced over rows into per-task loss
+   sums, and the per-task counts of kept rows;
 4. backward: ``dlogits`` scaled per task, then ``dH = dlogits @ W``,
    ``dW += dlogits^T @ H`` (fp32, products of fp32 dlogits via 3xTF32) and
    ``db += sum(dlogits)``.
@@ -24,7 +24,7 @@ once, at the last group.
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
 marks padding); float table: fp32 ``[G, SLOT_FLT_FIELDS, BLOCK_C]`` (label smoothing,
 1 / C, the column's weight: a cross-entropy class weight or a bce positive weight, 1 for
-none, and the sum of its task's column weights).
+none, the sum of its task's column weights, the softcap and the z-loss factor, 0 for none).
 Target table: int64 ``[T]`` addresses; cross-entropy targets are int64 ``[rows]``,
 bce/mse targets fp32 ``[rows, C]``, both contiguous.
 """
@@ -37,12 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import TUNING, logits_tile, rows_bucket
+from .tiling import TUNING, logits_tile, rows_bucket, softcapped
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
-FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM = range(4)
-SLOT_FLT_FIELDS = 4
+FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM, FLT_SOFTCAP, FLT_Z_LOSS = range(6)
+SLOT_FLT_FIELDS = 6
 DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -76,9 +76,9 @@ def small_heads_kernel(
     dw_ptr, db_ptr,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr, HAS_MASK: tl.constexpr,
-    WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr,
+    SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
     counts into ``count_ptr`` ([T] fp32). Backward: writes dH (``dh_ptr``/``dp_ptr``, in
@@ -86,7 +86,9 @@ def small_heads_kernel(
     gradient ``task_scale_ptr[t] * grad_out_ptr[0]`` (fp32). The rows (fp32, or ``DOT``) and
     the weight are rounded to ``DOT``, the computation dtype, as they are loaded. With
     ``CLASS_WEIGHTS`` the cross-entropy terms carry their columns' weights; the counts stay
-    unweighted (the caller sums the class weights of those tasks' rows itself).
+    unweighted (the caller sums the class weights of those tasks' rows itself). With ``SOFTCAP``
+    a cross-entropy slot with a softcap ``c`` sees ``c * tanh(logit / c)``; with ``Z_LOSS`` its
+    task's rows add ``z * lse^2``.
 
     ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
     ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
@@ -141,10 +143,12 @@ def small_heads_kernel(
             first = _slot_field(slot_int_ptr, group, 6, slots, BLOCK_C, SLOT_FIELDS)
             classes = _slot_field(slot_int_ptr, group, 7, slots, BLOCK_C, SLOT_FIELDS)
             ignore = _slot_field(slot_int_ptr, group, 8, slots, BLOCK_C, SLOT_FIELDS)
-            # The float table's rows: FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM.
-            smoothing = tl.load(slot_flt_ptr + (group * 4) * BLOCK_C + slots)
-            inv_classes = tl.load(slot_flt_ptr + (group * 4 + 1) * BLOCK_C + slots)
-            col_weight = tl.load(slot_flt_ptr + (group * 4 + 2) * BLOCK_C + slots)
+            # The float table's rows: FLT_SMOOTHING, FLT_INV_CLASSES, FLT_COLUMN_WEIGHT, FLT_WEIGHT_SUM,
+            # FLT_SOFTCAP, FLT_Z_LOSS.
+            flt_row = slot_flt_ptr + group * SLOT_FLT_FIELDS * BLOCK_C + slots
+            smoothing = tl.load(flt_row)
+            inv_classes = tl.load(flt_row + BLOCK_C)
+            col_weight = tl.load(flt_row + 2 * BLOCK_C)
             slot_ok = w_rows >= 0
             part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's partial rows
             is_ce = (kind == 0) & slot_ok
@@ -154,6 +158,11 @@ def small_heads_kernel(
             x = logits_tile(h_row_ptrs, row_ok, stride_k, w_ptr, stride_wc, stride_wd, w_rows, slot_ok, D,
                             BLOCK_M, BLOCK_C, BLOCK_K, DOT, PRECISION)  # fmt: skip
             x += tl.load(b_ptr + w_rows, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
+            if SOFTCAP:
+                cap = tl.load(flt_row + 4 * BLOCK_C)
+                capped = (cap > 0)[None, :]
+                x_capped, tanh_x = softcapped(x, tl.where(cap > 0, cap, 1.0)[None, :])
+                x = tl.where(capped, x_capped, x)
 
             # Targets, straight from the label tensors.
             tok_slot = (level == 1)[None, :]
@@ -191,13 +200,16 @@ def small_heads_kernel(
             if CLASS_WEIGHTS:
                 # A row's loss (1 - eps) w_y nll_y + eps / C sum_c w_c nll_c counts its lse
                 # coef = (1 - eps) w_y + eps / C sum_c w_c times.
-                weight_sum = tl.load(slot_flt_ptr + (group * 4 + 3) * BLOCK_C + slots)
+                weight_sum = tl.load(flt_row + 3 * BLOCK_C)
                 w_target = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
                 for s in range(0, n_segments):
                     in_seg = (segment == s)[None, :] & is_ce[None, :]
                     w_row = tl.sum(tl.where(in_seg & is_target, col_weight[None, :], 0.0), axis=1)
                     w_target = tl.where(in_seg, w_row[:, None], w_target)
                 coef = (1.0 - smooth) * w_target + smooth * (inv_classes * weight_sum)[None, :]
+            if Z_LOSS:
+                z_loss = tl.load(flt_row + 5 * BLOCK_C)[None, :]
+                lse = seg_max + tl.log(seg_sum)  # 0 outside cross-entropy slots
 
             if BACKWARD:
                 if CLASS_WEIGHTS:
@@ -205,12 +217,16 @@ def small_heads_kernel(
                                                         + smooth * inv_classes[None, :]) * col_weight[None, :]  # fmt: skip
                 else:
                     ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
+                if Z_LOSS:
+                    ce_grad += 2.0 * z_loss * lse * exp_x / seg_sum
                 # bce: d/dx of (1 - y) x + (1 + (p - 1) y) softplus(-x), with p the column's
                 # positive weight; sigmoid(x) - y for p = 1
                 log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
                 bce_grad = log_weight / (1.0 + tl.exp(-x)) - col_weight[None, :] * y
                 mse_grad = 2.0 * (x - y)
                 grad = tl.where(is_ce[None, :], ce_grad, tl.where(is_bce, bce_grad, mse_grad))
+                if SOFTCAP:
+                    grad *= tl.where(capped, 1.0 - tanh_x * tanh_x, 1.0)
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(DOT)
@@ -264,6 +280,8 @@ def small_heads_kernel(
                 else:
                     ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
                     ce_term -= smooth * inv_classes[None, :] * x
+                if Z_LOSS:
+                    ce_term += tl.where(first[None, :] == 1, z_loss * lse * lse, 0.0)
                 diff = x - y
                 term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
@@ -386,6 +404,8 @@ def launch_small_heads(
     write_dh: bool,
     compute_dtype: torch.dtype,
     class_weights: bool,
+    softcap: bool,
+    z_loss: bool,
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
@@ -393,7 +413,8 @@ def launch_small_heads(
     one per program launched, are written. 0 uses float atomics.
     ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
     (``hidden``'s, or 16-bit for fp32 ``hidden``). ``class_weights``: some cross-entropy task
-    has class weights (the plan's column weights). Buffers a launch does not use may be any tensor."""
+    has class weights (the plan's column weights); ``softcap``, ``z_loss``: some has a softcap, a
+    z-loss (the plan's float table holds them). Buffers a launch does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -421,10 +442,10 @@ def launch_small_heads(
         rows_bucket(hidden.shape[0]),
     )  # fmt: skip
     constexprs = dict(
-        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, BACKWARD=backward, PARTIALS=partials,
+        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, SLOT_FLT_FIELDS=SLOT_FLT_FIELDS, BACKWARD=backward, PARTIALS=partials,
         HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
         USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype], PRECISION=precision,
-        CLASS_WEIGHTS=class_weights,
+        CLASS_WEIGHTS=class_weights, SOFTCAP=softcap, Z_LOSS=z_loss,
     )  # fmt: skip
     # The autotuner's key plus everything else that selects a compiled variant.
     key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,

@@ -1,4 +1,4 @@
-"""Shared pieces of the kernels: the logits tile and when to autotune."""
+"""Shared pieces of the kernels: the logits tile, the logit softcap and when to autotune."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def logits_tile(
         w = tl.load(w_col_ptrs + (k0 + ks)[:, None] * stride_wd, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def softcapped(x, softcap):
+    """``softcap * tanh(x / softcap)`` and ``tanh(x / softcap)`` (tanh from a sigmoid, which every
+    triton and its interpreter have)."""
+    t = 2.0 * tl.sigmoid(x * (2.0 / softcap)) - 1.0
+    return softcap * t, t

@@ -113,7 +113,8 @@ def test_large_path_128k_classes(monkeypatch, dtype, chunk_elements):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_softcap_and_z_loss_128k_classes(dtype):
     """A 128k-class head with Gemma 2's softcap of 30 (logits scaled up so that it bites) and a
-    z-loss, with the gradient filter keeping every tile, beside a softcapped small head (wide path)."""
+    z-loss, with the gradient filter keeping every tile, beside small heads (one softcapped) on the
+    small-heads kernel."""
     tasks = [Task("lm", 128256, "cross_entropy", level="token", softcap=30.0, z_loss=1e-4),
              Task("cls", 5, "cross_entropy", softcap=2.0), Task("ner", 9, "cross_entropy", level="token")]  # fmt: skip
     case = case_for(tasks, (2, 96, 128))

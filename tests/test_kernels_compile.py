@@ -69,12 +69,15 @@ def _small_heads_pointers(compute: str, rows: str | None = None) -> dict[str, st
 
 
 def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str,
-                            write_dh: bool = True, class_weights: bool = False) -> dict:  # fmt: skip
+                            write_dh: bool = True, class_weights: bool = False, capped: bool = False) -> dict:  # fmt: skip
+    """``capped``: some task has a softcap and some a z-loss."""
     write_dh = backward and write_dh
-    return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS, BACKWARD=backward,
+    return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS,
+                SLOT_FLT_FIELDS=small_heads.SLOT_FLT_FIELDS, BACKWARD=backward,
                 PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
                 USE_DH_ACC=write_dh, DOT=DOT_TYPES[compute],
-                PRECISION="tf32x3" if compute == "*fp32" else "ieee", CLASS_WEIGHTS=class_weights)  # fmt: skip
+                PRECISION="tf32x3" if compute == "*fp32" else "ieee", CLASS_WEIGHTS=class_weights, SOFTCAP=capped,
+                Z_LOSS=capped)  # fmt: skip
 
 
 DOT_TYPES = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
@@ -210,10 +213,11 @@ def test_small_heads_backward_without_dh_compiles(target, block_c):
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("variant", ["fp32-rows", "class-weights"])
+@pytest.mark.parametrize("variant", ["fp32-rows", "class-weights", "softcap-z-loss"])
 def test_small_heads_variants_compile(target, block_c, backward, variant):
-    """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32), and
-    class-weighted cross-entropy (one more segment pass): every candidate compiles, the untuned
+    """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32),
+    class-weighted cross-entropy (one more segment pass), and cross-entropy with a softcap and a
+    z-loss (two more tiles held into backward): every candidate compiles, the untuned
     one fits the shared memory, and at least one keeps its tiles in registers for the
     autotuner to pick (some of the others spill a little)."""
     if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
@@ -223,7 +227,8 @@ def test_small_heads_variants_compile(target, block_c, backward, variant):
     for n, config in enumerate(small_heads.configs_for(block_c)):
         kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows),
                              _small_heads_constexprs(config, block_c, backward, backward, "*bf16",
-                                                     class_weights=variant == "class-weights"),
+                                                     class_weights=variant == "class-weights",
+                                                     capped=variant == "softcap-z-loss"),
                              fits=n == 0, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
         stacks.append(resource_usage(kernel)[1])
     assert min(stacks) == 0, stacks

@@ -2,8 +2,8 @@
 
 Tasks are split in three paths, picked per task:
 
-- small path: every task with at most ``MAX_BLOCK_C`` outputs (cross-entropy, with class
-  weights or not but without a softcap or z-loss, bce, mse) goes through one launch of
+- small path: every task with at most ``MAX_BLOCK_C`` outputs (cross-entropy with or without
+  class weights, a softcap, a z-loss; bce, mse) goes through one launch of
   ``small_heads_kernel`` in forward and one in backward, whatever the number of tasks, both
   levels together; the kernel reads the label tensors itself, so the host issues a handful
   of small ops per call;
@@ -19,8 +19,7 @@ Tasks are split in three paths, picked per task:
   ``softmax - target`` above the threshold, and Triton GEMMs (``filtered_matmul``) walk
   only those, as Cut Cross-Entropy's backward skips the rest;
 - wide path: a task that neither kernel takes (a bce or mse head or a cross-entropy head
-  with class weights wider than ``MAX_BLOCK_C``, or a cross-entropy head with a softcap or a
-  z-loss and at most ``MAX_BLOCK_C`` classes) is walked in chunks of rows: cuBLAS GEMMs,
+  with class weights wider than ``MAX_BLOCK_C``) is walked in chunks of rows: cuBLAS GEMMs,
   and the torch backend's ops for that loss (``torch_chunked.task_span``), in forward for the
   loss and again in backward for ``dlogits``; its dH joins the large path's fp32 dH.
 
@@ -77,13 +76,12 @@ def _kernels() -> SimpleNamespace:
 
 
 def _is_small(head: HeadSpec) -> bool:
-    return head.num_cols <= MAX_BLOCK_C and not head.softcap and not head.z_loss
+    return head.num_cols <= MAX_BLOCK_C
 
 
 @cache
 def _small_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the small path: at most ``MAX_BLOCK_C`` outputs, no softcap
-    or z-loss."""
+    """Indices of the tasks that take the small path: at most ``MAX_BLOCK_C`` outputs."""
     return tuple(i for i, h in enumerate(heads) if _is_small(h))
 
 
@@ -95,8 +93,8 @@ def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
 
 @cache
 def _wide_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
-    """Indices of the tasks that take the wide path: the others (wider than ``MAX_BLOCK_C``, or
-    small cross-entropy with a softcap or a z-loss)."""
+    """Indices of the tasks that take the wide path: the others (bce, mse or class-weighted
+    cross-entropy wider than ``MAX_BLOCK_C``)."""
     large = _large_tasks(heads)
     return tuple(i for i, h in enumerate(heads) if not _is_small(h) and i not in large)
 
@@ -122,6 +120,8 @@ class _SmallPlan:
     slot_row: Tensor  # int32 [G * BLOCK_C]: the packed weight row of each slot, -1 for none
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
     class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
+    softcap: bool  # some task has a softcap
+    z_loss: bool  # some task has a z-loss
 
     @property
     def n_groups(self) -> int:
@@ -173,6 +173,8 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                 slot_flt[g, small_heads.FLT_INV_CLASSES, s] = 1.0 / head.num_cols
                 slot_flt[g, small_heads.FLT_COLUMN_WEIGHT, s] = weights[c]
                 slot_flt[g, small_heads.FLT_WEIGHT_SUM, s] = sum(weights)
+                slot_flt[g, small_heads.FLT_SOFTCAP, s] = head.softcap
+                slot_flt[g, small_heads.FLT_Z_LOSS, s] = head.z_loss
                 slot_to_task[g * block_c + s, i] = 1.0
                 s += 1
     return _SmallPlan(
@@ -182,6 +184,8 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
         slot_row=slot_int[:, small_heads.SLOT_COL, :].reshape(-1).to(device),
         slot_to_task=slot_to_task.to(device),
         class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
+        softcap=any(heads[i].softcap for i in small),
+        z_loss=any(heads[i].z_loss for i in small),
     )
 
 
@@ -425,6 +429,8 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
         target_table=table,
         compute_dtype=problem.compute_dtype,
         class_weights=bool(plan.class_weighted),
+        softcap=plan.softcap,
+        z_loss=plan.z_loss,
         **args,
     )
 

@@ -155,10 +155,16 @@ def test_call_time_task_weights():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("grad_filter_eps", [None, 0.0])
-def test_softcap_and_z_loss(dtype, grad_filter_eps):
+def test_softcap_and_z_loss(monkeypatch, dtype, grad_filter_eps):
     """Cross-entropy with a softcap, a z-loss or both: vocabulary heads through the large path's
     kernels (exact, and with the gradient filter keeping every tile), small ones through the
-    wide path, beside the small-heads kernel's plain tasks; fp32 and fp16."""
+    small-heads kernel beside its plain tasks (none takes the wide path); fp32 and fp16."""
+
+    def wide_path(*args):
+        raise AssertionError("a task took the wide path")
+
+    monkeypatch.setattr(triton_fused, "_wide_forward", wide_path)
+    monkeypatch.setattr(triton_fused, "_wide_backward", wide_path)
     rng = random.Random(fresh_seed())
     tasks = [Task("vocab", rng.randint(129, 400), "cross_entropy", level="token", softcap=rng.choice([1.0, 4.0]),
                   label_smoothing=rng.choice([0.0, 0.1]), z_loss=rng.choice([0.0, 0.05])),
