@@ -207,9 +207,9 @@ def small_heads_kernel(
                     w_row = tl.sum(tl.where(in_seg & is_target, col_weight[None, :], 0.0), axis=1)
                     w_target = tl.where(in_seg, w_row[:, None], w_target)
                 coef = (1.0 - smooth) * w_target + smooth * (inv_classes * weight_sum)[None, :]
+            lse = seg_max + tl.log(seg_sum)  # 0 outside cross-entropy slots
             if Z_LOSS:
                 z_loss = tl.load(flt_row + 5 * BLOCK_C)[None, :]
-                lse = seg_max + tl.log(seg_sum)  # 0 outside cross-entropy slots
 
             if BACKWARD:
                 if CLASS_WEIGHTS:
@@ -271,7 +271,6 @@ def small_heads_kernel(
                     # Later groups read the fp32 partial dH this program's own threads wrote.
                     tl.debug_barrier()
             else:
-                lse = seg_max + tl.log(seg_sum)
                 log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
                 softplus = (1.0 - y) * x + log_weight * (tl.maximum(-x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
                 if CLASS_WEIGHTS:
