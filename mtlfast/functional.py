@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
+from .backends.base import host_values_to
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values, grad_filter_threshold
@@ -77,7 +78,8 @@ _CONSTANTS: dict[tuple, Tensor] = {}
 
 
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant tensor, built once per values, dtype and device (no copy per call)."""
+    """A small constant tensor, built once per values, dtype and device (no copy per call), and
+    without a host sync when built: call-time task weights change every step with DWA."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, device)
@@ -85,7 +87,7 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     if tensor is None:
         if len(_CONSTANTS) > 256:
             _CONSTANTS.clear()
-        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+        tensor = _CONSTANTS[key] = host_values_to(values, dtype, device)
     return tensor
 
 

@@ -249,7 +249,8 @@ def test_k16_accumulation_on_gpu(backend):
 def test_training_step_never_syncs(backend):
     """With validate=False a step (small, vocabulary and wide heads, a divisor override, class and
     positive weights, fp32 rows under autocast) runs under torch.cuda.set_sync_debug_mode("error")
-    once kernels are compiled, tuned and planned."""
+    once kernels are compiled, tuned and planned, also with a call-time task weight it has not
+    seen before (DWA's change every step)."""
     tasks = [Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, 2.0]), Task("ner", 9, "cross_entropy", level="token"),
              Task("r", 1, "mse"), Task("lm", 300, "cross_entropy", level="token"),
              Task("tags", 4, "bce", pos_weight=3.0), Task("labels", 200, "bce", level="token")]  # fmt: skip
@@ -259,17 +260,18 @@ def test_training_step_never_syncs(backend):
               "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE),
               "tags": torch.rand(2, 4, device=DEVICE), "labels": torch.rand(2, 17, 200, device=DEVICE)}  # fmt: skip
 
-    def step():
+    def step(ner_weight):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = heads(h, labels, num_items_in_batch={"ner": 11, "lm": torch.tensor(20)})
+            out = heads(h, labels, num_items_in_batch={"ner": 11, "lm": torch.tensor(20)},
+                        task_weights={"ner": ner_weight})  # fmt: skip
         out.loss.backward()
         return out.loss
 
-    step()
+    step(0.5)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = step()
+        loss = step(0.75)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)

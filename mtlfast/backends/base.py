@@ -15,6 +15,23 @@ from torch import Tensor
 
 from ..task import ColumnWeights, HeadSpec
 
+# Host tensors (and their device copies) a captured CUDA graph reads: every replay reads them, so
+# they are never freed.
+CAPTURED: list[Tensor] = []
+
+
+def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync: on a GPU the
+    values go through pinned memory with a non-blocking copy (a copy from pageable memory
+    synchronises the stream). Under CUDA graph capture both ends are kept for the replays."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    source = torch.tensor(values, dtype=dtype, pin_memory=True)
+    tensor = source.to(device, non_blocking=True)
+    if torch.cuda.is_current_stream_capturing():
+        CAPTURED.extend((source, tensor))
+    return tensor
+
 
 class HeadProblem(NamedTuple):
     """Everything one call of the fused heads computes on. A tuple: it is built twice per

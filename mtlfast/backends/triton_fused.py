@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in
+from .base import CAPTURED, HeadProblem, HeadSpec, addmm_acc_, host_values_to, mm_acc, weight_in
 
 name = "triton"
 
@@ -88,7 +88,7 @@ def _small_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
 @cache
 def _large_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
     """Indices of the tasks that take the large path: wide cross-entropy without class weights."""
-    return tuple(i for i, h in enumerate(heads) if h.num_cols > MAX_BLOCK_C and h.is_ce and not h.column_weights)
+    return tuple(i for i, h in enumerate(heads) if not _is_small(h) and h.is_ce and not h.column_weights)
 
 
 @cache
@@ -217,9 +217,6 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
 # its label tensors each step mostly gets the same addresses back from the caching allocator.
 _TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
 _TABLES_KEPT = 64
-# Tables a captured CUDA graph reads, and their pinned sources: every replay reads them, so
-# they are never freed.
-_CAPTURED: list[Tensor] = []
 
 
 def _target_table(problem: HeadProblem) -> Tensor:
@@ -235,17 +232,11 @@ def _target_table(problem: HeadProblem) -> Tensor:
     if table is not None:
         _TABLES[key] = table
         if capturing:
-            _CAPTURED.append(table)
+            CAPTURED.append(table)
         return table
-    if device.type != "cuda":
-        table = torch.tensor(key[1:], dtype=torch.int64, device=device)
-    else:
-        # From pinned memory, non-blocking: a pageable host-to-device copy would sync the stream.
-        source = torch.tensor(key[1:], dtype=torch.int64, pin_memory=True)
-        table = source.to(device, non_blocking=True)
-        if capturing:
-            _CAPTURED.extend((source, table))
-            return table
+    table = host_values_to(key[1:], torch.int64, device)
+    if capturing:  # kept in CAPTURED; the cache could evict it
+        return table
     _TABLES[key] = table
     if len(_TABLES) > _TABLES_KEPT:
         _TABLES.popitem(last=False)
