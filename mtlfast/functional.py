@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import host_values_to
+from .backends.base import host_values_to, keep_if_captured
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values, grad_filter_threshold
@@ -84,10 +84,11 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
         return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, device)
     tensor = _CONSTANTS.get(key)
-    if tensor is None:
-        if len(_CONSTANTS) > 256:
-            _CONSTANTS.clear()
-        tensor = _CONSTANTS[key] = host_values_to(values, dtype, device)
+    if tensor is not None:
+        return keep_if_captured(tensor)
+    if len(_CONSTANTS) > 256:
+        _CONSTANTS.clear()
+    tensor = _CONSTANTS[key] = host_values_to(values, dtype, device)
     return tensor
 
 

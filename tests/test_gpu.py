@@ -15,7 +15,7 @@ from oracle import (
     run_heads,
 )
 
-from mtlfast import MultiTaskHeads, Task, cuda_ext
+from mtlfast import MultiTaskHeads, Task, cuda_ext, functional
 from mtlfast.backends import triton_fused
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -279,7 +279,9 @@ def test_training_step_never_syncs(backend):
 
 def test_cuda_graph_replays_a_training_step():
     """A whole step (small and vocabulary heads, forward and backward) captured in a CUDA graph
-    and replayed on new inputs copied into the captured tensors matches an eager step."""
+    and replayed on new inputs copied into the captured tensors matches an eager step, also once
+    the cache of the op's small constants (task weights, divisors; made before the capture) has
+    been emptied and the memory it freed filled with NaN."""
     tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"), Task("r", 1, "mse"),
              Task("lm", 300, "cross_entropy", level="token")]  # fmt: skip
     heads = MultiTaskHeads(64, tasks, backend="triton", validate=False).to(DEVICE)
@@ -313,6 +315,9 @@ def test_cuda_graph_replays_a_training_step():
             captured_loss = heads(h, labels).loss
         captured_loss.backward()
     captured = [h.grad, *(p.grad for p in heads.parameters())]
+    functional._CONSTANTS.clear()
+    with torch.cuda.stream(side):  # the stream whose pool they came from; more than a 2 MiB segment of small blocks
+        reused = [torch.full((4,), float("nan"), device=DEVICE) for _ in range(8192)]  # noqa: F841
 
     for _ in range(2):
         with torch.no_grad():

@@ -33,6 +33,15 @@ def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> T
     return tensor
 
 
+def keep_if_captured(tensor: Tensor) -> Tensor:
+    """``tensor``, kept alive for good (in ``CAPTURED``) while a CUDA graph is being captured,
+    since every replay reads it: a cache that hands out tensors must call this on a hit, or a
+    later eviction frees memory the graph still reads."""
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        CAPTURED.append(tensor)
+    return tensor
+
+
 class HeadProblem(NamedTuple):
     """Everything one call of the fused heads computes on. A tuple: it is built twice per
     training step, in half the host time of a frozen dataclass.

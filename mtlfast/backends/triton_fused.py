@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import TRITON_VERSION, torch_chunked
-from .base import CAPTURED, HeadProblem, HeadSpec, addmm_acc_, host_values_to, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, addmm_acc_, host_values_to, keep_if_captured, mm_acc, weight_in
 
 name = "triton"
 
@@ -227,17 +227,11 @@ def _target_table(problem: HeadProblem) -> Tensor:
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
     device = problem.hidden.device
     key = (device, *(t.data_ptr() for t in problem.targets))
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     table = _TABLES.pop(key, None)  # and put back last: no KeyError if another thread evicts it meanwhile
     if table is not None:
         _TABLES[key] = table
-        if capturing:
-            CAPTURED.append(table)
-        return table
-    table = host_values_to(key[1:], torch.int64, device)
-    if capturing:  # kept in CAPTURED; the cache could evict it
-        return table
-    _TABLES[key] = table
+        return keep_if_captured(table)
+    table = _TABLES[key] = host_values_to(key[1:], torch.int64, device)
     if len(_TABLES) > _TABLES_KEPT:
         _TABLES.popitem(last=False)
     return table
