@@ -303,6 +303,7 @@ def test_cuda_graph_replays_a_training_step():
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    functional._CONSTANTS.clear()  # made anew below, on the side stream: its pool is the one refilled after the capture
     with torch.cuda.stream(side):
         for _ in range(3):
             step()
@@ -316,7 +317,7 @@ def test_cuda_graph_replays_a_training_step():
         captured_loss.backward()
     captured = [h.grad, *(p.grad for p in heads.parameters())]
     functional._CONSTANTS.clear()
-    with torch.cuda.stream(side):  # the stream whose pool they came from; more than a 2 MiB segment of small blocks
+    with torch.cuda.stream(side):  # more than a 2 MiB segment of small blocks
         reused = [torch.full((4,), float("nan"), device=DEVICE) for _ in range(8192)]  # noqa: F841
 
     for _ in range(2):
