@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import host_values_to, keep_if_captured
+from .backends.base import HostValuesCache
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values, grad_filter_threshold
@@ -74,7 +74,7 @@ def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> T
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-_CONSTANTS: dict[tuple, Tensor] = {}
+_CONSTANTS = HostValuesCache(kept=256)
 
 
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -82,14 +82,7 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     without a host sync when built: call-time task weights change every step with DWA."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
-    key = (values, dtype, device)
-    tensor = _CONSTANTS.get(key)
-    if tensor is not None:
-        return keep_if_captured(tensor)
-    if len(_CONSTANTS) > 256:
-        _CONSTANTS.clear()
-    tensor = _CONSTANTS[key] = host_values_to(values, dtype, device)
-    return tensor
+    return _CONSTANTS.get((values, dtype, device), values, dtype, device)
 
 
 def _divisor_on(device: torch.device, value: int | float | Tensor | None) -> Tensor:

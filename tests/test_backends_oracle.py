@@ -187,6 +187,25 @@ def test_fp32_accumulating_gemm_on_cpu(beta, dtype):
     assert rel_error(out, expected) <= 1e-6
 
 
+def test_host_values_cache_keeps_the_recently_used():
+    """``HostValuesCache``: a key seen before gets its tensor back (no copy); past ``kept`` keys
+    the least recently used is made anew, and each tensor holds its own values."""
+    from mtlfast.backends.base import HostValuesCache
+
+    cache = HostValuesCache(kept=2)
+    values = [tuple(torch.randn(3).tolist()) for _ in range(3)]
+
+    def get(i):
+        return cache.get(("key", i), values[i], torch.float64, torch.device("cpu"))
+
+    first, second = get(0), get(1)
+    assert get(0) is first  # 0 is now the most recently used
+    third = get(2)  # drops 1
+    assert get(0) is first and get(2) is third and get(1) is not second
+    for i, tensor in ((0, first), (1, get(1)), (2, third)):
+        assert tensor.tolist() == list(values[i])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trial", range(3))
 def test_frozen_hidden_states(backend, trial):

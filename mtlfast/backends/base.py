@@ -7,6 +7,7 @@ losses and whatever it wants to keep for its own backward.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import cache
 from typing import NamedTuple, Protocol
 
@@ -33,13 +34,35 @@ def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> T
     return tensor
 
 
-def keep_if_captured(tensor: Tensor) -> Tensor:
-    """``tensor``, kept alive for good (in ``CAPTURED``) while a CUDA graph is being captured,
-    since every replay reads it: a cache that hands out tensors must call this on a hit, or a
-    later eviction frees memory the graph still reads."""
-    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
-        CAPTURED.append(tensor)
-    return tensor
+class HostValuesCache:
+    """Device tensors of small tuples of host values (:func:`host_values_to`), one per key, the
+    least recently used dropped past ``kept``: no copy per call for values that recur.
+
+    Under CUDA graph capture a hit is kept in ``CAPTURED`` (every replay reads it; a later
+    eviction must not free it), and a miss is not cached: a copy captured is only made when the
+    graph replays, so an eager call before that must not find it."""
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def get(self, key: tuple, values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        tensor = self._entries.pop(key, None)  # and put back last: no KeyError if another thread evicts it meanwhile
+        if tensor is not None:
+            self._entries[key] = tensor
+            if capturing:
+                CAPTURED.append(tensor)
+            return tensor
+        tensor = host_values_to(values, dtype, device)
+        if not capturing:
+            self._entries[key] = tensor
+            if len(self._entries) > self._kept:
+                self._entries.popitem(last=False)
+        return tensor
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class HeadProblem(NamedTuple):

@@ -115,14 +115,15 @@ class _CrossEntropyGroup(NamedTuple):
             row_loss -= self.smoothing_per_class * summed
         x.exp_()
         sumexp = x.sum(dim=2)
+        log_sumexp = sumexp.log()
         if self.class_weights is None:
-            row_loss += sumexp.log()
+            row_loss += log_sumexp
             if self.z_loss is not None:
-                lse = row_max.squeeze(2) + sumexp.log()
+                lse = row_max.squeeze(2) + log_sumexp
                 row_loss += self.z_loss * lse.square()
         else:
             coef = target_coef if self.smoothing_per_class is None else target_coef + self.smoothing_per_class * self.weight_sums
-            row_loss += coef * sumexp.log()
+            row_loss += coef * log_sumexp
         sums.index_add_(0, self.task_index, torch.where(valid, row_loss, 0.0).sum(dim=0))
         if scales is None:
             return

@@ -33,7 +33,6 @@ copy once per pass; dH comes back in fp32. fp64 inputs and a V100 with triton be
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, addmm_acc_, host_values_to, keep_if_captured, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
 
 name = "triton"
 
@@ -215,8 +214,7 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
 
 # Device tables of label addresses by (device, addresses): a training loop that reallocates
 # its label tensors each step mostly gets the same addresses back from the caching allocator.
-_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
-_TABLES_KEPT = 64
+_TABLES = HostValuesCache(kept=64)
 
 
 def _target_table(problem: HeadProblem) -> Tensor:
@@ -226,15 +224,8 @@ def _target_table(problem: HeadProblem) -> Tensor:
         if target.dtype != expected or not target.is_contiguous():
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
     device = problem.hidden.device
-    key = (device, *(t.data_ptr() for t in problem.targets))
-    table = _TABLES.pop(key, None)  # and put back last: no KeyError if another thread evicts it meanwhile
-    if table is not None:
-        _TABLES[key] = table
-        return keep_if_captured(table)
-    table = _TABLES[key] = host_values_to(key[1:], torch.int64, device)
-    if len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
+    addresses = tuple(t.data_ptr() for t in problem.targets)
+    return _TABLES.get((device, *addresses), addresses, torch.int64, device)
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
