@@ -22,9 +22,11 @@ groups the partial dH waits in an fp32 scratch (the program's own rows) and is r
 once, at the last group.
 
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
-marks padding); float table: fp32 ``[G, SLOT_FLT_FIELDS, BLOCK_C]`` (label smoothing,
-1 / C, the column's weight: a cross-entropy class weight or a bce positive weight, 1 for
-none, the sum of its task's column weights, the softcap and the z-loss factor, 0 for none).
+marks padding; a group's used slots come first, and the used slots of all groups, numbered
+``0 .. U - 1`` in order, are the rows of the partial dW buffers);
+float table: fp32 ``[G, SLOT_FLT_FIELDS, BLOCK_C]`` (label smoothing, 1 / C, the column's
+weight: a cross-entropy class weight or a bce positive weight, 1 for none, the sum of its
+task's column weights, the softcap and the z-loss factor, 0 for none).
 Target table: int64 ``[T]`` addresses; cross-entropy targets are int64 ``[rows]``,
 bce/mse targets fp32 ``[rows, C]``, both contiguous.
 """
@@ -69,7 +71,7 @@ def small_heads_kernel(
     p_ptr, stride_pn, stride_pd, n_pooled_rows,
     seq_stride,
     w_ptr, stride_wc, stride_wd, b_ptr, D,
-    slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups,
+    slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups, n_used_slots,
     target_table_ptr, mask_ptr,
     task_scale_ptr, grad_out_ptr, loss_ptr, count_ptr,
     dh_ptr, stride_dhn, dp_ptr, stride_dpn, dh_acc_ptr,
@@ -90,13 +92,14 @@ def small_heads_kernel(
     a cross-entropy slot with a softcap ``c`` sees ``c * tanh(logit / c)``; with ``Z_LOSS`` its
     task's rows add ``z * lse^2``.
 
-    ``PARTIALS``: each program owns slot-indexed partial rows (``loss_ptr``
-    ``[programs, G * BLOCK_C]``, ``dw_ptr`` ``[programs, G * BLOCK_C, D]``, ``db_ptr``
-    ``[programs, G * BLOCK_C]``), stores them at its first row block and adds with plain
-    loads and stores after that, so they need no zeroing (the dW rows of padding slots stay
-    unwritten); otherwise float atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
-    Either way a slot adds to dW only in blocks with a row that counts for it. Without
-    ``WRITE_DH`` backward skips dH (no gradient is needed for the rows: a frozen encoder).
+    ``PARTIALS``: each program owns partial rows, ``dw_ptr`` ``[programs, U, D]`` with a row per
+    used slot (U = ``n_used_slots``: the used slots of all groups, numbered in order), and
+    ``loss_ptr``, ``db_ptr`` ``[programs, G * BLOCK_C]`` with an entry per slot, padding
+    included (stored unmasked: masks there cost registers), stores them at its first row block
+    and adds with plain loads and stores after that, so they need no zeroing; otherwise float atomics
+    add into ``[T]``, ``[sum C, D]`` and ``[sum C]``. Either way a slot adds to dW only in
+    blocks with a row that counts for it. Without ``WRITE_DH`` backward skips dH (no gradient
+    is needed for the rows: a frozen encoder).
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -133,6 +136,7 @@ def small_heads_kernel(
         acc_row = rows64 + tl.where(from_pooled, n_hidden_rows, 0)
         seq_row64 = seq_row.to(tl.int64)
 
+        group_first_slot = pid * 0  # the number of the group's first slot among the used slots
         for group in range(0, n_groups):
             w_rows = _slot_field(slot_int_ptr, group, 0, slots, BLOCK_C, SLOT_FIELDS)
             task = _slot_field(slot_int_ptr, group, 1, slots, BLOCK_C, SLOT_FIELDS)
@@ -150,7 +154,7 @@ def small_heads_kernel(
             inv_classes = tl.load(flt_row + BLOCK_C)
             col_weight = tl.load(flt_row + 2 * BLOCK_C)
             slot_ok = w_rows >= 0
-            part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's partial rows
+            part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's per-slot partials
             is_ce = (kind == 0) & slot_ok
             is_dense = (kind != 0) & slot_ok
             is_bce = (kind == 1)[None, :]
@@ -260,7 +264,8 @@ def small_heads_kernel(
                     dw = tl.dot(tl.trans(grad), h.to(DOT).to(tl.float32), input_precision="tf32x3")
                     dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
-                        dw_ptrs = dw_ptr + part_slots.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
+                        dw_rows = pid * n_used_slots + group_first_slot + slots  # padding: masked
+                        dw_ptrs = dw_ptr + dw_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         if revisit:
                             dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                         tl.store(dw_ptrs, dw, mask=dw_mask)
@@ -287,6 +292,7 @@ def small_heads_kernel(
                 kept = tl.sum(active.to(tl.float32), axis=0)
                 tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1), sem="relaxed")
                 _add_per_slot(loss_ptr + part_slots, loss_ptr + task, slot_loss, slot_ok, revisit, PARTIALS)
+            group_first_slot += tl.sum(slot_ok.to(tl.int32), axis=0)
         if PARTIALS:
             # The next row block re-reads the partial rows this program's threads wrote.
             tl.debug_barrier()
@@ -294,31 +300,33 @@ def small_heads_kernel(
 
 @triton.jit
 def small_heads_reduce_kernel(
-    dw_part_ptr, db_part_ptr, n_programs, n_slots, D, slot_row_ptr, dw_ptr, db_ptr,
+    dw_part_ptr, db_part_ptr, n_programs, n_slots, n_padded_slots, D, slot_row_ptr, slot_index_ptr, dw_ptr, db_ptr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Sums the partials ``[programs, slots, D]`` and ``[programs, slots]`` over the programs,
-    in a fixed order, and stores each slot's sums in its packed weight row of ``dw_ptr``
-    [sum C, D] and ``db_ptr`` [sum C] (fp32). ``slot_row_ptr`` [slots] int32 holds each
-    slot's row, -1 for an unused slot. The grid is (slots, blocks of D)."""
+    """Sums the partials ``[programs, slots, D]`` (used slots) and ``[programs, padded slots]``
+    over the programs, in a fixed order, and stores each used slot's sums in its packed
+    weight row of ``dw_ptr`` [sum C, D] and ``db_ptr`` [sum C] (fp32). ``slot_row_ptr`` and
+    ``slot_index_ptr`` [slots] int32 hold each used slot's row and its index among the padded
+    slots. The grid is (slots, blocks of D)."""
     slot = tl.program_id(0)
     pid_d = tl.program_id(1)
     row = tl.load(slot_row_ptr + slot)
-    if row >= 0:
-        ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        ps = tl.arange(0, BLOCK_P)
-        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for p0 in range(0, n_programs, BLOCK_P):
-            p_ok = (p0 + ps) < n_programs
-            part = (p0 + ps).to(tl.int64) * n_slots + slot
-            dw += tl.sum(tl.load(dw_part_ptr + part[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
-                                 other=0.0), axis=0)  # fmt: skip
-            db += tl.load(db_part_ptr + part, mask=p_ok, other=0.0)
-        tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
-        if pid_d == 0:
-            tl.store(db_ptr + row, tl.sum(db, axis=0))
+    padded = tl.load(slot_index_ptr + slot)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    ps = tl.arange(0, BLOCK_P)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, n_programs, BLOCK_P):
+        p_ok = (p0 + ps) < n_programs
+        program = (p0 + ps).to(tl.int64)
+        dw_rows = program * n_slots + slot
+        dw += tl.sum(tl.load(dw_part_ptr + dw_rows[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
+                             other=0.0), axis=0)  # fmt: skip
+        db += tl.load(db_part_ptr + program * n_padded_slots + padded, mask=p_ok, other=0.0)
+    tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
+    if pid_d == 0:
+        tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
 # Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages); the first
@@ -388,6 +396,7 @@ def launch_small_heads(
     slot_int: torch.Tensor,
     slot_flt: torch.Tensor,
     group_segments: torch.Tensor,
+    n_used_slots: int,
     target_table: torch.Tensor,
     task_scale: torch.Tensor,
     grad_out: torch.Tensor,
@@ -408,8 +417,8 @@ def launch_small_heads(
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
-    slot-indexed partial buffers (reproducible bit for bit); only the first rows of those,
-    one per program launched, are written. 0 uses float atomics.
+    partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the
+    first rows of those, one per program launched, are written. 0 uses float atomics.
     ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
     (``hidden``'s, or 16-bit for fp32 ``hidden``). ``class_weights``: some cross-entropy task
     has class weights (the plan's column weights); ``softcap``, ``z_loss``: some has a softcap, a
@@ -433,7 +442,7 @@ def launch_small_heads(
         pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
         seq_stride,
         weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
-        slot_int, slot_flt, group_segments, n_groups,
+        slot_int, slot_flt, group_segments, n_groups, n_used_slots,
         target_table, mask,
         task_scale, grad_out, loss, count,
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
@@ -466,16 +475,17 @@ REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
 
 
 def reduce_partials(
-    dw_part: torch.Tensor, db_part: torch.Tensor, n_programs: int, slot_row: torch.Tensor, grad_weight: torch.Tensor,
-    grad_bias: torch.Tensor,
+    dw_part: torch.Tensor, db_part: torch.Tensor, n_programs: int, slot_row: torch.Tensor, slot_index: torch.Tensor,
+    grad_weight: torch.Tensor, grad_bias: torch.Tensor,
 ) -> None:
     """``grad_weight[row] = dw_part[:n_programs, slot].sum(0)`` and ``grad_bias[row] =
-    db_part[:n_programs, slot].sum(0)`` for every used slot and its packed row (see
-    :func:`small_heads_reduce_kernel`); other rows are left alone. The partials are
-    ``[programs, slots, D]`` and ``[programs, slots]``, of which the first ``n_programs`` were written."""
+    db_part[:n_programs, index].sum(0)`` for every used slot, its packed row and its index
+    among the padded slots (see :func:`small_heads_reduce_kernel`); other rows are left alone.
+    The partials are ``[programs, used slots, D]`` and ``[programs, padded slots]``, of which
+    the first ``n_programs`` were written."""
     _, slots, hidden_size = dw_part.shape
     grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
     small_heads_reduce_kernel[grid](
-        dw_part, db_part, n_programs, slots, hidden_size, slot_row, grad_weight, grad_bias,
+        dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias,
         BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
     )  # fmt: skip

@@ -131,8 +131,8 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
 
 
 def _compile_reduce(target: str):
-    pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "dw_ptr": "*fp32",
-                "db_ptr": "*fp32"}  # fmt: skip
+    pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "slot_index_ptr": "*i32",
+                "dw_ptr": "*fp32", "db_ptr": "*fp32"}  # fmt: skip
     constexprs = {"BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
     return compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
 

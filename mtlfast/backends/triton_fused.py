@@ -116,8 +116,9 @@ class _SmallPlan:
     slot_int: Tensor  # int32 [G, SLOT_FIELDS, BLOCK_C]
     slot_flt: Tensor  # fp32 [G, SLOT_FLT_FIELDS, BLOCK_C]
     group_segments: Tensor  # int32 [G]: tasks per group
-    slot_row: Tensor  # int32 [G * BLOCK_C]: the packed weight row of each slot, -1 for none
-    slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]
+    slot_row: Tensor  # int32 [U]: the packed weight row of each used slot, groups in order
+    slot_index: Tensor  # int32 [U]: the index of each used slot among all G * BLOCK_C
+    slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]: 1 where a slot belongs to a task
     class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
     softcap: bool  # some task has a softcap
     z_loss: bool  # some task has a z-loss
@@ -129,6 +130,11 @@ class _SmallPlan:
     @property
     def block_c(self) -> int:
         return self.slot_int.shape[2]
+
+    @property
+    def n_used_slots(self) -> int:
+        """U: the slots that hold a weight row (the partial buffers' rows)."""
+        return self.slot_row.shape[0]
 
 
 @cache
@@ -149,6 +155,8 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
     slot_int = torch.full((len(groups), small_heads.SLOT_FIELDS, block_c), -1, dtype=torch.int32)
     slot_flt = torch.zeros((len(groups), small_heads.SLOT_FLT_FIELDS, block_c), dtype=torch.float32)
     slot_to_task = torch.zeros(len(groups) * block_c, len(heads), dtype=torch.float64)
+    slot_row, slot_index = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32)
+    part = 0
     for g, members in enumerate(groups):
         s = 0
         for segment, i in enumerate(members):
@@ -175,12 +183,15 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                 slot_flt[g, small_heads.FLT_SOFTCAP, s] = head.softcap
                 slot_flt[g, small_heads.FLT_Z_LOSS, s] = head.z_loss
                 slot_to_task[g * block_c + s, i] = 1.0
+                slot_row[part], slot_index[part] = head.col_start + c, g * block_c + s
                 s += 1
+                part += 1
     return _SmallPlan(
         slot_int=slot_int.to(device),
         slot_flt=slot_flt.to(device),
         group_segments=torch.tensor([len(m) for m in groups], dtype=torch.int32, device=device),
-        slot_row=slot_int[:, small_heads.SLOT_COL, :].reshape(-1).to(device),
+        slot_row=slot_row.to(device),
+        slot_index=slot_index.to(device),
         slot_to_task=slot_to_task.to(device),
         class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
         softcap=any(heads[i].softcap for i in small),
@@ -371,7 +382,7 @@ def _wide_backward(problem: HeadProblem, index: int, scales: Tensor, grad_rows: 
 
 def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
     """Programs owning partial dW/db buffers, or 0 for float atomics."""
-    per_program = plan.n_groups * plan.block_c * (problem.hidden.shape[1] + 1) * 4
+    per_program = (plan.n_used_slots * problem.hidden.shape[1] + plan.n_groups * plan.block_c) * 4
     sms = _multiprocessors(problem.hidden.device)
     rows = problem.hidden.shape[0] + (problem.pooled.shape[0] if problem.pooled is not None else 0)
     wanted = max(1, min(2 * sms, -(-rows // 32)))
@@ -402,6 +413,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
         slot_int=plan.slot_int,
         slot_flt=plan.slot_flt,
         group_segments=plan.group_segments,
+        n_used_slots=plan.n_used_slots,
         target_table=table,
         compute_dtype=problem.compute_dtype,
         class_weights=bool(plan.class_weighted),
@@ -510,9 +522,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             rows_out = {"grad_hidden": grad_hidden, "grad_pooled": grad_pooled if n_pooled else grad_hidden,
                         "dh_acc": dh_acc, "has_dh_init": dh_large is not None}  # fmt: skip
         if programs:
-            slots = plan.n_groups * plan.block_c
-            dw_target = alloc_output((programs, slots, hidden_size), torch.float32, device)
-            db_target = alloc_output((programs, slots), torch.float32, device)
+            dw_target = alloc_output((programs, plan.n_used_slots, hidden_size), torch.float32, device)
+            db_target = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device)
         else:
             dw_target, db_target = grad_weight, grad_bias
         launched = _launch_small(
@@ -520,7 +531,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             grad_bias=db_target, partial_programs=programs, write_dh=hidden_grad, **rows_out,
         )  # fmt: skip
         if programs:
-            small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, grad_weight, grad_bias)
+            small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, plan.slot_index, grad_weight,
+                                        grad_bias)  # fmt: skip
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(rows_dtype)
         # a copy: the op's outputs must not alias each other
