@@ -155,8 +155,6 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
     slot_int = torch.full((len(groups), small_heads.SLOT_FIELDS, block_c), -1, dtype=torch.int32)
     slot_flt = torch.zeros((len(groups), small_heads.SLOT_FLT_FIELDS, block_c), dtype=torch.float32)
     slot_to_task = torch.zeros(len(groups) * block_c, len(heads), dtype=torch.float64)
-    slot_row, slot_index = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32)
-    part = 0
     for g, members in enumerate(groups):
         s = 0
         for segment, i in enumerate(members):
@@ -183,15 +181,15 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
                 slot_flt[g, small_heads.FLT_SOFTCAP, s] = head.softcap
                 slot_flt[g, small_heads.FLT_Z_LOSS, s] = head.z_loss
                 slot_to_task[g * block_c + s, i] = 1.0
-                slot_row[part], slot_index[part] = head.col_start + c, g * block_c + s
                 s += 1
-                part += 1
+    slot_cols = slot_int[:, small_heads.SLOT_COL, :].reshape(-1)
+    used = (slot_cols >= 0).nonzero().flatten()
     return _SmallPlan(
         slot_int=slot_int.to(device),
         slot_flt=slot_flt.to(device),
         group_segments=torch.tensor([len(m) for m in groups], dtype=torch.int32, device=device),
-        slot_row=slot_row.to(device),
-        slot_index=slot_index.to(device),
+        slot_row=slot_cols[used].to(device),
+        slot_index=used.to(device, torch.int32),
         slot_to_task=slot_to_task.to(device),
         class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
         softcap=any(heads[i].softcap for i in small),
