@@ -18,7 +18,7 @@ from .backends import READS_FP32_ROWS, resolve_backend
 from .backends.base import HostValuesCache
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
-from .validation import check_call, check_values, grad_filter_threshold
+from .validation import check_call, check_values, grad_filter_threshold, main_grad_params
 
 
 @dataclass
@@ -112,6 +112,7 @@ def multitask_loss(
     chunk_size: int | None = None,
     deterministic: bool = False,
     grad_filter_eps: float | str | None = None,
+    fuse_wgrad_accumulation: bool = False,
 ) -> MultiTaskOutput:
     """Every task head's logits and loss in one fused call.
 
@@ -146,6 +147,14 @@ def multitask_loss(
             is the computation dtype's epsilon / 32 (2**-12 in bf16); None (the default)
             computes every tile. The loss and ``db`` stay exact; other heads and backends are
             never filtered.
+        fuse_wgrad_accumulation: add the weight's gradient, computed with fp32 accumulation,
+            into ``weight.main_grad`` (fp32, the weight's shape) instead of returning it to
+            autograd, as Megatron-LM's gradient accumulation fusion and Transformer Engine's
+            ``fuse_wgrad_accumulation`` do: with bf16/fp16 parameters nothing is rounded to 16
+            bits between micro-batches. The bias likewise when it has a ``main_grad``. Such a
+            parameter's ``.grad`` is left alone (a parameter with Megatron's
+            ``grad_added_to_main_grad`` attribute gets it set and a stand-in gradient, for its
+            hooks). Eager mode only.
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
     check_call(
@@ -165,6 +174,7 @@ def multitask_loss(
                              weight, bias)  # fmt: skip
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
+    main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
     if bias is None:  # the op takes a bias: a zero one that needs no gradient
         bias = weight.new_zeros(layout.total_outputs)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
@@ -229,7 +239,7 @@ def multitask_loss(
         compute_dtype=cdtype,
     )
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
-                                     weight_per_task)  # fmt: skip
+                                     weight_per_task, main_grad_targets)  # fmt: skip
     if weighting == "uncertainty" and present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
     detached = losses.detach()

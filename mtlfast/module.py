@@ -37,6 +37,9 @@ class MultiTaskHeads(nn.Module):
             vocabulary-sized heads on the triton backend (see :func:`mtlfast.multitask_loss`).
         bias: False for heads without a bias, as ``nn.Linear(bias=False)`` (the score head of
             a decoder's ``*ForSequenceClassification``, say).
+        fuse_wgrad_accumulation: add the head gradients into ``weight.main_grad`` (and
+            ``bias.main_grad`` where set), fp32 tensors attached by the caller or by
+            Megatron-style DDP, instead of ``.grad`` (see :func:`mtlfast.multitask_loss`).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class MultiTaskHeads(nn.Module):
         deterministic: bool = False,
         grad_filter_eps: float | str | None = None,
         bias: bool = True,
+        fuse_wgrad_accumulation: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -74,6 +78,7 @@ class MultiTaskHeads(nn.Module):
         self.chunk_size = chunk_size
         self.deterministic = deterministic
         self.grad_filter_eps = grad_filter_eps
+        self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.layout.total_outputs, hidden_size, **factory))
         if bias:
@@ -135,6 +140,7 @@ class MultiTaskHeads(nn.Module):
             chunk_size=self.chunk_size,
             deterministic=self.deterministic,
             grad_filter_eps=self.grad_filter_eps,
+            fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
         )
 
     @classmethod
@@ -200,5 +206,6 @@ class MultiTaskHeads(nn.Module):
     def extra_repr(self) -> str:
         tasks = ", ".join(f"{t.name}:{t.loss}/{t.level}[{t.num_outputs}]" for t in self.tasks)
         bias = "" if self.bias is not None else ", bias=False"
+        bias += ", fuse_wgrad_accumulation=True" if self.fuse_wgrad_accumulation else ""
         return (f"hidden_size={self.hidden_size}, weighting={self.weighting}, backend={self.backend}{bias}, "
                 f"tasks=({tasks})")  # fmt: skip

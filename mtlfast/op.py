@@ -125,13 +125,23 @@ def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[T
         return get_backend(backend).forward(problem)
 
 
-def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor):
+def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor,
+              main_grads: tuple[Tensor | None, Tensor | None] = (None, None)):  # fmt: skip
+    """The gradients for hidden, pooled, weight and bias, each in its input's dtype. A
+    parameter with a ``main_grads`` entry has its gradient added there at the backend's
+    accumulation precision (fp32) instead, and gets None."""
     device = problem.hidden.device
     with _autocast_off(device.type), _on_device(device):
-        grad_hidden, grad_pooled, grad_weight, grad_bias = get_backend(backend).backward(problem, saved, grad_total)
+        grad_hidden, grad_pooled, *grad_params = get_backend(backend).backward(problem, saved, grad_total)
+        for i, (param, main_grad) in enumerate(zip((problem.weight, problem.bias), main_grads)):
+            if main_grad is not None:
+                main_grad.add_(grad_params[i])
+                grad_params[i] = None
+            elif grad_params[i].dtype != param.dtype:
+                grad_params[i] = grad_params[i].to(param.dtype)
     if not problem.hidden_grad:  # fast backends skip them then; the reference computes them regardless
         grad_hidden = grad_pooled = None
-    return grad_hidden, grad_pooled, grad_weight, grad_bias
+    return grad_hidden, grad_pooled, *grad_params
 
 
 _TWICE = "mtlfast's fused heads are differentiable once: a derivative of their gradients (create_graph=True) is not supported"
@@ -159,10 +169,12 @@ class FusedHeadsLoss(torch.autograd.Function):
     penalty takes) raises instead of silently missing the heads' part."""
 
     @staticmethod
-    def forward(ctx, call: HeadCall, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets):
+    def forward(ctx, call: HeadCall, main_grad_params: tuple[Tensor | None, Tensor | None], hidden, pooled, token_mask,
+                weight, bias, divisor_override, task_weights, *targets):  # fmt: skip
         problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
         total, losses, saved = _forward(problem, call.backend)
         ctx.call = call
+        ctx.main_grad_params = main_grad_params
         ctx.num_targets = len(targets)
         ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses,
                               *targets, *saved)  # fmt: skip
@@ -182,25 +194,37 @@ class FusedHeadsLoss(torch.autograd.Function):
         hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
         targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
         needs = ctx.needs_input_grad
-        grads = [None] * (8 + ctx.num_targets)
-        if needs[1] or needs[2] or needs[4] or needs[5]:
+        grads = [None] * (9 + ctx.num_targets)
+        if needs[2] or needs[3] or needs[5] or needs[6]:
             problem = ctx.call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
-            grads[1], grads[2], grads[4], grads[5] = _backward(problem, ctx.call.backend, list(saved), grad_total)
-        if needs[7]:
-            grads[7] = (grad_total * losses).to(task_weights.dtype)
+            main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
+            grads[2], grads[3], grads[5], grads[6] = _backward(problem, ctx.call.backend, list(saved), grad_total,
+                                                               main_grads)  # fmt: skip
+            for index, param in zip((5, 6), ctx.main_grad_params):
+                if param is not None and hasattr(param, "grad_added_to_main_grad"):
+                    # Megatron's convention: its gradient hooks fire on a stand-in they then discard.
+                    param.grad_added_to_main_grad = True
+                    grads[index] = torch.zeros_like(param) if getattr(param, "zero_out_wgrad", False) else (
+                        torch.empty_like(param))  # fmt: skip
+        if needs[8]:
+            grads[8] = (grad_total * losses).to(task_weights.dtype)
         return grads
 
 
 def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,
-                     task_weights) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs)."""
+                     task_weights, main_grad_params: tuple[Tensor | None, Tensor | None] = (None, None),
+                     ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs). ``main_grad_params``:
+    the weight and the bias where their gradient is to be added into their ``main_grad``
+    (eager only), else None."""
     if torch.compiler.is_compiling():
         outputs = torch.ops.mtlfast.fused_heads_loss(
             hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
             *call.flat(), call.compute_grad, BACKENDS_DIGEST,
         )  # fmt: skip
         return outputs[0], outputs[1]
-    return FusedHeadsLoss.apply(call, hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, *targets)
+    return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
+                                task_weights, *targets)  # fmt: skip
 
 
 # ---- torch.library registration (used while torch.compile traces) -------------------

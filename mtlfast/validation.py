@@ -34,6 +34,33 @@ def grad_filter_threshold(grad_filter_eps: float | str | None, compute_dtype: to
     return float(grad_filter_eps)
 
 
+def main_grad_params(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """For ``fuse_wgrad_accumulation=True``: the weight and the bias (each where it requires
+    grad; the bias where it also has a ``main_grad``), whose gradients go into their
+    ``main_grad``. The weight must have one: an fp32 (or fp64) tensor of its shape on its
+    device, as Megatron-LM and Transformer Engine attach it."""
+    if torch.compiler.is_compiling():
+        raise ValueError("fuse_wgrad_accumulation=True is not supported under torch.compile: the gradient is added "
+                         "into main_grad outside autograd; compile without it")  # fmt: skip
+    if getattr(weight, "main_grad", None) is None:
+        raise ValueError("fuse_wgrad_accumulation=True needs weight.main_grad, an fp32 tensor of the weight's shape "
+                         "on its device, for the gradient to be added into")  # fmt: skip
+    chosen = []
+    for name, param in (("weight", weight), ("bias", bias)):
+        main_grad = getattr(param, "main_grad", None)
+        if main_grad is None or not param.requires_grad:
+            chosen.append(None)
+            continue
+        if not isinstance(main_grad, Tensor) or main_grad.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name}.main_grad must be an fp32 tensor, got "
+                            f"{getattr(main_grad, 'dtype', type(main_grad).__name__)}")  # fmt: skip
+        if main_grad.shape != param.shape or main_grad.device != param.device:
+            raise ValueError(f"{name}.main_grad must have the {name}'s shape {tuple(param.shape)} on {param.device}, "
+                             f"got {tuple(main_grad.shape)} on {main_grad.device}")  # fmt: skip
+        chosen.append(param)
+    return chosen[0], chosen[1]
+
+
 def _is_int_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 

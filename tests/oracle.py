@@ -367,6 +367,44 @@ def check_autocast_reads_fp32_rows(case: Case, backend: str, dtype: torch.dtype,
         assert torch.equal(got, grad), f"{what}: grad of {name} differs by {(got.double() - grad.double()).abs().max()}"
 
 
+def check_main_grad_accumulation(tasks: list[Task], shape: tuple[int, int, int], backend: str, dtype: torch.dtype,
+                                 micro_batches: int, device="cpu", tol: float = 1e-5) -> tuple[float, float]:  # fmt: skip
+    """16-bit parameters with fp32 ``main_grad`` buffers and ``fuse_wgrad_accumulation=True``
+    over fresh random micro-batches (the loss divided by their number): the buffers hold the
+    float64 sum of the gradients within ``tol``, ``.grad`` stays None, the hidden states'
+    gradients match the oracle. Returns the relative errors of ``main_grad`` and of the same
+    accumulation in the parameters' dtype through ``.grad`` (the unfused path)."""
+    first = case_for(tasks, shape)
+    cases = [first] + [case_for(tasks, shape) for _ in range(micro_batches - 1)]
+    rounded_bias = first.bias.to(dtype).float()  # the oracle rounds the weight to dtype, not the bias
+    for case in cases:
+        case.weight, case.bias = first.weight, rounded_bias
+    fused = make_heads(first, backend, device, fuse_wgrad_accumulation=True).to(dtype)
+    plain = make_heads(first, backend, device).to(dtype)
+    for heads in (fused, plain):  # the plain heads' main_grad must stay untouched
+        heads.weight.main_grad = torch.zeros_like(heads.weight, dtype=torch.float32)
+    fused.bias.main_grad = torch.zeros_like(fused.bias, dtype=torch.float32)
+    ref = {"weight": torch.zeros_like(first.weight, dtype=torch.float64),
+           "bias": torch.zeros_like(first.bias, dtype=torch.float64)}  # fmt: skip
+    for case in cases:
+        _, _, grads = oracle(case, dtype)
+        for name in ref:
+            ref[name] += grads[name] / micro_batches
+        labels = {k: v.to(device) for k, v in case.labels.items()}
+        for heads in (fused, plain):
+            h = case.hidden.to(device=device, dtype=dtype).requires_grad_(True)
+            (heads(h, labels).loss / micro_batches).backward()
+            assert rel_error(h.grad, grads["hidden"] / micro_batches) <= 2e-2, f"{backend}/{dtype}: hidden grad"
+    what = f"{backend}/{dtype} fused accumulation"
+    assert fused.weight.grad is None and fused.bias.grad is None, f"{what}: .grad was written"
+    assert fused.weight.main_grad.dtype == torch.float32
+    err_bias = rel_error(fused.bias.main_grad, ref["bias"])
+    err_fused = rel_error(fused.weight.main_grad, ref["weight"])
+    assert err_fused <= tol and err_bias <= tol, f"{what}: main_grad {err_fused:.1e}, bias {err_bias:.1e}"
+    assert plain.weight.grad is not None and not plain.weight.main_grad.any(), "the unfused heads used main_grad"
+    return err_fused, rel_error(plain.weight.grad, ref["weight"])
+
+
 class _null:
     def __enter__(self):
         return self

@@ -9,6 +9,7 @@ from oracle import (
     case_for,
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
+    check_main_grad_accumulation,
     oracle,
     random_case,
     rel_error,
@@ -243,6 +244,19 @@ def test_k16_accumulation_on_gpu(backend):
         (out.loss / K).backward()
     ref_w, ref_b = _oracle_grads(cases, torch.bfloat16)
     assert rel_error(heads.weight.grad, ref_w) <= 1e-5 and rel_error(heads.bias.grad, ref_b) <= 1e-5
+
+
+@pytest.mark.parametrize("vocabulary", [False, True], ids=["small", "vocabulary"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bf16_parameters_accumulate_into_fp32_main_grad(backend, vocabulary):
+    """``fuse_wgrad_accumulation`` with bf16 parameters, K=8: small heads' dW within 1e-5 of
+    float64; a vocabulary head's dW comes from bf16 dlogits (fp32 accumulation)."""
+    from test_grad_accumulation import TASKS
+
+    tasks = TASKS + [Task("vocab", 5003, "cross_entropy", level="token")] if vocabulary else TASKS
+    fused, plain = check_main_grad_accumulation(tasks, (4, 65, 96), backend, torch.bfloat16, 8, DEVICE,
+                                                tol=5e-3 if vocabulary else 1e-5)  # fmt: skip
+    print(f"{backend} vocabulary={vocabulary}: main_grad {fused:.1e}, bf16 .grad {plain:.1e}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -190,7 +190,9 @@ class Backend(Protocol):
     def backward(
         self, problem: HeadProblem, saved: list[Tensor], grad_total: Tensor
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """Returns gradients of ``grad_total * total`` for hidden, pooled, weight and bias."""
+        """Returns gradients of ``grad_total * total`` for hidden, pooled (in their dtypes),
+        weight and bias (in the acc dtype: the op rounds them to the parameters' dtype, or adds
+        them into their ``main_grad``)."""
 
     def saved_like(self, problem: HeadProblem) -> list[Tensor]: ...
 

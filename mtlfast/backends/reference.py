@@ -123,6 +123,6 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     return (
         grad_hidden.to(problem.hidden.dtype),
         grad_pooled.to(problem.pooled.dtype) if grad_pooled is not None else None,
-        grad_weight.to(problem.weight.dtype),
-        grad_bias.to(problem.bias.dtype),
+        grad_weight,
+        grad_bias,
     )

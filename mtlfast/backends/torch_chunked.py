@@ -476,7 +476,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             None if problem.pooled is None else
             torch.zeros_like(problem.pooled) if grads[1] is None else grads[1].to(problem.pooled.dtype),
         )  # fmt: skip
-    return (*grad_rows, (grad_weight * g).to(problem.weight.dtype), (grad_bias * g).to(problem.bias.dtype))
+    return (*grad_rows, grad_weight * g, grad_bias * g)
 
 
 def saved_like(problem: HeadProblem) -> list[Tensor]:

@@ -541,8 +541,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     return (
         grad_hidden,
         grad_pooled,
-        grad_weight if problem.weight.dtype == torch.float32 else grad_weight.to(problem.weight.dtype),
-        grad_bias if problem.bias.dtype == torch.float32 else grad_bias.to(problem.bias.dtype),
+        grad_weight,
+        grad_bias,
     )
 
 

@@ -18,6 +18,7 @@ from oracle import (
     check_autocast_reads_fp32_rows,
     check_compiled_over_shapes,
     check_frozen_hidden,
+    check_main_grad_accumulation,
     fresh_seed,
     make_heads,
     random_case,
@@ -133,6 +134,19 @@ def test_heads_without_bias(dtype):
     case.bias.zero_()
     out, grads = run_heads(case, "triton", dtype, bias=False)
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/bias=False/{dtype}", skip=("bias",))
+
+
+@pytest.mark.parametrize("vocabulary", [False, True], ids=["small", "vocabulary"])
+def test_fp16_parameters_accumulate_into_fp32_main_grad(vocabulary):
+    """``fuse_wgrad_accumulation``: small heads (partials or atomics) and a vocabulary head
+    add fp32 dW into ``main_grad``; the vocabulary path's dW comes from fp16 dlogits."""
+    rng = random.Random(fresh_seed())
+    tasks = [Task("cls", rng.randint(2, 6), "cross_entropy"), Task("tags", rng.randint(2, 9), "cross_entropy", level="token"),
+             Task("multi", rng.randint(1, 5), "bce")]  # fmt: skip
+    if vocabulary:
+        tasks.append(Task("vocab", rng.randint(129, 300), "cross_entropy", level="token"))
+    check_main_grad_accumulation(tasks, (2, rng.randint(2, 7), rng.choice([8, 24])), "triton", torch.float16, 4,
+                                 tol=1e-3 if vocabulary else 1e-5)  # fmt: skip
 
 
 def test_call_time_task_weights():
