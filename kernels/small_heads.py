@@ -301,13 +301,13 @@ def small_heads_kernel(
 @triton.jit
 def small_heads_reduce_kernel(
     dw_part_ptr, db_part_ptr, n_programs, n_slots, n_padded_slots, D, slot_row_ptr, slot_index_ptr, dw_ptr, db_ptr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     """Sums the partials ``[programs, slots, D]`` (used slots) and ``[programs, padded slots]``
     over the programs, in a fixed order, and stores each used slot's sums in its packed
-    weight row of ``dw_ptr`` [sum C, D] and ``db_ptr`` [sum C] (fp32). ``slot_row_ptr`` and
-    ``slot_index_ptr`` [slots] int32 hold each used slot's row and its index among the padded
-    slots. The grid is (slots, blocks of D)."""
+    weight row of ``dw_ptr`` [sum C, D] (``ACCUMULATE``: adds them to it) and ``db_ptr`` [sum C]
+    (fp32). ``slot_row_ptr`` and ``slot_index_ptr`` [slots] int32 hold each used slot's row
+    and its index among the padded slots. The grid is (slots, blocks of D)."""
     slot = tl.program_id(0)
     pid_d = tl.program_id(1)
     row = tl.load(slot_row_ptr + slot)
@@ -324,7 +324,10 @@ def small_heads_reduce_kernel(
         dw += tl.sum(tl.load(dw_part_ptr + dw_rows[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0), axis=0)  # fmt: skip
         db += tl.load(db_part_ptr + program * n_padded_slots + padded, mask=p_ok, other=0.0)
-    tl.store(dw_ptr + row.to(tl.int64) * D + ds, dw, mask=d_ok)
+    dw_ptrs = dw_ptr + row.to(tl.int64) * D + ds
+    if ACCUMULATE:
+        dw += tl.load(dw_ptrs, mask=d_ok, other=0.0)
+    tl.store(dw_ptrs, dw, mask=d_ok)
     if pid_d == 0:
         tl.store(db_ptr + row, tl.sum(db, axis=0))
 
@@ -476,16 +479,16 @@ REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
 
 def reduce_partials(
     dw_part: torch.Tensor, db_part: torch.Tensor, n_programs: int, slot_row: torch.Tensor, slot_index: torch.Tensor,
-    grad_weight: torch.Tensor, grad_bias: torch.Tensor,
+    grad_weight: torch.Tensor, grad_bias: torch.Tensor, accumulate: bool = False,
 ) -> None:
-    """``grad_weight[row] = dw_part[:n_programs, slot].sum(0)`` and ``grad_bias[row] =
-    db_part[:n_programs, index].sum(0)`` for every used slot, its packed row and its index
-    among the padded slots (see :func:`small_heads_reduce_kernel`); other rows are left alone.
-    The partials are ``[programs, used slots, D]`` and ``[programs, padded slots]``, of which
-    the first ``n_programs`` were written."""
+    """``grad_weight[row] = dw_part[:n_programs, slot].sum(0)`` (``accumulate``: ``+=``) and
+    ``grad_bias[row] = db_part[:n_programs, index].sum(0)`` for every used slot, its packed row
+    and its index among the padded slots (see :func:`small_heads_reduce_kernel`); other rows
+    are left alone. The partials are ``[programs, used slots, D]`` and ``[programs, padded
+    slots]``, of which the first ``n_programs`` were written."""
     _, slots, hidden_size = dw_part.shape
     grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
     small_heads_reduce_kernel[grid](
         dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias,
-        BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, num_warps=4,
+        BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, ACCUMULATE=accumulate, num_warps=4,
     )  # fmt: skip

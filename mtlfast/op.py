@@ -129,13 +129,15 @@ def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_tota
               main_grads: tuple[Tensor | None, Tensor | None] = (None, None)):  # fmt: skip
     """The gradients for hidden, pooled, weight and bias, each in its input's dtype. A
     parameter with a ``main_grads`` entry has its gradient added there at the backend's
-    accumulation precision (fp32) instead, and gets None."""
+    accumulation precision (fp32) instead (by the backend itself where it can), and gets None."""
     device = problem.hidden.device
     with _autocast_off(device.type), _on_device(device):
-        grad_hidden, grad_pooled, *grad_params = get_backend(backend).backward(problem, saved, grad_total)
+        grad_hidden, grad_pooled, *grad_params = get_backend(backend).backward(problem, saved, grad_total,
+                                                                               main_grads[0])  # fmt: skip
         for i, (param, main_grad) in enumerate(zip((problem.weight, problem.bias), main_grads)):
             if main_grad is not None:
-                main_grad.add_(grad_params[i])
+                if grad_params[i] is not None:
+                    main_grad.add_(grad_params[i])
                 grad_params[i] = None
             elif grad_params[i].dtype != param.dtype:
                 grad_params[i] = grad_params[i].to(param.dtype)

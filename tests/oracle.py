@@ -372,10 +372,14 @@ def check_main_grad_accumulation(tasks: list[Task], shape: tuple[int, int, int],
     """16-bit parameters with fp32 ``main_grad`` buffers and ``fuse_wgrad_accumulation=True``
     over fresh random micro-batches (the loss divided by their number): the buffers hold the
     float64 sum of the gradients within ``tol``, ``.grad`` stays None, the hidden states'
-    gradients match the oracle. Returns the relative errors of ``main_grad`` and of the same
-    accumulation in the parameters' dtype through ``.grad`` (the unfused path)."""
+    gradients match the oracle. The first task is absent from every other micro-batch (its
+    rows of ``main_grad`` must keep what they hold). Returns the relative errors of
+    ``main_grad`` and of the same accumulation in the parameters' dtype through ``.grad`` (the
+    unfused path)."""
     first = case_for(tasks, shape)
     cases = [first] + [case_for(tasks, shape) for _ in range(micro_batches - 1)]
+    for case in cases[1::2]:
+        del case.labels[tasks[0].name]
     rounded_bias = first.bias.to(dtype).float()  # the oracle rounds the weight to dtype, not the bias
     for case in cases:
         case.weight, case.bias = first.weight, rounded_bias

@@ -130,10 +130,10 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
     assert stack <= (0 if n == 0 else 32), (registers, stack)
 
 
-def _compile_reduce(target: str):
+def _compile_reduce(target: str, accumulate: bool):
     pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "slot_index_ptr": "*i32",
                 "dw_ptr": "*fp32", "db_ptr": "*fp32"}  # fmt: skip
-    constexprs = {"BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D}
+    constexprs = {"BLOCK_P": small_heads.REDUCE_BLOCK_P, "BLOCK_D": small_heads.REDUCE_BLOCK_D, "ACCUMULATE": accumulate}
     return compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
 
 
@@ -234,9 +234,10 @@ def test_small_heads_variants_compile(target, block_c, backward, variant):
     assert min(stacks) == 0, stacks
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_reduce_kernel_compiles(target):
-    _compile_reduce(target)
+def test_reduce_kernel_compiles(target, accumulate):
+    _compile_reduce(target, accumulate)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -317,7 +318,8 @@ def test_kernels_compile_for_older_gpus(target, compute):
             compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute, rows),
                         _small_heads_constexprs(config, block_c, backward, backward, compute),
                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-    _compile_reduce(target)
+    for accumulate in (False, True):
+        _compile_reduce(target, accumulate)
     _compile_loss_finalize(target)
     _compile_large_ce(target, compute)
     _compile_filtered_matmul(target, compute)

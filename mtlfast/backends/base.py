@@ -188,11 +188,12 @@ class Backend(Protocol):
         dtype) and ``saved``."""
 
     def backward(
-        self, problem: HeadProblem, saved: list[Tensor], grad_total: Tensor
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        self, problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main_grad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """Returns gradients of ``grad_total * total`` for hidden, pooled (in their dtypes),
         weight and bias (in the acc dtype: the op rounds them to the parameters' dtype, or adds
-        them into their ``main_grad``)."""
+        them into their ``main_grad``). Given the weight's ``main_grad`` (fp32 [sum C, D]), a
+        backend may add the weight's gradient into it itself and return None for it."""
 
     def saved_like(self, problem: HeadProblem) -> list[Tensor]: ...
 

@@ -101,7 +101,7 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     return weighted_total(losses, problem.task_weights), losses, []
 
 
-def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
+def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main_grad: Tensor | None = None):
     acc = problem.acc_dtype
     scales = problem.loss_scales(problem.divisors()) * grad_total.to(acc)
     grad_hidden = torch.zeros(problem.hidden.shape, dtype=acc, device=problem.hidden.device)

@@ -458,7 +458,7 @@ def _add_rows(problem: HeadProblem, token: bool, grads: list[Tensor | None], dlo
     rows.addmm_(dlogits, weight)
 
 
-def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
+def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main_grad: Tensor | None = None):
     grad_hidden, grad_pooled, grad_weight, grad_bias, *kept = saved
     acc = grad_weight.dtype
     g = grad_total.to(acc)
@@ -476,7 +476,10 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
             None if problem.pooled is None else
             torch.zeros_like(problem.pooled) if grads[1] is None else grads[1].to(problem.pooled.dtype),
         )  # fmt: skip
-    return (*grad_rows, grad_weight * g, grad_bias * g)
+    if main_grad is None:
+        return (*grad_rows, grad_weight * g, grad_bias * g)
+    main_grad.addcmul_(grad_weight, g)  # no scaled copy of dW
+    return (*grad_rows, None, grad_bias * g)
 
 
 def saved_like(problem: HeadProblem) -> list[Tensor]:

@@ -295,18 +295,20 @@ def _large_lse(problem: HeadProblem, head: HeadSpec, target: Tensor) -> tuple[Te
 
 def _large_backward(
     problem: HeadProblem, head: HeadSpec, target: Tensor, lse: Tensor, row_scale: Tensor, grad_rows: Tensor | None,
-    grad_weight: Tensor, grad_bias: Tensor,
+    grad_weight: Tensor, grad_bias: Tensor, accumulate: bool,
 ) -> None:
     """Adds a large head's gradients into ``grad_rows`` (fp32 [rows, D]; None: not needed) and
-    writes its rows of ``grad_weight`` and ``grad_bias`` (fp32, old contents never read): per
-    chunk, logits recomputed, scaled dlogits in the computation dtype, then GEMMs accumulating
-    in fp32: cuBLAS's, or with a gradient filter ``filtered_matmul``'s over the marked tiles."""
+    writes its rows of ``grad_weight`` (``accumulate``: adds to them) and ``grad_bias`` (fp32,
+    old contents never read otherwise): per chunk, logits recomputed, scaled dlogits in the
+    computation dtype, then GEMMs accumulating in fp32: cuBLAS's, or with a gradient filter
+    ``filtered_matmul``'s over the marked tiles."""
     large_ce, filtered_matmul = _kernels().large_ce, _kernels().filtered_matmul
     filtering = problem.grad_filter_eps >= 0
     rows_all = _large_rows(problem, head)
     device = rows_all.device
     if rows_all.shape[0] == 0:  # no chunks to walk
-        grad_weight[head.col_start : head.col_end].zero_()
+        if not accumulate:
+            grad_weight[head.col_start : head.col_end].zero_()
         grad_bias[head.col_start : head.col_end].zero_()
         return
     for c0, cols, weight, rows, logits in _large_chunks(problem, head, rows_all):
@@ -323,14 +325,15 @@ def _large_backward(
             torch.sum(col_sums, dim=0, out=grad_bias[cols])
         else:
             grad_bias[cols] += col_sums.sum(dim=0)
+        add_dw = accumulate or not first
         if filtering:
             filtered_matmul.filtered_grads(dlogits, flags, weight, rows_all[rows],
                                            None if grad_rows is None else grad_rows[rows], grad_weight[cols],
-                                           accumulate=not first)  # fmt: skip
+                                           accumulate=add_dw)  # fmt: skip
             continue
         if grad_rows is not None:
             addmm_acc_(grad_rows[rows], dlogits, weight)
-        addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=0.0 if first else 1.0)
+        addmm_acc_(grad_weight[cols], dlogits.t(), rows_all[rows], beta=1.0 if add_dw else 0.0)
 
 
 def _wide_chunks(problem: HeadProblem, head: HeadSpec, rows_all: Tensor, weight: Tensor) -> Iterator[tuple[slice, Tensor]]:
@@ -358,15 +361,17 @@ def _wide_forward(problem: HeadProblem, index: int, sums: Tensor, counts: Tensor
 
 
 def _wide_backward(problem: HeadProblem, index: int, scales: Tensor, grad_rows: Tensor | None, grad_weight: Tensor,
-                   grad_bias: Tensor) -> None:  # fmt: skip
+                   grad_bias: Tensor, accumulate: bool) -> None:  # fmt: skip
     """Adds a wide-path task's gradients into ``grad_rows`` (fp32 [rows, D]; None: not needed)
-    and writes its rows of ``grad_weight`` and ``grad_bias`` (fp32): per chunk, logits
-    recomputed and turned into fp32 ``dlogits`` scaled by ``scales`` [T], then GEMMs."""
+    and writes its rows of ``grad_weight`` (``accumulate``: adds to them) and ``grad_bias``
+    (fp32): per chunk, logits recomputed and turned into fp32 ``dlogits`` scaled by ``scales``
+    [T], then GEMMs."""
     head = problem.heads[index]
     cols = slice(head.col_start, head.col_end)
     (group,) = torch_chunked.task_span(problem.heads, index, problem.hidden.device).groups
     state = group.prepare(problem, torch.zeros_like(scales))
-    grad_weight[cols].zero_()
+    if not accumulate:
+        grad_weight[cols].zero_()
     grad_bias[cols].zero_()
     rows_all, weight = _large_rows(problem, head), _wide_weight(problem, head)
     weight_fp32, unused_sums = weight.to(torch.float32), torch.zeros_like(scales)
@@ -463,9 +468,11 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     return total, losses, [loss_scale, table, *saved_large]
 
 
-def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
+def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main_grad: Tensor | None = None):
+    """With ``main_grad`` (fp32, contiguous) the kernels and GEMMs add dW straight into it, with
+    no dW buffer of their own, and None is returned for the weight."""
     if _delegates(problem):
-        return torch_chunked.backward(problem, saved, grad_total)
+        return torch_chunked.backward(problem, saved, grad_total, main_grad)
     small_heads = _kernels().small_heads
     loss_scale, table, *saved_large = saved
     device = problem.hidden.device
@@ -478,11 +485,14 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     plan = _small_plan(heads, device) if _small_tasks(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
-    # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here.
-    grad_weight = alloc_output(problem.weight.shape, torch.float32, device)
+    # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here. Into
+    # main_grad every kernel adds instead, and nothing is zeroed there.
+    accumulate = main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
+    grad_weight = main_grad if accumulate else alloc_output(problem.weight.shape, torch.float32, device)
     grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
     for start, end in _unwritten_rows(heads, problem.weight.shape[0], programs > 0):
-        grad_weight[start:end].zero_()
+        if not accumulate:
+            grad_weight[start:end].zero_()
         grad_bias[start:end].zero_()
 
     # Without hidden_grad (a frozen encoder output) no dH is computed: the small-heads kernel
@@ -501,9 +511,10 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
 
         for i, lse, target in zip(large, saved_large[::2], saved_large[1::2]):
             row_scale = torch.where(target >= 0, scale[i], 0.0)
-            _large_backward(problem, heads[i], target, lse, row_scale, grad_rows_of(heads[i]), grad_weight, grad_bias)
+            _large_backward(problem, heads[i], target, lse, row_scale, grad_rows_of(heads[i]), grad_weight, grad_bias,
+                            accumulate)  # fmt: skip
         for i in wide:
-            _wide_backward(problem, i, scale, grad_rows_of(heads[i]), grad_weight, grad_bias)
+            _wide_backward(problem, i, scale, grad_rows_of(heads[i]), grad_weight, grad_bias, accumulate)
 
     grad_hidden = grad_pooled = None
     if plan is not None:
@@ -530,7 +541,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
         )  # fmt: skip
         if programs:
             small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, plan.slot_index, grad_weight,
-                                        grad_bias)  # fmt: skip
+                                        grad_bias, accumulate)  # fmt: skip
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(rows_dtype)
         # a copy: the op's outputs must not alias each other
@@ -538,12 +549,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor):
     elif hidden_grad:
         grad_hidden = torch.zeros((n_hidden, hidden_size), dtype=rows_dtype, device=device)
         grad_pooled = torch.zeros((n_pooled, hidden_size), dtype=rows_dtype, device=device) if n_pooled else None
-    return (
-        grad_hidden,
-        grad_pooled,
-        grad_weight,
-        grad_bias,
-    )
+    return grad_hidden, grad_pooled, None if accumulate else grad_weight, grad_bias
 
 
 def saved_like(problem: HeadProblem) -> list[Tensor]:

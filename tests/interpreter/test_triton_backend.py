@@ -136,17 +136,29 @@ def test_heads_without_bias(dtype):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/bias=False/{dtype}", skip=("bias",))
 
 
+@pytest.mark.parametrize("atomics", [False, True], ids=["partials", "atomics"])
 @pytest.mark.parametrize("vocabulary", [False, True], ids=["small", "vocabulary"])
-def test_fp16_parameters_accumulate_into_fp32_main_grad(vocabulary):
-    """``fuse_wgrad_accumulation``: small heads (partials or atomics) and a vocabulary head
-    add fp32 dW into ``main_grad``; the vocabulary path's dW comes from fp16 dlogits."""
+def test_fp16_parameters_accumulate_into_fp32_main_grad(monkeypatch, vocabulary, atomics):
+    """``fuse_wgrad_accumulation``: the small-heads kernel (its partials' reduction, or its
+    atomics) and a vocabulary head's GEMMs add fp32 dW straight into ``main_grad``, the weight
+    gradient buffer never allocated; the vocabulary path's dW comes from fp16 dlogits."""
+    if atomics:
+        monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
+    weight_shaped = []
+    allocate = triton_fused.alloc_output
+    monkeypatch.setattr(triton_fused, "alloc_output",
+                        lambda shape, dtype, device: weight_shaped.append((tuple(shape), dtype))
+                        or allocate(shape, dtype, device))  # fmt: skip
     rng = random.Random(fresh_seed())
     tasks = [Task("cls", rng.randint(2, 6), "cross_entropy"), Task("tags", rng.randint(2, 9), "cross_entropy", level="token"),
              Task("multi", rng.randint(1, 5), "bce")]  # fmt: skip
     if vocabulary:
         tasks.append(Task("vocab", rng.randint(129, 300), "cross_entropy", level="token"))
-    check_main_grad_accumulation(tasks, (2, rng.randint(2, 7), rng.choice([8, 24])), "triton", torch.float16, 4,
+    hidden_size = rng.choice([8, 24])
+    check_main_grad_accumulation(tasks, (2, rng.randint(2, 7), hidden_size), "triton", torch.float16, 4,
                                  tol=1e-3 if vocabulary else 1e-5)  # fmt: skip
+    packed = ((sum(t.num_outputs for t in tasks), hidden_size), torch.float32)
+    assert weight_shaped.count(packed) == 4, "the unfused heads allocate a dW buffer per micro-batch, the fused none"
 
 
 def test_call_time_task_weights():
