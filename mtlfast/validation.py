@@ -35,10 +35,12 @@ def grad_filter_threshold(grad_filter_eps: float | str | None, compute_dtype: to
 
 
 def main_grad_params(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """For ``fuse_wgrad_accumulation=True``: the weight and the bias (each where it requires
-    grad; the bias where it also has a ``main_grad``), whose gradients go into their
-    ``main_grad``. The weight must have one: an fp32 (or fp64) tensor of its shape on its
-    device, as Megatron-LM and Transformer Engine attach it."""
+    """For ``fuse_wgrad_accumulation=True``: the weight and the bias (the bias where it has a
+    ``main_grad``), whose gradients go into their ``main_grad``; none while no gradient is
+    taken (grad mode off, or a frozen weight). The weight must have one: an fp32 (or fp64)
+    tensor of its shape on its device, as Megatron-LM and Transformer Engine attach it."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return None, None
     if torch.compiler.is_compiling():
         raise ValueError("fuse_wgrad_accumulation=True is not supported under torch.compile: the gradient is added "
                          "into main_grad outside autograd; compile without it")  # fmt: skip
@@ -48,7 +50,7 @@ def main_grad_params(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None
     chosen = []
     for name, param in (("weight", weight), ("bias", bias)):
         main_grad = getattr(param, "main_grad", None)
-        if main_grad is None or not param.requires_grad:
+        if main_grad is None or not param.requires_grad:  # a bias without one, or frozen
             chosen.append(None)
             continue
         if not isinstance(main_grad, Tensor) or main_grad.dtype not in (torch.float32, torch.float64):

@@ -138,6 +138,14 @@ def test_main_grad_untouched_for_a_frozen_weight():
     assert hidden.grad is not None and not heads.weight.main_grad.any() and heads.weight.grad is None
 
 
+def test_main_grad_not_needed_without_gradients():
+    """Evaluation under no_grad needs no main_grad buffer."""
+    heads, hidden, labels = _heads_with_main_grad()
+    del heads.weight.main_grad
+    with torch.no_grad():
+        assert torch.isfinite(heads(hidden, labels).loss)
+
+
 def test_main_grad_through_the_functional_call_without_bias():
     heads, hidden, labels = _heads_with_main_grad()
     weight = heads.weight
