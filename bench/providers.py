@@ -117,6 +117,8 @@ def _torch_linear_ce(workload, linears, dtype):
 def _mtlfast(backend: str, **options):
     def build(workload, linears, dtype):
         heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, validate=False, **options)
+        if options.get("fuse_wgrad_accumulation"):  # held from the start, as Megatron holds it
+            heads.weight.main_grad = torch.zeros_like(heads.weight, dtype=torch.float32)
 
         def loss(hidden, labels):
             return heads(hidden, labels).loss
@@ -168,6 +170,7 @@ PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
     "mtlfast-triton-filter": (_mtlfast("triton", grad_filter_eps="auto"), _triton_reason),
     "cce-exact": (_cce(exact=True), lambda d: _needs_module("cut_cross_entropy", d)),
     "liger": (_liger, lambda d: _needs_module("liger_kernel", d)),
+    "mtlfast-triton-main-grad": (_mtlfast("triton", fuse_wgrad_accumulation=True), _triton_reason),
     "torch-linear-ce": (_torch_linear_ce, _linear_ce_reason),
     "mtlfast-torch": (_mtlfast("torch"), lambda d: None),
     "mtlfast-cuda": (None, _cuda_backend_reason),

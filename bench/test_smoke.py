@@ -7,8 +7,10 @@ import os
 
 import torch
 from mtlfast.bench.__main__ import main, run_one
-from mtlfast.bench.providers import skip_reason
+from mtlfast.bench.providers import PROVIDERS, make_linears, skip_reason
 from mtlfast.bench.workloads import WORKLOADS
+
+from mtlfast import MultiTaskHeads
 
 
 def test_cli_writes_results(tmp_path):
@@ -79,6 +81,24 @@ def test_fp32_hidden_states_under_autocast():
     assert eager["status"] == "ok" and eager["workload"] == "bert-base-4task-cpu (float32 hidden)", eager
     row = run_one(workload, "mtlfast-torch", "cpu", torch.bfloat16, True, eager["loss"], None, torch.float32)
     assert row["status"] == "ok" and row["loss_rel_diff_vs_eager"] < 2e-2, row
+
+
+def test_main_grad_provider_holds_its_buffer_before_the_step(monkeypatch):
+    """mtlfast-triton-main-grad's heads (built here over the torch backend, which the CPU runs)
+    have their fp32 main_grad from the start, and a step adds into it, not into .grad."""
+    original = MultiTaskHeads.from_linears
+
+    def from_linears_on_torch(tasks, linears, **options):
+        return original(tasks, linears, **{**options, "backend": "torch"})
+
+    monkeypatch.setattr(MultiTaskHeads, "from_linears", from_linears_on_torch)
+    workload = WORKLOADS["bert-base-4task-cpu"]
+    loss = PROVIDERS["mtlfast-triton-main-grad"][0](workload, make_linears(workload, "cpu"), torch.float32)
+    weight = loss.parameters[0]
+    assert weight.main_grad.dtype == torch.float32 and not weight.main_grad.any()
+    hidden, labels = workload.make_inputs("cpu", torch.float32, 0)
+    loss(hidden, labels).backward()
+    assert weight.grad is None and weight.main_grad.abs().sum() > 0
 
 
 def test_filter_provider_runs_only_where_a_vocabulary_head_is():

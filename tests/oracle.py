@@ -308,8 +308,16 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     With ``autocast`` the parameters and hidden states stay fp32 and ``torch.autocast``
     sets the computation dtype; otherwise hidden states are given in ``dtype``. With
     ``frozen_hidden`` the hidden (and pooled) states need no gradient, as from a frozen encoder.
+    With ``fuse_wgrad_accumulation=True`` among ``kwargs`` the weight's ``main_grad`` starts
+    as noise of the gradient's size (1 where the gradient is 0: rows no kernel may touch), and
+    the weight gradient returned is what was added to it.
     """
     heads = make_heads(case, backend, device, **kwargs)
+    if kwargs.get("fuse_wgrad_accumulation"):
+        expected = oracle(case, dtype)[2]["weight"]
+        noise = expected * torch.empty_like(expected).uniform_(-1.0, 1.0) + (expected == 0)
+        noise = noise.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+        heads.weight.main_grad = noise.clone()
     in_dtype = torch.float32 if autocast else dtype
     if not autocast and dtype == torch.float64:
         heads = heads.double()
@@ -327,6 +335,9 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
                     task_weights=task_weights)  # fmt: skip
     out.loss.backward()
     grads = {"hidden": h.grad, "weight": heads.weight.grad}
+    if kwargs.get("fuse_wgrad_accumulation"):
+        assert heads.weight.grad is None, "fused accumulation wrote .grad"
+        grads["weight"] = heads.weight.main_grad - noise
     if heads.bias is not None:
         grads["bias"] = heads.bias.grad
     if pooled is not None:

@@ -38,6 +38,17 @@ def test_random_cases(backend, dtype, trial):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(3))
+def test_random_cases_into_main_grad(backend, dtype, trial):
+    """``fuse_wgrad_accumulation``: what is added to a weight's ``main_grad`` (holding noise
+    before) is the oracle's weight gradient; rows of absent tasks keep their contents."""
+    case = random_case()
+    out, grads = run_heads(case, backend, dtype, fuse_wgrad_accumulation=True)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/{dtype} into main_grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_fp16_keeps_fp32_parameter_grads(backend):
     case = random_case(num_tasks=3)
     out, grads = run_heads(case, backend, torch.float16, autocast=True)

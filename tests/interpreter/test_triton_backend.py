@@ -52,6 +52,19 @@ def test_random_cases(dtype, trial):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/{dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(4))
+def test_random_cases_into_main_grad(monkeypatch, dtype, trial):
+    """``fuse_wgrad_accumulation``: the kernels add the oracle's weight gradient to a
+    ``main_grad`` holding noise, and leave the rows of absent tasks alone; vocabulary heads in
+    odd trials, the small heads' atomics (no partial buffers) in the last two."""
+    if trial >= 2:
+        monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
+    case = random_case(ce_classes=(129, 300) if trial % 2 else None)
+    out, grads = run_heads(case, "triton", dtype, fuse_wgrad_accumulation=True)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/{dtype} into main_grad")
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_autocast_fp16(trial):
     case = random_case()
