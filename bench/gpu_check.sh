@@ -120,8 +120,10 @@ if [[ $PART == tests || $PART == all ]]; then
     "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist load)
     limit=$(left)
     [[ $PART == all ]] && limit=$TESTS_S
+    # the GPU tests first, so that a run cut short by its limit has them
+    test_files=(tests/test_gpu.py $(ls tests/test_*.py | grep -v "^tests/test_gpu.py$"))
     MTLFAST_AUTOTUNE=${MTLFAST_AUTOTUNE:-0} timed "$limit" tests "$PY" -m pytest -v -ra -p no:cacheprovider \
-        "${xdist[@]}" tests >"$WORK/tests.log" 2>&1
+        "${xdist[@]}" "${test_files[@]}" >"$WORK/tests.log" 2>&1
     tests_summary | grep -v "^SKIPPED" | tee -a "$SUMMARY"
     pack
 fi
