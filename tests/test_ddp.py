@@ -29,10 +29,13 @@ WORLD = 2
 MICRO_BATCHES = 2
 
 
-def _fully_shard():
+def _fully_shard(module):
+    """FSDP2 over a CPU mesh of the ranks (left to itself, it would build its mesh on the
+    CUDA devices of a host that has them: a segfault with these CPU parameters and gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard
+    return fully_shard(module, mesh=init_device_mesh("cpu", (WORLD,)))
 
 
 def _full(grad):
@@ -54,7 +57,7 @@ def _rank(rank: int, init_file: str, cases: list, backend: str, wrapper: str, ou
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         heads = make_heads(cases[0], backend)
-        model = DistributedDataParallel(heads) if wrapper == "ddp" else _fully_shard()(heads)
+        model = DistributedDataParallel(heads) if wrapper == "ddp" else _fully_shard(heads)
         mine = cases[rank * MICRO_BATCHES : (rank + 1) * MICRO_BATCHES]
         hidden_grads = []
         for k, case in enumerate(mine):

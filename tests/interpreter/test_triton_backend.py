@@ -19,6 +19,7 @@ from oracle import (
     check_compiled_over_shapes,
     check_frozen_hidden,
     check_main_grad_accumulation,
+    filter_tiles,
     fresh_seed,
     make_heads,
     random_case,
@@ -467,23 +468,15 @@ def test_grad_filter_zero_keeps_every_tile(monkeypatch, dtype, trial):
 
 def _filtered_oracle(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, eps: float):
     """float64 loss and gradients of one token-level cross-entropy head (hidden [N, D], labels
-    [N]) whose logit gradient drops the (TILE_M x TILE_V) tiles where every entry of
-    ``softmax - onehot`` is below ``eps``; the bias gradient is exact. Also the tiles' maxima
-    and the kept, scaled logit gradient [N, C]."""
-    from mtlfast.kernels import filtered_matmul
-
+    [N]) whose logit gradient drops the tiles ``filter_tiles`` drops at ``eps``; the bias
+    gradient is exact. Also the tiles' maxima and the kept, scaled logit gradient [N, C]."""
     h, w, b = hidden.double(), weight.double(), bias.double()
     valid = labels >= 0
     logits = h @ w.T + b
     grad = torch.softmax(logits, dim=1)
     grad[valid, labels[valid]] -= 1.0
     grad[~valid] = 0.0
-    n, c = grad.shape
-    tm, tv = filtered_matmul.TILE_M, filtered_matmul.TILE_V
-    padded = torch.zeros(-(-n // tm) * tm, -(-c // tv) * tv, dtype=torch.float64)
-    padded[:n, :c] = grad.abs()
-    maxima = padded.reshape(padded.shape[0] // tm, tm, padded.shape[1] // tv, tv).amax(dim=(1, 3))
-    keep = (maxima >= eps).repeat_interleave(tm, 0).repeat_interleave(tv, 1)[:n, :c]
+    maxima, keep = filter_tiles(grad, eps)
     scale = 1.0 / valid.sum()
     loss = (torch.logsumexp(logits, 1) - logits.gather(1, labels.clamp_min(0)[:, None])[:, 0])[valid].mean()
     kept = grad * keep * scale
