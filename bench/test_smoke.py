@@ -109,9 +109,11 @@ def test_filter_provider_runs_only_where_a_vocabulary_head_is():
 
 
 def test_filter_tiles_counts_the_kept_tiles():
-    """A threshold of 0 keeps every tile of rows that count; one above any |softmax - target| none."""
+    """A threshold of 0 keeps every tile of rows that count (no dH dropped); one above any
+    |softmax - target| none (all of dH dropped)."""
     from mtlfast.bench.filter_tiles import kept_share
 
     every = kept_share("big-head-128k-cpu", 64, 0.0)
-    assert every["tiles"] > 1 and every["tiles_kept"] == every["tiles"]
-    assert kept_share("big-head-128k-cpu", 64, 1.5)["tiles_kept"] == 0
+    assert every["tiles"] > 1 and every["tiles_kept"] == every["tiles"] and every["dh_dropped_share"] == 0.0
+    none = kept_share("big-head-128k-cpu", 64, 1.5)
+    assert none["tiles_kept"] == 0 and abs(none["dh_dropped_share"] - 1.0) < 1e-6
