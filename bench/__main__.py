@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from . import report
+from . import measure, report
 from .measure import StepRunner, cpu_peak_extra_mb, error_status, gpu_ceilings, gpu_peak_extra_mb, time_ms
 from .providers import PROVIDERS, skip_reason
 from .workloads import CPU_WORKLOADS, GPU_WORKLOADS, WORKLOADS
@@ -88,6 +88,21 @@ def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: boo
             torch.cuda.empty_cache()
 
 
+def add_device_time(row: dict, workload, device: str, dtype: torch.dtype, hidden_dtype: torch.dtype | None = None) -> None:
+    """Adds ``device_ms`` (the step's kernels alone, replayed from a CUDA graph) to a measured
+    row, or ``device_status`` saying why there is none. Run after every provider's wall-clock
+    measurement of the workload: a failed capture cannot disturb those."""
+    try:
+        runner = StepRunner(row["provider"], workload, device, dtype, hidden_dtype=hidden_dtype)
+        row["device_ms"] = measure.device_ms(runner.step)
+    except Exception as exc:
+        row["device_status"] = error_status(exc)
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mtlfast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fp32-hidden", action="store_true",
                         help="hidden states in fp32 under the autocast dtype, as a BERT's final LayerNorm gives them "
                              "(default: in the autocast dtype); the workloads get a suffix")  # fmt: skip
+    parser.add_argument("--no-device-time", action="store_true",
+                        help="on a GPU, skip the second pass that times each step's kernels alone (CUDA graph replay)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -126,15 +143,24 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         workload = WORKLOADS[name]
         eager_loss = None
+        rows = []
         for provider in providers:
             row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings,
                           torch.float32 if args.fp32_hidden else None)  # fmt: skip
             if provider == "eager" and row["status"] == "ok":
                 eager_loss = row["loss"]
             doc["results"].append(row)
+            rows.append(row)
             ms = f"{row['ms']:.3f} ms" if row.get("ms") else ""
             peak = f"{row['peak_mb']:.1f} MB" if row.get("peak_mb") is not None else ""
             print(f"[{name}] {provider:16s} {ms:>12s} {peak:>12s}  {row['status']}", flush=True)
+            report.write(doc, args.out)
+        if args.device != "cuda" or args.no_device_time:
+            continue
+        for row in (r for r in rows if r["status"] == "ok"):
+            add_device_time(row, workload, args.device, dtype, torch.float32 if args.fp32_hidden else None)
+            device = f"{row['device_ms']:.3f} ms" if "device_ms" in row else row["device_status"]
+            print(f"[{name}] {row['provider']:16s} kernels alone (CUDA graph): {device}", flush=True)
             report.write(doc, args.out)
     print(report.markdown(doc))
     return doc

@@ -44,6 +44,15 @@ def time_ms(step, device: str, quick: bool) -> float:
     return statistics.median(times)
 
 
+def device_ms(step) -> float:
+    """Median device time of one step replayed from a CUDA graph: its kernels without the host's
+    share (launches, Python), which a real training step hides behind the encoder's kernels
+    while the host runs ahead. A step that cannot be captured (a host sync) raises."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median"))
+
+
 def gpu_peak_extra_mb(runner) -> float:
     """Growth of ``torch.cuda.max_memory_allocated`` during one step over the memory held before it."""
     runner.release()

@@ -44,18 +44,22 @@ def markdown(doc: dict) -> str:
         lines += [f"Measured ceilings{where}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                   f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]  # fmt: skip
     lines += [
-        "| workload | provider | ms | speed vs eager | extra peak MB | memory vs eager | tokens/s | time / floor | status |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| workload | provider | ms | speed vs eager | kernels ms | kernels vs eager | extra peak MB | memory vs eager "
+        "| tokens/s | time / floor | status |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for workload, rows in _by_workload(doc["results"]).items():
         eager = next((r for r in rows if r["provider"] == "eager" and r.get("ms")), None)
         for r in rows:
             speed = eager["ms"] / r["ms"] if eager and r.get("ms") else None
+            kernels = eager["device_ms"] / r["device_ms"] if eager and eager.get("device_ms") and r.get("device_ms") else None
             memory = _memory_ratio(r, eager)
+            status = r["status"] + (f"; kernels alone: {r['device_status']}" if r.get("device_status") else "")
             lines.append(
                 f"| {workload} | {r['provider']} | {_fmt(r.get('ms'), '.3f')} | {_fmt(speed, '.2f')}x | "
+                f"{_fmt(r.get('device_ms'), '.3f')} | {_fmt(kernels, '.2f')}x | "
                 f"{_fmt(r.get('peak_mb'), '.1f')} | {_fmt(memory, '.2f')}x | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
-                f"{_fmt(r.get('floor_ratio'), '.1f')} | {r['status']} |"
+                f"{_fmt(r.get('floor_ratio'), '.1f')} | {status} |"
             )
     return "\n".join(lines) + "\n"
 
