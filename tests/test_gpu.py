@@ -19,6 +19,7 @@ from oracle import (
 
 from mtlfast import MultiTaskHeads, Task, cuda_ext, functional
 from mtlfast.backends import triton_fused
+from mtlfast.validation import grad_filter_threshold
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICE = "cuda"
@@ -145,9 +146,8 @@ def test_grad_filter_128k_classes(monkeypatch, dtype, eps, chunk_elements):
     case = case_for(tasks, (2, 96, 128))
     autocast = dtype != torch.float32
     out, grads = run_heads(case, "triton", dtype, device=DEVICE, autocast=autocast, grad_filter_eps=eps)
-    threshold = torch.finfo(dtype).eps / 32 if eps == "auto" else eps
     chunk_shape = triton_fused._large_chunk_shape(2 * 96, 128256, None)
-    reference = filtered_oracle(case, "lm", threshold, dtype, chunk_shape)
+    reference = filtered_oracle(case, "lm", grad_filter_threshold(eps, dtype), dtype, chunk_shape)
     tol = TOLERANCE[torch.float32] if dtype == torch.float32 else 2e-2
     assert_matches_oracle(case, out, grads, dtype, tol, f"128k/filter {eps}/{dtype}", reference=reference)
     again = run_heads(case, "triton", dtype, device=DEVICE, autocast=autocast, grad_filter_eps=eps)[1]
