@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown workloads/providers: {unknown}")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    hidden_dtype = torch.float32 if args.fp32_hidden else None
     providers = ["eager"] + [p for p in args.providers if p != "eager"]
     ceilings = gpu_ceilings() if args.device == "cuda" else None
     doc = {
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         eager_loss = None
         rows = []
         for provider in providers:
-            row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings,
-                          torch.float32 if args.fp32_hidden else None)  # fmt: skip
+            row = run_one(workload, provider, args.device, dtype, args.quick, eager_loss, ceilings, hidden_dtype)
             if provider == "eager" and row["status"] == "ok":
                 eager_loss = row["loss"]
             doc["results"].append(row)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device != "cuda" or args.no_device_time:
             continue
         for row in (r for r in rows if r["status"] == "ok"):
-            add_device_time(row, workload, args.device, dtype, torch.float32 if args.fp32_hidden else None)
+            add_device_time(row, workload, args.device, dtype, hidden_dtype)
             device = f"{row['device_ms']:.3f} ms" if "device_ms" in row else row["device_status"]
             print(f"[{name}] {row['provider']:16s} kernels alone (CUDA graph): {device}", flush=True)
             report.write(doc, args.out)

@@ -40,22 +40,20 @@ def kept_share(workload_name: str, rows: int, eps: float) -> dict:
     counted = target >= 0
     grad[counted, target[counted]] -= 1.0
     grad[~counted] = 0.0
-    # rows that do not count mark no tile: their entries stay below any threshold
-    magnitude = torch.where(counted[:, None], grad.abs(), -1.0)
     _, chunk_cols = triton_fused._large_chunk_shape(workload.tokens, classes, 0)
     tile_m, tile_v = filtered_matmul.TILE_M, filtered_matmul.TILE_V
-    dropped = torch.zeros_like(grad)
+    dropped = torch.empty_like(grad)
     kept = total = 0
     for c0 in range(0, classes, chunk_cols):
-        c1 = min(c0 + chunk_cols, classes)
-        for t0 in range(c0, c1, tile_v):
-            t1 = min(t0 + tile_v, c1)
-            for r0 in range(0, rows, tile_m):
-                total += 1
-                if (magnitude[r0 : r0 + tile_m, t0:t1] >= eps).any():
-                    kept += 1
-                else:
-                    dropped[r0 : r0 + tile_m, t0:t1] = grad[r0 : r0 + tile_m, t0:t1]
+        chunk = grad[:, c0 : c0 + chunk_cols]
+        # padding, and the rows that do not count, stay below any threshold: they mark no tile
+        magnitude = torch.full((-(-rows // tile_m) * tile_m, -(-chunk.shape[1] // tile_v) * tile_v), -1.0)
+        magnitude[:rows, : chunk.shape[1]] = torch.where(counted[:, None], chunk.abs(), -1.0)
+        maxima = magnitude.reshape(magnitude.shape[0] // tile_m, tile_m, -1, tile_v).amax(dim=(1, 3))
+        marked = maxima >= eps
+        kept, total = kept + int(marked.sum()), total + marked.numel()
+        keep = marked.repeat_interleave(tile_m, 0).repeat_interleave(tile_v, 1)[:rows, : chunk.shape[1]]
+        dropped[:, c0 : c0 + chunk_cols] = torch.where(keep, 0.0, chunk)
     dh_dropped_share = (dropped @ weight).norm() / (grad @ weight).norm()
     return {"workload": workload_name, "task": task.name, "rows": rows, "eps": eps, "tiles_kept": kept,
             "tiles": total, "share_kept": kept / total, "dh_dropped_share": float(dh_dropped_share)}  # fmt: skip
