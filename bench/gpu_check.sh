@@ -7,7 +7,8 @@
 # pytest-xdist spreads it over the cores when installed; meanwhile
 # `python -m mtlfast.bench.warm` compiles the benchmark's kernels into the on-disk caches),
 # the benchmark of every workload (one process each), profiles of one bert-base-4task
-# step (mtlfast-triton's and eager's: issue against completion time, kernel times) and,
+# step (mtlfast-triton's and eager's: issue against completion time, kernel times;
+# mtlfast-triton's host time by function, and with the direct launcher off) and,
 # with a minute to spare, bert-base-4task with fp32 hidden states (eager, mtlfast-triton).
 #
 # It finishes inside BUDGET_S seconds (default 540): the install, the tests (at most
@@ -21,7 +22,8 @@
 # logs.tar.gz (every log and per-workload result). They are refreshed after each part.
 #
 # Environment: MTLFAST_COMMIT=<sha> records the commit (the device copy of the tree has
-# no .git); WORKLOADS and PROVIDERS pick the benchmark's; BENCH_DEVICE=cpu runs the
+# no .git); WORKLOADS and PROVIDERS pick the benchmark's, DEVICE_TIME_WORKLOADS (default
+# bert-base-4task) those that also get the kernels-alone column; BENCH_DEVICE=cpu runs the
 # same flow on a CPU host (a dry run, with -cpu workloads). Wheels carried in .whl/
 # (liger-kernel, cut-cross-entropy: `make gpu-wheels` fetches them) go to /tmp/site.
 set -uo pipefail
@@ -36,6 +38,9 @@ BUDGET_S=${BUDGET_S:-540}
 TESTS_S=${TESTS_S:-180}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 WORKLOADS=${WORKLOADS:-bert-base-4task big-head-128k many-tasks-64}
+# workloads whose providers also get the kernels-alone pass (CUDA graph replay), which
+# rebuilds every provider's step: on the big workloads that would not fit their shares
+DEVICE_TIME_WORKLOADS=${DEVICE_TIME_WORKLOADS:-bert-base-4task}
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 DEADLINE=$((SECONDS + BUDGET_S))
@@ -147,23 +152,35 @@ if [[ $PART == bench || $PART == all ]]; then
     [[ -n ${PROVIDERS:-} ]] && read -ra providers <<<"--providers $PROVIDERS"
     read -ra workloads <<<"$WORKLOADS"
     profile_s=0
-    [[ $BENCH_DEVICE == cuda ]] && profile_s=60
+    [[ $BENCH_DEVICE == cuda ]] && profile_s=100
     for i in "${!workloads[@]}"; do
         workload=${workloads[$i]}
         # a fair share of what is left, keeping the profile's time
         share=$((($(left) - profile_s) / (${#workloads[@]} - i)))
+        device_time=(--no-device-time)
+        [[ " $DEVICE_TIME_WORKLOADS " == *" $workload "* ]] && device_time=()
         timed "$share" "bench $workload" "$PY" -m mtlfast.bench --device "$BENCH_DEVICE" --workloads "$workload" \
-            "${providers[@]}" --out "$WORK/bench-$workload" >"$WORK/bench-$workload.log" 2>&1
+            "${providers[@]}" "${device_time[@]}" --out "$WORK/bench-$workload" >"$WORK/bench-$workload.log" 2>&1
         grep -E "^\[" "$WORK/bench-$workload.log" | tee -a "$SUMMARY"
         pack
     done
     # where a small step's time goes (host vs kernels), mtlfast's and eager's, for the issue notes
     if [[ $BENCH_DEVICE == cuda ]]; then
         for provider in mtlfast-triton eager; do
-            timed $((profile_s / 2)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+            timed $((profile_s / 4)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
                 "$provider" 25 >"$WORK/profile-bert-$provider.txt" 2>&1
             head -1 "$WORK/profile-bert-$provider.txt" | tee -a "$SUMMARY"
         done
+        # the host's share: mtlfast's Python by function (cProfile), and the step with every
+        # kernel launched through triton's JITFunction.run instead of the direct launcher
+        timed $((profile_s / 4)) "profile mtlfast-triton --host" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+            mtlfast-triton 40 --host >"$WORK/profile-bert-mtlfast-triton-host.txt" 2>&1
+        head -1 "$WORK/profile-bert-mtlfast-triton-host.txt" | tee -a "$SUMMARY"
+        MTLFAST_DIRECT_LAUNCH=0 timed $((profile_s / 4)) "profile mtlfast-triton, direct launch off" "$PY" \
+            -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 \
+            >"$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" 2>&1
+        head -1 "$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" | sed "s/^/MTLFAST_DIRECT_LAUNCH=0: /" |
+            tee -a "$SUMMARY"
         # with time to spare: bert-base with fp32 hidden states, as a BERT under autocast gives them
         if (($(left) >= 60)); then
             timed $(($(left) - 20)) "bench bert-base-4task fp32 hidden" "$PY" -m mtlfast.bench --device cuda \

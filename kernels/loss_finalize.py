@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import DirectLauncher
+
 
 @triton.jit
 def loss_finalize_kernel(
@@ -35,6 +37,9 @@ def loss_finalize_kernel(
     tl.store(total_ptr, tl.sum(tl.where(ok, weights * losses, 0.0), axis=0))
 
 
+_launch = DirectLauncher(loss_finalize_kernel)
+
+
 def loss_finalize(
     sums: torch.Tensor, counts: torch.Tensor, count_scale: torch.Tensor, divisor_override: torch.Tensor,
     task_weights: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor, total: torch.Tensor,
@@ -42,7 +47,8 @@ def loss_finalize(
     """Writes ``losses`` and ``scales`` (fp32 ``[T]``) and ``total`` (fp32, 0-dim) from the
     fp32 ``[T]`` inputs (see :func:`loss_finalize_kernel`)."""
     n_tasks = sums.shape[0]
-    loss_finalize_kernel[(1,)](
-        sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks,
-        BLOCK_T=max(16, triton.next_power_of_2(n_tasks)), num_warps=1,
-    )  # fmt: skip
+    _launch(
+        (1,),
+        (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks),
+        {"BLOCK_T": max(16, triton.next_power_of_2(n_tasks)), "num_warps": 1},
+    )

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import DirectLauncher
 from .tiling import TUNING, logits_tile, rows_bucket, softcapped
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
@@ -386,9 +387,12 @@ def _tuned_kernel(backward: bool):
     )
 
 
-# Launch options per shape once tuned: later launches skip Autotuner.run, whose Python
-# per call (argument dicts, key) is a noticeable share of a small step's host time.
+# Launch options per shape once tuned: later launches skip Autotuner.run and, through the
+# direct launchers, JITFunction.run, whose Python per call (argument binding, keys) is a large
+# share of a small step's host time.
 _TUNED: dict[tuple, dict] = {}
+_launch_small_heads = DirectLauncher(small_heads_kernel)
+_launch_reduce = DirectLauncher(small_heads_reduce_kernel)
 
 
 def launch_small_heads(
@@ -474,7 +478,7 @@ def launch_small_heads(
     if tuned is None:  # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c)[0]
         tuned = _TUNED[key] = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
-    small_heads_kernel[grid](*args, **constexprs, **tuned)
+    _launch_small_heads(grid(tuned), args, {**constexprs, **tuned})
     return launched[-1]
 
 
@@ -492,7 +496,8 @@ def reduce_partials(
     slots]``, of which the first ``n_programs`` were written."""
     _, slots, hidden_size = dw_part.shape
     grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
-    small_heads_reduce_kernel[grid](
-        dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias,
-        BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=REDUCE_BLOCK_D, ACCUMULATE=accumulate, num_warps=4,
-    )  # fmt: skip
+    _launch_reduce(
+        grid,
+        (dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias),
+        {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLOCK_D, "ACCUMULATE": accumulate, "num_warps": 4},
+    )

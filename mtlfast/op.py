@@ -181,10 +181,13 @@ class FusedHeadsLoss(torch.autograd.Function):
         ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses,
                               *targets, *saved)  # fmt: skip
         ctx.mark_non_differentiable(losses)
+        ctx.set_materialize_grads(False)  # no zeros for the gradient of losses, which is never read
         return total, losses
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
+        if grad_total is None:  # only losses reached backward: nothing flows back
+            return (None,) * (9 + ctx.num_targets)
         if not torch.is_grad_enabled():  # the usual backward, which records no graph
             return tuple(FusedHeadsLoss._backward(ctx, grad_total))
         with torch.no_grad():

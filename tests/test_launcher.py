@@ -1,0 +1,119 @@
+"""The direct launcher keeps a compiled kernel per variant and launches it with exactly the
+arguments JITFunction.run would pass, and goes back through triton whenever anything
+triton specializes on changes. A stand-in kernel records both kinds of launch; on a GPU,
+every kernel test runs through the direct launcher from its second launch on."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mtlfast.kernels import launcher  # noqa: E402
+
+
+class StandInCompiled:
+    def __init__(self, calls: list):
+        self.function, self.packed_metadata = object(), object()
+        self.run = lambda *args: calls.append(("direct", args))
+
+
+class StandInKernel:
+    """Records ``kernel[grid](*args, **kwargs)`` and returns one compiled kernel per call."""
+
+    arg_names = ["x_ptr", "n", "scale", "flag", "BLOCK", "EVEN"]
+
+    def __init__(self):
+        self.calls, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            self.compiled.append(StandInCompiled(self.calls))
+            return self.compiled[-1]
+
+        return run
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(launcher, "ENABLED", True)
+    monkeypatch.setattr(launcher, "_hooks_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = StandInKernel()
+    launch = launcher.DirectLauncher(kernel)
+    launch._current_stream = lambda device: 1000 + device
+    return kernel, launch
+
+
+def _launch(launch, x, n=64, scale=0.5, flag=True, block=32, grid=(3,)):
+    launch(grid, (x, n, scale, flag), {"BLOCK": block, "EVEN": n % block == 0, "num_warps": 4})
+
+
+def test_second_launch_of_a_variant_is_direct_with_the_bound_arguments(stand_in):
+    kernel, launch = stand_in
+    x = torch.zeros(64)
+    _launch(launch, x)
+    _launch(launch, x, scale=2.0, flag=False, grid=(5, 2))
+    assert [c[0] for c in kernel.calls] == ["triton", "direct"]
+    compiled = kernel.compiled[0]
+    args = kernel.calls[1][1]
+    assert args[:9] == (5, 2, 1, 1000, compiled.function, compiled.packed_metadata, None, None, None)
+    assert args[9:] == (x, 64, 2.0, False, 32, True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["misaligned tensor", "other dtype", "int becomes 1", "int loses 16-divisibility", "int64", "constexpr", "option"],
+)
+def test_any_specialization_change_goes_through_triton(stand_in, change):
+    kernel, launch = stand_in
+    x = torch.zeros(65)
+    _launch(launch, x[:64])
+    _launch(launch, x[:64])
+    changed = {
+        "misaligned tensor": lambda: _launch(launch, x[1:]),
+        "other dtype": lambda: _launch(launch, x[:64].double()),
+        "int becomes 1": lambda: _launch(launch, x[:64], n=1),
+        "int loses 16-divisibility": lambda: _launch(launch, x[:64], n=72),
+        "int64": lambda: _launch(launch, x[:64], n=2**33),
+        "constexpr": lambda: _launch(launch, x[:64], block=64),
+        "option": lambda: launch((3,), (x[:64], 64, 0.5, True), {"BLOCK": 32, "EVEN": True, "num_warps": 8}),
+    }[change]
+    changed()
+    changed()
+    assert [c[0] for c in kernel.calls] == ["triton", "direct", "triton", "direct"]
+
+
+def test_launch_hooks_and_the_switch_send_every_launch_through_triton(stand_in, monkeypatch):
+    kernel, launch = stand_in
+    x = torch.zeros(64)
+    monkeypatch.setattr(launcher, "_hooks_installed", lambda: True)
+    _launch(launch, x)
+    _launch(launch, x)
+    monkeypatch.setattr(launcher, "_hooks_installed", lambda: False)
+    monkeypatch.setattr(launcher, "ENABLED", False)
+    _launch(launch, x)
+    assert [c[0] for c in kernel.calls] == ["triton"] * 3
+
+
+def test_hooks_installed_reads_triton_hook_chains():
+    if launcher.knobs is None:
+        pytest.skip("triton without knobs: the direct launcher is off")
+    assert not launcher._hooks_installed()
+    chain = launcher.knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        return None
+
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert launcher._hooks_installed()
+        finally:
+            chain.remove(hook)
+    else:
+        launcher.knobs.runtime.launch_enter_hook = hook
+        try:
+            assert launcher._hooks_installed()
+        finally:
+            launcher.knobs.runtime.launch_enter_hook = chain
+    assert not launcher._hooks_installed()
