@@ -1,7 +1,9 @@
-"""``python -m mtlfast.bench.profile_step WORKLOAD PROVIDER [ROWS] [--host]``: the device kernels
-of one training step (torch.profiler), with their total time, and the step's wall time: to
-complete, and to issue on the host. With ``--host``, where the host's time goes instead: the
-Python functions of 50 steps by their own time (cProfile)."""
+"""``python -m mtlfast.bench.profile_step WORKLOAD PROVIDER [ROWS] [--host | --phases]``: the device
+kernels of one training step (torch.profiler), with their total time, and the step's wall
+time: to complete, and to issue on the host. With ``--host``, where the host's time goes
+instead: the Python functions of 50 steps by their own time (cProfile). With ``--phases``,
+the host's time to issue the step's forward and its backward, beside what a few building
+blocks cost on this host: an allocation, an autograd round trip, a small Triton launch."""
 
 from __future__ import annotations
 
@@ -14,7 +16,107 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .measure import StepRunner
-from .workloads import WORKLOADS
+from .providers import PROVIDERS, autocast_for, make_linears
+from .workloads import WORKLOADS, Workload
+
+
+def _median_us(fn, calls: int, sync: bool) -> float:
+    """Median host time of ``fn()`` in microseconds, the device drained every 16 calls (outside
+    the timings) so that the launch queue never fills."""
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if sync and i % 16 == 15:
+            torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+class _PassThrough(torch.autograd.Function):
+    """An autograd node that does no work: the engine's own round trip."""
+
+    @staticmethod
+    def forward(ctx, x, out, grad_in):
+        ctx.grad_in = grad_in
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grad_in, None, None
+
+
+def host_phases(provider: str, workload: Workload, device: str, dtype: torch.dtype, steps: int = 200) -> dict:
+    """Median host microseconds to issue one step's forward (under autocast) and its backward,
+    and reference costs on this host (see the module's docstring)."""
+    cuda = device == "cuda"
+    linears = make_linears(workload, device)
+    loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
+    hidden, labels = workload.make_inputs(device, dtype)
+    params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
+    losses = []
+
+    def forward():
+        with autocast_for(device, dtype):
+            losses.append(loss_fn(hidden, labels))
+
+    def backward():
+        losses.pop().backward()
+        hidden.grad = None
+        for p in params:
+            p.grad = None
+
+    for _ in range(3):
+        forward()
+        backward()
+    times = {"forward": [], "backward": []}
+    for i in range(steps):
+        for name, part in (("forward", forward), ("backward", backward)):
+            start = time.perf_counter()
+            part()
+            times[name].append(time.perf_counter() - start)
+        if cuda and i % 16 == 15:
+            torch.cuda.synchronize()
+    forward_us, backward_us = (sorted(t)[len(t) // 2] * 1e6 for t in times.values())
+
+    x = torch.zeros(1, device=device, requires_grad=True)
+    out, grad_in, seed = torch.zeros((), device=device), torch.zeros(1, device=device), torch.ones((), device=device)
+
+    def round_trip():
+        _PassThrough.apply(x, out, grad_in).backward(seed)
+        x.grad = None
+
+    result = {
+        "forward_us": forward_us,
+        "backward_us": backward_us,
+        "empty_us": _median_us(lambda: torch.empty((4096, 768), device=device, dtype=dtype), 1000, cuda),
+        "autograd_round_trip_us": _median_us(round_trip, 1000, cuda),
+    }
+    if cuda:
+        result.update(_launch_costs(device))
+    return result
+
+
+def _launch_costs(device: str) -> dict:
+    """Host time of one loss-finalize launch, direct and through triton's ``JITFunction.run``."""
+    from mtlfast.kernels import launcher, loss_finalize
+
+    buffers = [torch.zeros(4, device=device) for _ in range(7)]
+    total = torch.zeros((), device=device)
+
+    def launch():
+        loss_finalize.loss_finalize(*buffers, total)
+
+    costs = {}
+    enabled = launcher.ENABLED
+    try:
+        for name, on in (("launch_direct_us", True), ("launch_triton_us", False)):
+            launcher.ENABLED = on and enabled
+            launch()
+            costs[name] = _median_us(launch, 1000, True)
+    finally:
+        launcher.ENABLED = enabled
+    return costs
 
 
 def main() -> None:
@@ -23,10 +125,16 @@ def main() -> None:
     parser.add_argument("provider")
     parser.add_argument("rows", nargs="?", type=int, default=15, help="rows of the table")
     parser.add_argument("--host", action="store_true", help="profile the host's Python (cProfile) instead")
+    parser.add_argument("--phases", action="store_true", help="the host's time by phase and reference costs instead")
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.phases:
+        costs = host_phases(args.provider, workload, device, dtype)
+        print(f"{workload.name} / {args.provider} host us (medians): " +
+              ", ".join(f"{name.removesuffix('_us')} {value:.1f}" for name, value in costs.items()))  # fmt: skip
+        return
     runner = StepRunner(args.provider, workload, device, dtype)
     for _ in range(3):
         runner.step()

@@ -149,3 +149,41 @@ def test_device_time_pass_fills_its_column(monkeypatch):
     row = {"workload": workload.name, "provider": "eager", "ms": 1.0, "status": "ok"}
     add_device_time(row, workload, "cpu", torch.float32)
     assert "device_ms" not in row and "not permitted" in row["device_status"] and row["status"] == "ok"
+
+
+def test_device_time_pass_runs_mtlfast_first_and_stops_capturing_after_a_failure(monkeypatch):
+    """Captures run eager, mtlfast's, torch.compile's, then the peers'; after one fails, the
+    rest are marked with its name rather than given errors the failed capture caused."""
+    from mtlfast.bench import __main__ as bench_main
+
+    def add_device_time(row, *args):
+        if row["provider"] == "mtlfast-reference":
+            row["device_status"] = "error: operation not permitted when stream is capturing"
+        else:
+            row["device_ms"] = 0.5
+
+    monkeypatch.setattr(bench_main, "add_device_time", add_device_time)
+    workload = WORKLOADS["bert-base-4task-cpu"]
+    providers = ["eager", "liger", "torch-compile", "mtlfast-torch", "mtlfast-reference", "cce"]
+    rows = [{"workload": workload.name, "provider": p, "ms": 1.0, "status": "ok"} for p in providers]
+    rows[1]["status"] = "skipped: not installed"
+    seen = [row["provider"] for row in bench_main.device_time_pass(rows, workload, "cpu", torch.float32)]
+    assert seen == ["eager", "mtlfast-torch", "mtlfast-reference", "torch-compile", "cce"]
+    by_provider = {row["provider"]: row for row in rows}
+    assert by_provider["eager"]["device_ms"] == by_provider["mtlfast-torch"]["device_ms"] == 0.5
+    assert "not permitted" in by_provider["mtlfast-reference"]["device_status"]
+    for provider in ("torch-compile", "cce"):
+        assert "device_ms" not in by_provider[provider]
+        assert by_provider[provider]["device_status"] == (
+            "not measured: mtlfast-reference's capture failed before it in this process")
+    assert "device_status" not in by_provider["liger"] and "device_ms" not in by_provider["liger"]
+
+
+def test_host_phases_times_each_part():
+    """profile_step --phases: the host's time per phase and the reference costs, all measured
+    (the launch costs only on a GPU)."""
+    from mtlfast.bench.profile_step import host_phases
+
+    costs = host_phases("mtlfast-torch", WORKLOADS["bert-base-4task-cpu"], "cpu", torch.float32, steps=5)
+    assert set(costs) == {"forward_us", "backward_us", "empty_us", "autograd_round_trip_us"}
+    assert all(value > 0 for value in costs.values()), costs

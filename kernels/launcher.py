@@ -8,18 +8,21 @@ the first time a variant is seen, keeps the compiled kernel triton returns, and 
 later calls of that variant with the compiled kernel's own launcher, as
 ``JITFunction.run`` itself ends.
 
-A variant is keyed on everything triton specializes on: each tensor's dtype and whether its
-address is a multiple of 16, each int's width, whether it is 1 and whether it is a multiple
-of 16, the None-ness of arguments, the keyword arguments (constexprs and launch options)
-and the device. The key is at least as fine as triton's, so a kept kernel is the one triton
-would pick. Under the interpreter, with a launch hook installed (a profiler's), or with
-``MTLFAST_DIRECT_LAUNCH=0``, every launch goes through triton.
+A variant is keyed on everything triton specializes on: the keyword arguments (constexprs
+and launch options, through a key the caller gives), the device, each argument's type, each
+tensor's dtype and whether its address is a multiple of 16, and each int's width, whether
+it is 1 and whether it is a multiple of 16 (ints below 16 by value). The key is at least as
+fine as triton's, so a kept kernel is the one triton would pick. Under the interpreter,
+with a launch hook installed (a profiler's), or with ``MTLFAST_DIRECT_LAUNCH=0``, every
+launch goes through triton.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from functools import reduce
+from operator import attrgetter, or_
 from typing import Any
 
 import torch
@@ -32,17 +35,20 @@ except ImportError:  # triton before 3.4: every launch goes through triton
     knobs = None
 
 ENABLED = os.environ.get("MTLFAST_DIRECT_LAUNCH", "1") != "0" and not INTERPRETED and knobs is not None
-_INT32 = (-(2**31), 2**31 - 1)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_data_ptr = torch.Tensor.data_ptr
+_dtype = attrgetter("dtype")
 
 
-def _arg_key(arg: Any) -> Any:
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return bool
-    if isinstance(arg, int):
-        return int, arg == 1, arg % 16 == 0, _INT32[0] <= arg <= _INT32[1], arg > 2**63 - 1
-    return type(arg)
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side grids: ``triton.cdiv`` is a constexpr function whose call
+    costs microseconds."""
+    return -(-a // b)
+
+
+def _int_widths(values: Sequence[int]) -> tuple[int, ...]:
+    """Each int's width in triton's terms: 0 for int32, 1 for int64, 2 for uint64."""
+    return tuple(0 if -(2**31) <= v < 2**31 else 1 if v < 2**63 else 2 for v in values)
 
 
 def _hooks_installed() -> bool:
@@ -53,21 +59,41 @@ def _hooks_installed() -> bool:
 
 
 class DirectLauncher:
-    """``launcher(grid, args, kwargs)`` runs ``kernel[grid](*args, **kwargs)``: ``grid`` a tuple
-    of ints, ``args`` the kernel's leading positional arguments, ``kwargs`` the rest of its
-    parameters (constexprs) and the launch options (``num_warps``, ``num_stages``)."""
+    """``launcher(grid, args, kwargs, variant)`` runs ``kernel[grid](*args, **kwargs)``: ``grid``
+    a tuple of ints, ``args`` the kernel's leading positional arguments (tensors, ints, floats,
+    bools), ``kwargs`` the rest of its parameters (constexprs) and the launch options
+    (``num_warps``, ``num_stages``), and ``variant`` a hashable that the caller derives from
+    ``kwargs`` and that differs whenever they do."""
 
     def __init__(self, kernel: Any):
         self.kernel = kernel
         self._compiled: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # launcher, function, metadata, constexprs
+        self._positions: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tensors', ints' by types
         self._current_stream: Callable[[int], int] | None = None
 
-    def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    def _key(self, variant: Hashable, args: Sequence[Any]) -> tuple:
+        types = tuple(map(type, args))
+        positions = self._positions.get(types)
+        if positions is None:
+            positions = self._positions[types] = (
+                tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)),
+                tuple(i for i, arg in enumerate(args) if isinstance(arg, int) and not isinstance(arg, bool)),
+            )
+        tensors = [args[i] for i in positions[0]]
+        pointers = tuple(map(_data_ptr, tensors))
+        aligned = not reduce(or_, pointers, 0) % 16 or tuple(p % 16 == 0 for p in pointers)
+        ints = [args[i] for i in positions[1]]
+        # what triton specializes an int on: 0..15 by value (1 is a constant), larger ones by
+        # whether 16 divides them; and its width
+        classes = tuple(v if 0 <= v < 16 else 16 + (v % 16 != 0) for v in ints)
+        wide = ints and (max(ints) >= 2**31 or min(ints) < -(2**31)) and _int_widths(ints)
+        return variant, _current_device(), types, tuple(map(_dtype, tensors)), aligned, classes, wide
+
+    def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], variant: Hashable) -> None:
         if not ENABLED or _hooks_installed():
             self.kernel[grid](*args, **kwargs)
             return
-        device = torch.cuda.current_device()
-        key = (device, *kwargs.items(), *map(_arg_key, args))
+        key = self._key(variant, args)
         kept = self._compiled.get(key)
         if kept is None:
             compiled = self.kernel[grid](*args, **kwargs)
@@ -85,5 +111,5 @@ class DirectLauncher:
             self._current_stream = driver.active.get_current_stream
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
-        run(grid[0], grid_1, grid_2, self._current_stream(device), function, packed_metadata, None, None, None, *args,
+        run(grid[0], grid_1, grid_2, self._current_stream(key[1]), function, packed_metadata, None, None, None, *args,
             *constexprs)  # fmt: skip

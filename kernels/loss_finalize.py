@@ -47,8 +47,6 @@ def loss_finalize(
     """Writes ``losses`` and ``scales`` (fp32 ``[T]``) and ``total`` (fp32, 0-dim) from the
     fp32 ``[T]`` inputs (see :func:`loss_finalize_kernel`)."""
     n_tasks = sums.shape[0]
-    _launch(
-        (1,),
-        (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks),
-        {"BLOCK_T": max(16, triton.next_power_of_2(n_tasks)), "num_warps": 1},
-    )
+    block_t = max(16, 1 << (n_tasks - 1).bit_length())
+    _launch((1,), (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks),
+            {"BLOCK_T": block_t, "num_warps": 1}, block_t)  # fmt: skip

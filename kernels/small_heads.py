@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import DirectLauncher
+from .launcher import DirectLauncher, cdiv
 from .tiling import TUNING, logits_tile, rows_bucket, softcapped
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
@@ -435,21 +435,13 @@ def launch_small_heads(
     has class weights (the plan's column weights); ``softcap``, ``z_loss``: some has a softcap, a
     z-loss (the plan's float table holds them). Buffers a launch does not use may be any tensor."""
     n_groups, _, block_c = slot_int.shape
+    n_hidden = hidden.shape[0]
     pooled_rows = pooled if pooled is not None else hidden
     n_pooled = pooled.shape[0] if pooled is not None else 0
     partials = partial_programs > 0
-
-    launched = []
-
-    def grid(meta):
-        blocks = triton.cdiv(hidden.shape[0], meta["BLOCK_M"]) + triton.cdiv(n_pooled, meta["BLOCK_M"])
-        launched.append(max(1, min(blocks, partial_programs) if partials else blocks))
-        return (launched[-1],)
-
-    precision = "tf32x3" if compute_dtype == torch.float32 else "ieee"
     mask = token_mask.view(torch.uint8) if token_mask is not None else target_table
     args = (
-        hidden, hidden.stride(0), hidden.stride(1), hidden.shape[0],
+        hidden, hidden.stride(0), hidden.stride(1), n_hidden,
         pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
         seq_stride,
         weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
@@ -458,28 +450,40 @@ def launch_small_heads(
         task_scale, grad_out, loss, count,
         grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
         grad_weight, grad_bias,
-        rows_bucket(hidden.shape[0]),
+        rows_bucket(n_hidden),
     )  # fmt: skip
-    constexprs = dict(
-        BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, SLOT_FLT_FIELDS=SLOT_FLT_FIELDS, BACKWARD=backward, PARTIALS=partials,
-        HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
-        USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype], PRECISION=precision,
-        CLASS_WEIGHTS=class_weights, SOFTCAP=softcap, Z_LOSS=z_loss,
-    )  # fmt: skip
-    # The autotuner's key plus everything else that selects a compiled variant.
-    key = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
-           *constexprs.values())  # fmt: skip
-    tuned = _TUNED.get(key)
-    if tuned is None and TUNING:
-        kernel = _tuned_kernel(backward)
-        kernel[grid](*args, **constexprs)
-        _TUNED[key] = kernel.best_config.all_kwargs()
-        return launched[-1]
-    if tuned is None:  # the first config; only its universal options (older interpreters take no others)
+    # The autotuner's key plus everything else that selects a compiled variant (the constexprs
+    # by what they are made from: torch dtypes hash faster than triton's).
+    variant = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
+               block_c, backward, partials, token_mask is not None, write_dh, has_dh_init, compute_dtype,
+               class_weights, softcap, z_loss)  # fmt: skip
+    options = _TUNED.get(variant)
+    if options is None:
+        constexprs = dict(
+            BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, SLOT_FLT_FIELDS=SLOT_FLT_FIELDS, BACKWARD=backward,
+            PARTIALS=partials, HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
+            USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype],
+            PRECISION="tf32x3" if compute_dtype == torch.float32 else "ieee", CLASS_WEIGHTS=class_weights,
+            SOFTCAP=softcap, Z_LOSS=z_loss,
+        )  # fmt: skip
+        if TUNING:
+            kernel = _tuned_kernel(backward)
+            kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], partial_programs),)](*args, **constexprs)
+            _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
+            return _programs(n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"], partial_programs)
+        # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c)[0]
-        tuned = _TUNED[key] = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
-    _launch_small_heads(grid(tuned), args, {**constexprs, **tuned})
-    return launched[-1]
+        options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
+                                     "num_stages": first.num_stages}  # fmt: skip
+    programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], partial_programs)
+    _launch_small_heads((programs,), args, options, variant)
+    return programs
+
+
+def _programs(n_hidden: int, n_pooled: int, block_m: int, partial_programs: int) -> int:
+    """Programs of one launch: a row block each, or at most ``partial_programs`` (> 0)."""
+    blocks = cdiv(n_hidden, block_m) + cdiv(n_pooled, block_m)
+    return max(1, min(blocks, partial_programs) if partial_programs > 0 else blocks)
 
 
 REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
@@ -495,9 +499,10 @@ def reduce_partials(
     are left alone. The partials are ``[programs, used slots, D]`` and ``[programs, padded
     slots]``, of which the first ``n_programs`` were written."""
     _, slots, hidden_size = dw_part.shape
-    grid = (slots, triton.cdiv(hidden_size, REDUCE_BLOCK_D))
+    grid = (slots, cdiv(hidden_size, REDUCE_BLOCK_D))
     _launch_reduce(
         grid,
         (dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias),
         {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLOCK_D, "ACCUMULATE": accumulate, "num_warps": 4},
+        accumulate,
     )

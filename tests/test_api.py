@@ -378,7 +378,7 @@ def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
     when another one is (tests/test_gpu.py runs it on a second GPU where there is one)."""
     from mtlfast import op
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(op, "_current_cuda_device", lambda: 0)
     guard = op._on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     for device in (torch.device("cuda", 0), torch.device("cpu")):

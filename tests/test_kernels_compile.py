@@ -311,6 +311,16 @@ def test_kernels_compile_for_older_gpus(target, compute):
     goal."""
     if target == "sm70" and TRITON_VERSION < (3, 6):
         pytest.skip(f"triton {triton.__version__} aborts on sm_70; the backend runs the torch path there")
+    try:
+        _compile_every_kernel_untuned(target, compute)
+    except Exception as exc:
+        # CUDA 13's ptxas (the one torch bundles, which inductor points triton at) has no sm_70
+        if "is not defined for option 'gpu-name'" in str(exc):
+            pytest.skip(f"this host's ptxas does not target {target}")
+        raise
+
+
+def _compile_every_kernel_untuned(target: str, compute: str) -> None:
     for block_c in small_heads.SHAPES_BY_BLOCK_C:
         config = small_heads.configs_for(block_c)[0]
         row_types = (compute, "*fp32") if READS_FP32_ROWS["triton"] else (compute,)

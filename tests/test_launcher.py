@@ -37,7 +37,7 @@ class StandInKernel:
 def stand_in(monkeypatch):
     monkeypatch.setattr(launcher, "ENABLED", True)
     monkeypatch.setattr(launcher, "_hooks_installed", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
     kernel = StandInKernel()
     launch = launcher.DirectLauncher(kernel)
     launch._current_stream = lambda device: 1000 + device
@@ -45,7 +45,8 @@ def stand_in(monkeypatch):
 
 
 def _launch(launch, x, n=64, scale=0.5, flag=True, block=32, grid=(3,)):
-    launch(grid, (x, n, scale, flag), {"BLOCK": block, "EVEN": n % block == 0, "num_warps": 4})
+    kwargs = {"BLOCK": block, "EVEN": n % block == 0, "num_warps": 4}
+    launch(grid, (x, n, scale, flag), kwargs, tuple(kwargs.values()))
 
 
 def test_second_launch_of_a_variant_is_direct_with_the_bound_arguments(stand_in):
@@ -62,9 +63,10 @@ def test_second_launch_of_a_variant_is_direct_with_the_bound_arguments(stand_in)
 
 @pytest.mark.parametrize(
     "change",
-    ["misaligned tensor", "other dtype", "int becomes 1", "int loses 16-divisibility", "int64", "constexpr", "option"],
+    ["misaligned tensor", "other dtype", "int becomes 1", "int loses 16-divisibility", "int64", "small int",
+     "constexpr", "option", "float becomes int", "device"],
 )
-def test_any_specialization_change_goes_through_triton(stand_in, change):
+def test_any_specialization_change_goes_through_triton(stand_in, change, monkeypatch):
     kernel, launch = stand_in
     x = torch.zeros(65)
     _launch(launch, x[:64])
@@ -75,8 +77,11 @@ def test_any_specialization_change_goes_through_triton(stand_in, change):
         "int becomes 1": lambda: _launch(launch, x[:64], n=1),
         "int loses 16-divisibility": lambda: _launch(launch, x[:64], n=72),
         "int64": lambda: _launch(launch, x[:64], n=2**33),
+        "small int": lambda: _launch(launch, x[:64], n=2),
         "constexpr": lambda: _launch(launch, x[:64], block=64),
-        "option": lambda: launch((3,), (x[:64], 64, 0.5, True), {"BLOCK": 32, "EVEN": True, "num_warps": 8}),
+        "option": lambda: launch((3,), (x[:64], 64, 0.5, True), {"BLOCK": 32, "EVEN": True, "num_warps": 8}, 8),
+        "float becomes int": lambda: _launch(launch, x[:64], scale=2),
+        "device": lambda: (monkeypatch.setattr(launcher, "_current_device", lambda: 1), _launch(launch, x[:64])),
     }[change]
     changed()
     changed()
