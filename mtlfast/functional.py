@@ -242,7 +242,7 @@ def multitask_loss(
                                      weight_per_task, main_grad_targets)  # fmt: skip
     if weighting == "uncertainty" and present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
-    detached = losses.detach()
+    detached = losses.detach() if losses.requires_grad else losses  # the eager op marks them non-differentiable
     return MultiTaskOutput(
         loss=total,
         losses={task.name: loss for task, loss in zip(present_tasks, detached.unbind(0))},
