@@ -86,7 +86,7 @@ class DirectLauncher:
         # what triton specializes an int on: 0..15 by value (1 is a constant), larger ones by
         # whether 16 divides them; and its width
         classes = tuple(v if 0 <= v < 16 else 16 + (v % 16 != 0) for v in ints)
-        wide = ints and (max(ints) >= 2**31 or min(ints) < -(2**31)) and _int_widths(ints)
+        wide = bool(ints) and (max(ints) >= 2**31 or min(ints) < -(2**31)) and _int_widths(ints)
         return variant, _current_device(), types, tuple(map(_dtype, tensors)), aligned, classes, wide
 
     def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], variant: Hashable) -> None:

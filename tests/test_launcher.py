@@ -122,3 +122,26 @@ def test_hooks_installed_reads_triton_hook_chains():
         finally:
             launcher.knobs.runtime.launch_enter_hook = chain
     assert not launcher._hooks_installed()
+
+
+def test_key_is_at_least_as_fine_as_triton_specialization(monkeypatch):
+    """Any two arguments the direct launcher's key cannot tell apart, triton's own specialization
+    (``native_specialize_impl``, which ``JITFunction.run`` applies to each argument) cannot
+    either: a kept kernel is always the one triton would have picked."""
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
+    launch = launcher.DirectLauncher(StandInKernel())
+    x = torch.zeros(80)
+    samples = [x, x[1:], x[4:], x[8:], x.double(), x.half()[16:], x.to(torch.int64), torch.zeros(3, dtype=torch.uint8)]
+    samples += [0, 1, 2, 3, 15, 16, 17, 31, 32, 48, 768, 1000, -1, -16, -17, 2**31 - 16, 2**31, 2**31 + 1, 2**32,
+                -(2**31), -(2**31) - 16, 2**63 - 16, 2**63, 2**64 - 16, 0.0, 0.5, 1.0, True, False]
+    for a in samples:
+        for b in samples:
+            if launch._key(None, (a,)) == launch._key(None, (b,)):
+                assert native(BaseBackend, a, False, True, True) == native(BaseBackend, b, False, True, True), (a, b)
+    # and within one call: which of several tensors is misaligned changes the key
+    assert launch._key(None, (x, x[1:], 16)) != launch._key(None, (x[1:], x, 16))
+    assert launch._key(None, (x, x, 16)) != launch._key(None, (x, x[1:], 16))
+    assert launch._key(None, (x, x[4:], 16)) == launch._key(None, (x[8:], x, 16))
