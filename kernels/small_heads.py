@@ -387,9 +387,9 @@ def _tuned_kernel(backward: bool):
     )
 
 
-# Launch options per shape once tuned: later launches skip Autotuner.run and, through the
-# direct launchers, JITFunction.run, whose Python per call (argument binding, keys) is a large
-# share of a small step's host time.
+# A variant's keyword arguments (constexprs and, once tuned, launch options): later launches
+# skip Autotuner.run and, through the direct launchers, JITFunction.run, whose Python per call
+# (argument binding, keys) is a large share of a small step's host time.
 _TUNED: dict[tuple, dict] = {}
 _launch_small_heads = DirectLauncher(small_heads_kernel)
 _launch_reduce = DirectLauncher(small_heads_reduce_kernel)
