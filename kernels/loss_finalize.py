@@ -22,7 +22,8 @@ def loss_finalize_kernel(
 ):  # fmt: skip
     """``divisor = override if override >= 0 else counts * count_scale``;
     ``losses = sums / divisor`` and ``scales = weights / divisor`` (0 where the divisor is
-    not positive); ``total = sum(weights * losses)``. One program, fp32 ``[T]`` vectors."""
+    not positive); ``total = sum(weights * losses)``. Then zeroes ``sums`` and ``counts`` for the
+    next forward (the backend keeps them). One program, fp32 ``[T]`` vectors."""
     t = tl.arange(0, BLOCK_T)
     ok = t < n_tasks
     counts = tl.load(counts_ptr + t, mask=ok, other=0.0) * tl.load(count_scale_ptr + t, mask=ok, other=0.0)
@@ -35,6 +36,9 @@ def loss_finalize_kernel(
     tl.store(losses_ptr + t, losses, mask=ok)
     tl.store(scales_ptr + t, tl.where(has_rows, weights / safe, 0.0), mask=ok)
     tl.store(total_ptr, tl.sum(tl.where(ok, weights * losses, 0.0), axis=0))
+    tl.debug_barrier()  # every thread has read sums and counts
+    tl.store(sums_ptr + t, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=ok)
+    tl.store(counts_ptr + t, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=ok)
 
 
 _launch = DirectLauncher(loss_finalize_kernel)
@@ -45,7 +49,7 @@ def loss_finalize(
     task_weights: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor, total: torch.Tensor,
 ) -> None:
     """Writes ``losses`` and ``scales`` (fp32 ``[T]``) and ``total`` (fp32, 0-dim) from the
-    fp32 ``[T]`` inputs (see :func:`loss_finalize_kernel`)."""
+    fp32 ``[T]`` inputs (see :func:`loss_finalize_kernel`), and zeroes ``sums`` and ``counts``."""
     n_tasks = sums.shape[0]
     block_t = max(16, 1 << (n_tasks - 1).bit_length())
     _launch((1,), (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks),

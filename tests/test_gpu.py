@@ -237,6 +237,24 @@ def test_direct_launches_match_launches_through_triton(monkeypatch, offset):
                           skip=("pooled", "log_vars"))  # fmt: skip
 
 
+def test_loss_sums_are_kept_per_stream():
+    """The forward's kept loss sums are per stream: a step on a side stream gets its own, both
+    steps match the oracle, and every kept buffer is zero once the device is idle."""
+    case = random_case(shape=(4, 33, 96), allow_extras=False)
+    out, grads = run_heads(case, "triton", torch.float32, device=DEVICE)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "default stream")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, grads = run_heads(case, "triton", torch.float32, device=DEVICE)
+    torch.cuda.synchronize()
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "side stream")
+    streams = {key[2] for key in triton_fused._LOSS_SUMS if key[0].type == "cuda"}
+    assert {side.cuda_stream, torch.cuda.current_stream().cuda_stream} <= streams
+    for buffer, _, _ in triton_fused._LOSS_SUMS.values():
+        assert torch.equal(buffer, torch.zeros_like(buffer))
+
+
 def test_launch_count_does_not_grow_with_tasks():
     from torch.profiler import ProfilerActivity, profile
 

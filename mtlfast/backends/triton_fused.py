@@ -24,15 +24,18 @@ Tasks are split in three paths, picked per task:
   loss and again in backward for ``dlogits``; its dH joins the large path's fp32 dH.
 
 Forward keeps each task's gradient scale (task weight / divisor), the table of label
-addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing synchronises with
-the host. fp32 rows with 16-bit compute (an encoder output under autocast) are read as
-they are: the small-heads kernel rounds them on chip, the vocabulary and wide paths cast a
-copy once per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
+addresses and, per large task, the row log-sum-exp [rows] and the class ids. Nothing
+synchronises with the host. The per-task loss sums and counts go into zeroed buffers kept
+between calls, which the loss finalize zeroes again after reading them: no fill kernel per
+call. fp32 rows with 16-bit compute (an encoder output under autocast) are read as they are:
+the small-heads kernel rounds them on chip, the vocabulary and wide paths cast a copy once
+per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
 (whose compiler fails on the kernels there) run the ``torch`` backend instead.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -426,13 +429,45 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
     )
 
 
+# Zeroed fp32 [2, T] buffers for the forward's per-task loss sums and kept-row counts, with
+# their rows, per (device, T, stream, thread): loss_finalize reads them and zeroes them again,
+# so a call pays neither an allocation nor a fill kernel (on the H200 host one torch.zeros
+# took tens of microseconds). Per stream and thread, so that no two forwards in flight share one.
+_LOSS_SUMS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _loss_sums(n_tasks: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(buffer [2, T], sums [T], counts [T])``, all zero. Under CUDA graph capture a fresh
+    buffer (a captured fill runs only at replay, so a kept buffer would not be zero before it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
+        return buffer, *buffer.unbind(0)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, n_tasks, stream, threading.get_ident())
+    kept = _LOSS_SUMS.get(key)
+    if kept is None:
+        buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
+        kept = _LOSS_SUMS[key] = (buffer, *buffer.unbind(0))
+    return kept
+
+
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _delegates(problem):
         return torch_chunked.forward(problem)
+    n_tasks = len(problem.heads)
+    buffer, sums, counts = _loss_sums(n_tasks, problem.hidden.device)
+    try:
+        return _forward_into(problem, sums, counts)
+    except BaseException:
+        buffer.zero_()  # the finalize that zeroes it did not run
+        raise
+
+
+def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The forward into the zeroed ``sums`` and ``counts`` [T], which the finalize zeroes again."""
     device = problem.hidden.device
     heads = problem.heads
     n_tasks = len(heads)
-    sums, counts = torch.zeros((2, n_tasks), dtype=torch.float32, device=device).unbind(0)
     table = _target_table(problem)
     large = _large_tasks(heads)
     if _small_tasks(heads):
