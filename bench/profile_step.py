@@ -16,21 +16,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .measure import StepRunner
-from .providers import PROVIDERS, autocast_for, make_linears
+from .providers import build_forward
 from .workloads import WORKLOADS, Workload
 
 
-def _median_us(fn, calls: int, sync: bool) -> float:
-    """Median host time of ``fn()`` in microseconds, the device drained every 16 calls (outside
-    the timings) so that the launch queue never fills."""
-    times = []
+def _medians_us(parts: dict, calls: int, sync: bool) -> dict[str, float]:
+    """Median host time of each of ``parts`` (name -> function, called in order, ``calls``
+    times) in microseconds, the device drained every 16 rounds (outside the timings) so that
+    the launch queue never fills."""
+    times = {name: [] for name in parts}
     for i in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, part in parts.items():
+            start = time.perf_counter()
+            part()
+            times[name].append(time.perf_counter() - start)
         if sync and i % 16 == 15:
             torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2] * 1e6
+    return {f"{name}_us": sorted(t)[len(t) // 2] * 1e6 for name, t in times.items()}
 
 
 class _PassThrough(torch.autograd.Function):
@@ -50,15 +52,8 @@ def host_phases(provider: str, workload: Workload, device: str, dtype: torch.dty
     """Median host microseconds to issue one step's forward (under autocast) and its backward,
     and reference costs on this host (see the module's docstring)."""
     cuda = device == "cuda"
-    linears = make_linears(workload, device)
-    loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
-    hidden, labels = workload.make_inputs(device, dtype)
-    params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
+    run_forward, hidden, _, params = build_forward(provider, workload, device, dtype)
     losses = []
-
-    def forward():
-        with autocast_for(device, dtype):
-            losses.append(loss_fn(hidden, labels))
 
     def backward():
         losses.pop().backward()
@@ -66,18 +61,9 @@ def host_phases(provider: str, workload: Workload, device: str, dtype: torch.dty
         for p in params:
             p.grad = None
 
-    for _ in range(3):
-        forward()
-        backward()
-    times = {"forward": [], "backward": []}
-    for i in range(steps):
-        for name, part in (("forward", forward), ("backward", backward)):
-            start = time.perf_counter()
-            part()
-            times[name].append(time.perf_counter() - start)
-        if cuda and i % 16 == 15:
-            torch.cuda.synchronize()
-    forward_us, backward_us = (sorted(t)[len(t) // 2] * 1e6 for t in times.values())
+    phases = {"forward": lambda: losses.append(run_forward()), "backward": backward}
+    _medians_us(phases, 3, False)  # warm-up
+    result = _medians_us(phases, steps, cuda)
 
     x = torch.zeros(1, device=device, requires_grad=True)
     out, grad_in, seed = torch.zeros((), device=device), torch.zeros(1, device=device), torch.ones((), device=device)
@@ -86,12 +72,8 @@ def host_phases(provider: str, workload: Workload, device: str, dtype: torch.dty
         _PassThrough.apply(x, out, grad_in).backward(seed)
         x.grad = None
 
-    result = {
-        "forward_us": forward_us,
-        "backward_us": backward_us,
-        "empty_us": _median_us(lambda: torch.empty((4096, 768), device=device, dtype=dtype), 1000, cuda),
-        "autograd_round_trip_us": _median_us(round_trip, 1000, cuda),
-    }
+    result |= _medians_us({"empty": lambda: torch.empty((4096, 768), device=device, dtype=dtype)}, 1000, cuda)
+    result |= _medians_us({"autograd_round_trip": round_trip}, 1000, cuda)
     if cuda:
         result.update(_launch_costs(device))
     return result
@@ -113,7 +95,7 @@ def _launch_costs(device: str) -> dict:
         for name, on in (("launch_direct_us", True), ("launch_triton_us", False)):
             launcher.ENABLED = on and enabled
             launch()
-            costs[name] = _median_us(launch, 1000, True)
+            costs[name] = _medians_us({"launch": launch}, 1000, True)["launch_us"]
     finally:
         launcher.ENABLED = enabled
     return costs

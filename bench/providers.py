@@ -200,21 +200,33 @@ def autocast_for(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def build_step(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0,
-               hidden_dtype: torch.dtype | None = None):  # fmt: skip
-    """``(step, hidden, labels, parameters)``: ``step()`` zeroes the grads, runs forward and backward under
-    autocast and returns the detached loss. The hidden states are in ``hidden_dtype`` (default: ``dtype``)."""
+def build_forward(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0,
+                  hidden_dtype: torch.dtype | None = None):  # fmt: skip
+    """``(forward, hidden, labels, parameters)``: ``forward()`` runs the provider's loss under
+    autocast and returns it. The hidden states are in ``hidden_dtype`` (default: ``dtype``)."""
     linears = make_linears(workload, device, seed)
     loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
     hidden, labels = workload.make_inputs(device, hidden_dtype or dtype, seed)
     params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
 
+    def forward() -> Tensor:
+        with autocast_for(device, dtype):
+            return loss_fn(hidden, labels)
+
+    return forward, hidden, labels, params
+
+
+def build_step(provider: str, workload: Workload, device: str, dtype: torch.dtype, seed: int = 0,
+               hidden_dtype: torch.dtype | None = None):  # fmt: skip
+    """``(step, hidden, labels, parameters)``: ``step()`` zeroes the grads, runs forward and backward under
+    autocast and returns the detached loss (see :func:`build_forward`)."""
+    forward, hidden, labels, params = build_forward(provider, workload, device, dtype, seed, hidden_dtype)
+
     def step() -> Tensor:
         hidden.grad = None
         for p in params:
             p.grad = None
-        with autocast_for(device, dtype):
-            loss = loss_fn(hidden, labels)
+        loss = forward()
         loss.backward()
         return loss.detach()
 
