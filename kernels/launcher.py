@@ -12,7 +12,12 @@ A variant is keyed on everything triton specializes on: the keyword arguments (c
 and launch options, through a key the caller gives), the device, each argument's type, each
 tensor's dtype and whether its address is a multiple of 16, and each int's width, whether
 it is 1 and whether it is a multiple of 16 (ints below 16 by value). The key is at least as
-fine as triton's, so a kept kernel is the one triton would pick. Under the interpreter,
+fine as triton's, so a kept kernel is the one triton would pick.
+
+A caller whose ``variant`` already fixes everything but the tensors' addresses (their shapes,
+strides and dtypes, the ints passed) says so with ``fixed=True``: such a launch is keyed on
+the variant, the device and the tensors' alignment only, and skips building the full key
+but on the variant's first launch at each alignment. Under the interpreter,
 with a launch hook installed (a profiler's), or with ``MTLFAST_DIRECT_LAUNCH=0``, every
 launch goes through triton.
 """
@@ -38,6 +43,7 @@ ENABLED = os.environ.get("MTLFAST_DIRECT_LAUNCH", "1") != "0" and not INTERPRETE
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _data_ptr = torch.Tensor.data_ptr
 _dtype = attrgetter("dtype")
+FIXED_KEYS_KEPT = 1024
 
 
 def cdiv(a: int, b: int) -> int:
@@ -70,6 +76,12 @@ class DirectLauncher:
         self._compiled: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # launcher, function, metadata, constexprs
         self._positions: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tensors', ints' by types
         self._current_stream: Callable[[int], int] | None = None
+        self._fixed_tensors: dict[Hashable, tuple[int, ...]] = {}  # tensors' positions by fixed variant
+        self._fixed: dict[tuple, tuple[Any, Any, Any, tuple] | None] = {}  # kept kernels by fixed key
+        # Tests set this: every fixed launch checks that its full key and keyword arguments are the
+        # ones first seen for its fixed key.
+        self.check_fixed = False
+        self._fixed_full_keys: dict[tuple, tuple[tuple, dict]] = {}
 
     def _key(self, variant: Hashable, args: Sequence[Any]) -> tuple:
         types = tuple(map(type, args))
@@ -89,21 +101,42 @@ class DirectLauncher:
         wide = bool(ints) and (max(ints) >= 2**31 or min(ints) < -(2**31)) and _int_widths(ints)
         return variant, _current_device(), types, tuple(map(_dtype, tensors)), aligned, classes, wide
 
-    def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], variant: Hashable) -> None:
+    def _fixed_key(self, variant: Hashable, args: Sequence[Any]) -> tuple:
+        positions = self._fixed_tensors.get(variant)
+        if positions is None:
+            if len(self._fixed_tensors) >= FIXED_KEYS_KEPT:  # many shapes (dynamic lengths): start over
+                self._fixed_tensors.clear()
+                self._fixed.clear()
+                self._fixed_full_keys.clear()
+            positions = self._fixed_tensors[variant] = tuple(
+                i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)
+            )
+        pointers = [_data_ptr(args[i]) for i in positions]
+        aligned = not reduce(or_, pointers, 0) % 16 or tuple(p % 16 == 0 for p in pointers)
+        return variant, _current_device(), aligned
+
+    def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], variant: Hashable,
+                 fixed: bool = False) -> None:  # fmt: skip
         if not ENABLED or _hooks_installed():
             self.kernel[grid](*args, **kwargs)
             return
-        key = self._key(variant, args)
-        kept = self._compiled.get(key)
-        if kept is None:
-            compiled = self.kernel[grid](*args, **kwargs)
-            if hasattr(compiled, "result"):  # a compile future
-                compiled = compiled.result()
-            names = self.kernel.arg_names[len(args) :]
-            if compiled is not None and all(name in kwargs for name in names):
-                constexprs = tuple(kwargs[name] for name in names)
-                self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
-            return
+        if fixed:
+            fixed_key = self._fixed_key(variant, args)
+            kept = self._fixed.get(fixed_key)
+            if kept is None or self.check_fixed:
+                key = self._key(variant, args)
+                if self._fixed_full_keys.setdefault(fixed_key, (key, kwargs)) != (key, kwargs):
+                    raise AssertionError(f"fixed launch variant {variant!r} does not fix its arguments' specialization "
+                                         "and its keyword arguments")  # fmt: skip
+                kept = self._fixed[fixed_key] = self._compiled.get(key) or self._compile(grid, args, kwargs, key)
+                if kept is None:  # launched through triton, not kept
+                    del self._fixed[fixed_key]
+                    return
+        else:
+            key = self._key(variant, args)
+            kept = self._compiled.get(key) or self._compile(grid, args, kwargs, key)
+            if kept is None:
+                return
         run, function, packed_metadata, constexprs = kept
         if self._current_stream is None:
             from triton.runtime import driver
@@ -111,5 +144,17 @@ class DirectLauncher:
             self._current_stream = driver.active.get_current_stream
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
-        run(grid[0], grid_1, grid_2, self._current_stream(key[1]), function, packed_metadata, None, None, None, *args,
-            *constexprs)  # fmt: skip
+        run(grid[0], grid_1, grid_2, self._current_stream(_current_device()), function, packed_metadata, None, None, None,
+            *args, *constexprs)  # fmt: skip
+
+    def _compile(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], key: tuple):
+        """Launches through triton, which compiles the variant on its first launch, and keeps the
+        compiled kernel under ``key``; returns None (the launch is done)."""
+        compiled = self.kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # a compile future
+            compiled = compiled.result()
+        names = self.kernel.arg_names[len(args) :]
+        if compiled is not None and all(name in kwargs for name in names):
+            constexprs = tuple(kwargs[name] for name in names)
+            self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
+        return None

@@ -42,6 +42,7 @@ def loss_finalize_kernel(
 
 
 _launch = DirectLauncher(loss_finalize_kernel)
+_OPTIONS: dict[int, dict] = {}
 
 
 def loss_finalize(
@@ -52,5 +53,7 @@ def loss_finalize(
     fp32 ``[T]`` inputs (see :func:`loss_finalize_kernel`), and zeroes ``sums`` and ``counts``."""
     n_tasks = sums.shape[0]
     block_t = max(16, 1 << (n_tasks - 1).bit_length())
-    _launch((1,), (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks),
-            {"BLOCK_T": block_t, "num_warps": 1}, block_t)  # fmt: skip
+    options = _OPTIONS.get(block_t) or _OPTIONS.setdefault(block_t, {"BLOCK_T": block_t, "num_warps": 1})
+    # every tensor is fp32: the task count fixes the arguments
+    _launch((1,), (sums, counts, count_scale, divisor_override, task_weights, losses, scales, total, n_tasks), options,
+            n_tasks, fixed=True)  # fmt: skip

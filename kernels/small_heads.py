@@ -33,6 +33,7 @@ bce/mse targets fp32 ``[rows, C]``, both contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import cache
 
 import torch
@@ -391,6 +392,9 @@ def _tuned_kernel(backward: bool):
 # skip Autotuner.run and, through the direct launchers, JITFunction.run, whose Python per call
 # (argument binding, keys) is a large share of a small step's host time.
 _TUNED: dict[tuple, dict] = {}
+# Options and programs by the callers' fixed keys.
+_PREPARED: dict[Hashable, tuple[dict, int]] = {}
+PREPARED_KEPT = 1024
 _launch_small_heads = DirectLauncher(small_heads_kernel)
 _launch_reduce = DirectLauncher(small_heads_reduce_kernel)
 
@@ -425,6 +429,7 @@ def launch_small_heads(
     class_weights: bool,
     softcap: bool,
     z_loss: bool,
+    fixed_key: Hashable | None = None,
 ) -> int:
     """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
     ``partial_programs > 0`` runs at most that many persistent programs, each owning
@@ -433,7 +438,9 @@ def launch_small_heads(
     ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
     (``hidden``'s, or 16-bit for fp32 ``hidden``). ``class_weights``: some cross-entropy task
     has class weights (the plan's column weights); ``softcap``, ``z_loss``: some has a softcap, a
-    z-loss (the plan's float table holds them). Buffers a launch does not use may be any tensor."""
+    z-loss (the plan's float table holds them). Buffers a launch does not use may be any tensor.
+    ``fixed_key``: a key the caller guarantees to fix every argument but the tensors' addresses
+    (shapes, strides, dtypes, flags); later launches with it skip working the variant out."""
     n_groups, _, block_c = slot_int.shape
     n_hidden = hidden.shape[0]
     pooled_rows = pooled if pooled is not None else hidden
@@ -452,11 +459,21 @@ def launch_small_heads(
         grad_weight, grad_bias,
         rows_bucket(n_hidden),
     )  # fmt: skip
+    prepared = _PREPARED.get(fixed_key) if fixed_key is not None else None
+    if prepared is not None and not _launch_small_heads.check_fixed:
+        options, programs = prepared
+        _launch_small_heads((programs,), args, options, fixed_key, fixed=True)
+        return programs
     # The autotuner's key plus everything else that selects a compiled variant (the constexprs
-    # by what they are made from: torch dtypes hash faster than triton's).
+    # by what they are made from: torch dtypes hash faster than triton's). With the ints passed
+    # and the dtypes of the buffers, which these flags fix, it fixes every argument but the
+    # tensors' addresses.
     variant = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
                block_c, backward, partials, token_mask is not None, write_dh, has_dh_init, compute_dtype,
                class_weights, softcap, z_loss)  # fmt: skip
+    ints = (args[1], args[2], args[3], args[5], args[6], args[8], args[10], args[11], args[18], args[26], args[28],
+            pooled_rows.dtype, task_scale.dtype, loss.dtype, count.dtype, grad_hidden.dtype, dh_acc.dtype,
+            grad_weight.dtype, grad_bias.dtype)  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
@@ -476,7 +493,16 @@ def launch_small_heads(
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
                                      "num_stages": first.num_stages}  # fmt: skip
     programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], partial_programs)
-    _launch_small_heads((programs,), args, options, variant)
+    if fixed_key is None:
+        fixed_key = (variant, ints)
+    elif prepared is not None:  # checking fixed keys: the options worked out anew must be the kept ones
+        if prepared != (options, programs):
+            raise AssertionError(f"fixed key {fixed_key!r} does not fix the small-heads launch")
+    else:
+        if len(_PREPARED) >= PREPARED_KEPT:
+            _PREPARED.clear()
+        _PREPARED[fixed_key] = (options, programs)
+    _launch_small_heads((programs,), args, options, fixed_key, fixed=True)
     return programs
 
 
@@ -487,6 +513,8 @@ def _programs(n_hidden: int, n_pooled: int, block_m: int, partial_programs: int)
 
 
 REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
+_REDUCE_OPTIONS = {accumulate: {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLOCK_D, "ACCUMULATE": accumulate,
+                                "num_warps": 4} for accumulate in (False, True)}  # fmt: skip
 
 
 def reduce_partials(
@@ -500,9 +528,6 @@ def reduce_partials(
     slots]``, of which the first ``n_programs`` were written."""
     _, slots, hidden_size = dw_part.shape
     grid = (slots, cdiv(hidden_size, REDUCE_BLOCK_D))
-    _launch_reduce(
-        grid,
-        (dw_part, db_part, n_programs, slots, db_part.shape[1], hidden_size, slot_row, slot_index, grad_weight, grad_bias),
-        {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLOCK_D, "ACCUMULATE": accumulate, "num_warps": 4},
-        accumulate,
-    )
+    ints = (n_programs, slots, db_part.shape[1], hidden_size)
+    _launch_reduce(grid, (dw_part, db_part, *ints, slot_row, slot_index, grad_weight, grad_bias),
+                   _REDUCE_OPTIONS[accumulate], (accumulate, ints, grad_weight.dtype), fixed=True)  # fmt: skip

@@ -60,12 +60,13 @@ def head_logits(
     return logits
 
 
-def _flat_target(task: Task, label: Tensor, rows: int, cdtype: torch.dtype) -> Tensor:
-    """Cross-entropy: contiguous int64 [rows]; bce/mse: contiguous fp32 (fp64 for fp64 compute) [rows, C]."""
-    if task.loss == "cross_entropy":
-        shape, dtype = (rows,), torch.int64
-    else:
-        shape, dtype = (rows, task.num_outputs), torch.float64 if cdtype == torch.float64 else torch.float32
+def _target_shape(task: Task, rows: int) -> tuple[int, ...]:
+    return (rows,) if task.loss == "cross_entropy" else (rows, task.num_outputs)
+
+
+def _flat_target(label: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The label as contiguous ``dtype`` ``shape``: cross-entropy int64 [rows]; bce/mse fp32
+    (fp64 for fp64 compute) [rows, C]."""
     if label.dtype != dtype:
         label = label.to(dtype)
     if tuple(label.shape) != shape:
@@ -157,76 +158,168 @@ def multitask_loss(
             hooks). Eager mode only.
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
-    check_call(
-        layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting, log_vars,
+    options = (weighting, backend, chunk_size, deterministic, grad_filter_eps)
+    # a layout built here from a list of tasks is new every call: no plan kept for it
+    key = None if return_logits or labels is None or layout is not tasks else _signature(
+        layout, hidden_states, weight, bias, labels, attention_mask, pooled, log_vars, options, num_items_in_batch,
         task_weights,
     )  # fmt: skip
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        check_call(
+            layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting,
+            log_vars, task_weights,
+        )  # fmt: skip
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if labels is not None and validate and not torch.compiler.is_compiling():
         check_values(layout, labels, attention_mask, num_items_in_batch)
 
-    cdtype = computation_dtype(hidden_states)
-    filter_threshold = grad_filter_threshold(grad_filter_eps, cdtype)
     logits = None
     if return_logits or labels is None:
+        cdtype = computation_dtype(hidden_states)
         logits = head_logits(layout, hidden_states.to(cdtype), pooled if pooled is None else pooled.to(cdtype),
                              weight, bias)  # fmt: skip
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
+    if plan is None:
+        plan = _plan_call(layout, hidden_states, weight, bias, labels, pooled, log_vars, num_items_in_batch,
+                          task_weights, *options)  # fmt: skip
+        if key is not None:
+            if len(_PLANS) >= PLANS_KEPT:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = plan
+    call = plan.call
     main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
     if bias is None:  # the op takes a bias: a zero one that needs no gradient
         bias = weight.new_zeros(layout.total_outputs)
+    hidden = hidden_states if hidden_states.dtype == plan.rows_dtype else hidden_states.to(plan.rows_dtype)
+    pooled_c = pooled if pooled is None or pooled.dtype == plan.rows_dtype else pooled.to(plan.rows_dtype)
+    token_mask = None
+    if plan.token_rows is not None:
+        rows = hidden  # [B, S, D]: the op takes it as [B * S, D] itself, with no view for autograd to walk back
+        op_pooled = pooled_c
+        if attention_mask is not None:
+            token_mask = attention_mask.reshape(plan.token_rows[0]) != 0
+    else:
+        rows = pooled_c if pooled_c is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
+        op_pooled = None
+    targets = [_flat_target(labels[task.name], shape, dtype)
+               for task, shape, dtype in zip(plan.present_tasks, plan.target_shapes, plan.target_dtypes)]  # fmt: skip
+    device = hidden.device
+    divisor_override = plan.divisor_override
+    if divisor_override is None:
+        divisor_override = torch.stack([_divisor_on(device, num_items_in_batch.get(task.name))
+                                        for task in plan.present_tasks])  # fmt: skip
+    weight_per_task = plan.weight_per_task
+    if weighting == "uncertainty":
+        index = _constant(plan.present, torch.long, log_vars.device)
+        task_log_vars = log_vars[index]
+        weight_per_task = 0.5 * torch.exp(-task_log_vars.to(plan.weight_dtype))
+    elif weight_per_task is None:  # call-time weights, some of them tensors (or traced)
+        given = [task_weights.get(task.name, task.weight) for task in plan.present_tasks]
+        # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
+        one = torch.ones((), dtype=plan.weight_dtype, device=device)
+        weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
+
+    total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
+                                     weight_per_task, main_grad_targets)  # fmt: skip
+    if weighting == "uncertainty" and plan.present:
+        total = total + 0.5 * task_log_vars.to(total.dtype).sum()
+    detached = losses.detach() if losses.requires_grad else losses  # the eager op marks them non-differentiable
+    return MultiTaskOutput(loss=total, losses=dict(zip(plan.present_names, detached.unbind(0))), logits=logits)
+
+
+@dataclass(frozen=True, eq=False)
+class _CallPlan:
+    """What a call's shapes, dtypes, options and modes fix (everything but the tensors' values),
+    worked out once per :func:`_signature`."""
+
+    layout: TaskLayout  # kept alive: the signature holds its id
+    call: HeadCall
+    present: tuple[int, ...]  # the layout indices of the tasks in labels
+    present_tasks: tuple[Task, ...]
+    present_names: tuple[str, ...]
+    rows_dtype: torch.dtype  # the dtype the op takes hidden_states and pooled in
+    token_rows: tuple[int, int] | None  # (B * S, D) when a token task is present, else None
+    target_shapes: tuple[tuple[int, ...], ...]  # each present task's flat targets (:func:`_flat_target`)
+    target_dtypes: tuple[torch.dtype, ...]
+    weight_dtype: torch.dtype  # of the task weights: fp32, fp64 for fp64 compute
+    divisor_override: Tensor | None  # the constant [T] of -1 without num_items_in_batch, else None
+    weight_per_task: Tensor | None  # the constant [T] of static weights that are numbers, else None
+
+
+# Plans by call signature, the oldest dropped past PLANS_KEPT (a loop over many shapes).
+_PLANS: dict[tuple, _CallPlan] = {}
+PLANS_KEPT = 256
+
+
+def _tensor_signature(tensor: Tensor | None) -> tuple | None:
+    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+
+
+def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attention_mask, pooled, log_vars,
+               options: tuple, num_items_in_batch, task_weights) -> tuple | None:  # fmt: skip
+    """The key of a call's :class:`_CallPlan`: the shapes, dtypes, devices and gradient needs of
+    its tensors, its options and the modes in force. None for a call that is not planned once:
+    per-call divisors or weights, inputs that are not tensors (left to the checks), torch.compile
+    tracing, CUDA graph capture (whose constants are kept apart)."""
+    if num_items_in_batch or task_weights or not isinstance(labels, dict) or torch.compiler.is_compiling():
+        return None
+    tensors = (hidden_states, weight, bias, attention_mask, pooled, log_vars, *labels.values())
+    if not all(t is None or isinstance(t, Tensor) for t in tensors):
+        return None
+    device_type = hidden_states.device.type
+    if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and (
+        torch.get_autocast_dtype(device_type))  # fmt: skip
+    return (
+        id(layout), *map(_tensor_signature, tensors), tuple(labels), options, torch.is_grad_enabled(), autocast,
+        torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
+
+
+def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, log_vars, num_items_in_batch,
+               task_weights, weighting, backend, chunk_size, deterministic, grad_filter_eps) -> _CallPlan:  # fmt: skip
+    cdtype = computation_dtype(hidden_states)
+    filter_threshold = grad_filter_threshold(grad_filter_eps, cdtype)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
     # the backends round them as they read them, instead of a cast pass here and one back in backward.
     backend_name = resolve_backend(backend, hidden_states.device)
     reads_fp32 = hidden_states.dtype == torch.float32 and cdtype in HALF_DTYPES and READS_FP32_ROWS[backend_name]
     rows_dtype = torch.float32 if reads_fp32 else cdtype
-    hidden = hidden_states if hidden_states.dtype == rows_dtype else hidden_states.to(rows_dtype)
-    pooled_c = pooled if pooled is None or pooled.dtype == rows_dtype else pooled.to(rows_dtype)
 
-    present = [i for i, task in enumerate(layout.tasks) if task.name in labels]
-    present_tasks = [layout.tasks[i] for i in present]
-    batch = hidden.shape[0]
-    has_token = any(task.level == "token" for task in present_tasks)
-    token_mask = None
-    if has_token:
-        seq_len = hidden.shape[1]
-        rows = hidden.reshape(batch * seq_len, hidden.shape[2])
-        seq_stride = 0 if pooled_c is not None else seq_len
-        op_pooled = pooled_c
-        if attention_mask is not None:
-            token_mask = attention_mask.reshape(batch * seq_len) != 0
-    else:
-        seq_len = 1
-        rows = pooled_c if pooled_c is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
-        seq_stride, op_pooled = 1, None
-
-    targets = [
-        _flat_target(task, labels[task.name], batch * seq_len if task.level == "token" else batch, cdtype)
-        for task in present_tasks
-    ]
-    device = hidden.device
-    overrides = [(num_items_in_batch or {}).get(task.name) for task in present_tasks]
-    if all(value is None for value in overrides):
+    present = tuple(i for i, task in enumerate(layout.tasks) if task.name in labels)
+    present_tasks = tuple(layout.tasks[i] for i in present)
+    batch = hidden_states.shape[0]
+    token_rows = None
+    seq_len, seq_stride = 1, 1
+    if any(task.level == "token" for task in present_tasks):
+        seq_len = hidden_states.shape[1]
+        token_rows = (batch * seq_len, hidden_states.shape[2])
+        seq_stride = 0 if pooled is not None else seq_len
+    target_shapes = tuple(_target_shape(task, batch * seq_len if task.level == "token" else batch)
+                          for task in present_tasks)  # fmt: skip
+    target_dtypes = tuple(torch.int64 if task.loss == "cross_entropy" else
+                          torch.float64 if cdtype == torch.float64 else torch.float32
+                          for task in present_tasks)  # fmt: skip
+    device = hidden_states.device
+    divisor_override = None
+    if all((num_items_in_batch or {}).get(task.name) is None for task in present_tasks):
         divisor_override = _constant((-1.0,) * len(present), torch.float32, device)
-    else:
-        divisor_override = torch.stack([_divisor_on(device, v) for v in overrides])
     weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
-    if weighting == "uncertainty":
-        index = _constant(tuple(present), torch.long, log_vars.device)
-        task_log_vars = log_vars[index]
-        weight_per_task = 0.5 * torch.exp(-task_log_vars.to(weight_dtype))
-    else:
+    weight_per_task = None
+    if weighting == "static":
         given = [(task_weights or {}).get(task.name, task.weight) for task in present_tasks]
-        if task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given)):
-            # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
-            one = torch.ones((), dtype=weight_dtype, device=device)
-            weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
-        else:
+        if not (task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given))):
             weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device)
 
-    hidden_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, op_pooled))
+    rows_grad = (hidden_states.requires_grad if token_rows is not None or pooled is None else False) or (
+        pooled is not None and pooled.requires_grad)  # fmt: skip
+    hidden_grad = torch.is_grad_enabled() and rows_grad
     call = HeadCall(
         heads=tuple(layout.heads[i] for i in present),
         seq_stride=seq_stride,
@@ -235,16 +328,9 @@ def multitask_loss(
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
         grad_filter_eps=filter_threshold,
         hidden_grad=hidden_grad,
-        compute_grad=hidden_grad or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)),
+        compute_grad=hidden_grad or (torch.is_grad_enabled() and (weight.requires_grad or (
+            bias is not None and bias.requires_grad))),
         compute_dtype=cdtype,
-    )
-    total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
-                                     weight_per_task, main_grad_targets)  # fmt: skip
-    if weighting == "uncertainty" and present:
-        total = total + 0.5 * task_log_vars.to(total.dtype).sum()
-    detached = losses.detach() if losses.requires_grad else losses  # the eager op marks them non-differentiable
-    return MultiTaskOutput(
-        loss=total,
-        losses={task.name: loss for task, loss in zip(present_tasks, detached.unbind(0))},
-        logits=logits,
-    )
+    )  # fmt: skip
+    return _CallPlan(layout, call, present, present_tasks, tuple(t.name for t in present_tasks), rows_dtype, token_rows,
+                     target_shapes, target_dtypes, weight_dtype, divisor_override, weight_per_task)  # fmt: skip

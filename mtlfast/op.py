@@ -53,8 +53,9 @@ class HeadCall:
     compute_dtype: torch.dtype
 
     def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
+        """The backends' problem; token rows given as ``[B, S, D]`` become ``[B * S, D]``."""
         return HeadProblem(
-            hidden=hidden,
+            hidden=hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
             pooled=pooled,
             seq_stride=self.seq_stride,
             token_mask=token_mask,
@@ -208,6 +209,8 @@ class FusedHeadsLoss(torch.autograd.Function):
             main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
             grads[2], grads[3], grads[5], grads[6] = _backward(problem, ctx.call.backend, list(saved), grad_total,
                                                                main_grads)  # fmt: skip
+            if grads[2] is not None and hidden.dim() == 3:
+                grads[2] = grads[2].reshape(hidden.shape)
             for index, param in zip((5, 6), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.
@@ -222,7 +225,9 @@ class FusedHeadsLoss(torch.autograd.Function):
 def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,
                      task_weights, main_grad_params: tuple[Tensor | None, Tensor | None] = (None, None),
                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs). ``main_grad_params``:
+    """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs). ``hidden``: the rows
+    ``[N, D]``, or the token rows as ``[B, S, D]`` (taken as ``[B * S, D]``; their gradient
+    comes back in that shape). ``main_grad_params``:
     the weight and the bias where their gradient is to be added into their ``main_grad``
     (eager only), else None."""
     if torch.compiler.is_compiling():
@@ -325,6 +330,8 @@ def _custom_backward(
                               deterministic, grad_filter_eps, hidden_grad, True)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
+    if grad_hidden is not None and hidden.dim() == 3:
+        grad_hidden = grad_hidden.reshape(hidden.shape)
     # outputs must not alias each other: an empty tensor of their own stands for a missing one
     return [grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]  # fmt: skip

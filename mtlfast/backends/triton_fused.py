@@ -399,8 +399,52 @@ def _partial_programs(problem: HeadProblem, plan: _SmallPlan) -> int:
     return max(1, min(wanted, DETERMINISTIC_PARTIAL_BYTES // per_program))
 
 
-def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, backward: bool, **buffers) -> int:
-    """One launch of the small-heads kernel; returns the number of programs launched."""
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """What a problem's signature (:func:`_step`) fixes for its launches, worked out once."""
+
+    small: _SmallPlan | None  # the small path's slots, None without small tasks
+    large: tuple[int, ...]  # the large path's tasks
+    wide: tuple[int, ...]  # the wide path's tasks
+    forward_programs: int  # programs owning partial loss sums in forward (deterministic), or 0
+    backward_programs: int  # programs owning partial dW/db in backward, or 0 for float atomics
+    count_scale: Tensor  # see _count_scale
+    unwritten_rows: tuple[tuple[int, int], ...]  # see _unwritten_rows
+
+
+# Steps by signature, the oldest dropped past STEPS_KEPT (a loop over many shapes).
+_STEPS: dict[tuple, _Step] = {}
+STEPS_KEPT = 256
+
+
+def _step(problem: HeadProblem) -> _Step:
+    """The problem's :class:`_Step`, keyed on its heads and its tensors' shapes, strides and
+    dtypes: the small-heads kernel's launches are fixed by them but for the tensors' addresses."""
+    hidden, pooled, weight = problem.hidden, problem.pooled, problem.weight
+    key = (
+        problem.heads, hidden.shape, hidden.stride(), hidden.dtype, hidden.device,
+        None if pooled is None else (pooled.shape, pooled.stride(), pooled.dtype), problem.seq_stride,
+        problem.token_mask is None, weight.shape, weight.stride(), weight.dtype, problem.bias.dtype,
+        problem.compute_dtype, problem.deterministic, problem.hidden_grad,
+    )  # fmt: skip
+    step = _STEPS.get(key)
+    if step is None:
+        heads, device = problem.heads, hidden.device
+        plan = _small_plan(heads, device) if _small_tasks(heads) else None
+        programs = _partial_programs(problem, plan) if plan is not None else 0
+        step = _Step(plan, _large_tasks(heads), _wide_tasks(heads), programs if problem.deterministic else 0,
+                     programs, _count_scale(heads, device), _unwritten_rows(heads, weight.shape[0], programs > 0))  # fmt: skip
+        if len(_STEPS) >= STEPS_KEPT:
+            _STEPS.pop(next(iter(_STEPS)))
+        _STEPS[key] = step
+    return step
+
+
+def _launch_small(problem: HeadProblem, step: _Step, table: Tensor, *, backward: bool, **buffers) -> int:
+    """One launch of the small-heads kernel; returns the number of programs launched. The step
+    and the direction fix its arguments but for the tensors' addresses: the buffers each
+    direction passes are fp32 (dH: the rows' dtype), dense, and chosen by the step's paths."""
+    plan = step.small
     dummy = buffers.get("loss", table)
     args = {
         "task_scale": dummy, "grad_out": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
@@ -425,6 +469,7 @@ def _launch_small(problem: HeadProblem, plan: _SmallPlan, table: Tensor, *, back
         class_weights=bool(plan.class_weighted),
         softcap=plan.softcap,
         z_loss=plan.z_loss,
+        fixed_key=(step, backward),
         **args,
     )
 
@@ -469,12 +514,13 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor) -> tuple[T
     heads = problem.heads
     n_tasks = len(heads)
     table = _target_table(problem)
-    large = _large_tasks(heads)
-    if _small_tasks(heads):
-        plan = _small_plan(heads, device)
-        programs = _partial_programs(problem, plan) if problem.deterministic else 0
+    step = _step(problem)
+    large = step.large
+    plan = step.small
+    if plan is not None:
+        programs = step.forward_programs
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
-        launched = _launch_small(problem, plan, table, backward=False, loss=loss, count=counts,
+        launched = _launch_small(problem, step, table, backward=False, loss=loss, count=counts,
                                  partial_programs=programs)  # fmt: skip
         if programs:
             sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
@@ -493,12 +539,12 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor) -> tuple[T
         sums[i] = torch.where(kept, row_loss, 0.0).sum()
         counts[i] = kept.sum(dtype=torch.float32)
         saved_large += [lse, target]
-    for i in _wide_tasks(heads):
+    for i in step.wide:
         _wide_forward(problem, i, sums, counts)
     losses = alloc_output((n_tasks,), torch.float32, device)
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
-    _kernels().loss_finalize.loss_finalize(sums, counts, _count_scale(heads, device), problem.divisor_override,
+    _kernels().loss_finalize.loss_finalize(sums, counts, step.count_scale, problem.divisor_override,
                                            problem.task_weights, losses, loss_scale, total)  # fmt: skip
     return total, losses, [loss_scale, table, *saved_large]
 
@@ -516,16 +562,15 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
     grad_out = grad_total.to(torch.float32).contiguous()
-    large, wide = _large_tasks(heads), _wide_tasks(heads)
-    plan = _small_plan(heads, device) if _small_tasks(heads) else None
-    programs = _partial_programs(problem, plan) if plan is not None else 0
+    step = _step(problem)
+    large, wide, plan, programs = step.large, step.wide, step.small, step.backward_programs
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
     # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here. Into
     # main_grad every kernel adds instead, and nothing is zeroed there.
     accumulate = main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
     grad_weight = main_grad if accumulate else alloc_output(problem.weight.shape, torch.float32, device)
     grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
-    for start, end in _unwritten_rows(heads, problem.weight.shape[0], programs > 0):
+    for start, end in step.unwritten_rows:
         if not accumulate:
             grad_weight[start:end].zero_()
         grad_bias[start:end].zero_()
@@ -571,7 +616,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
         else:
             dw_target, db_target = grad_weight, grad_bias
         launched = _launch_small(
-            problem, plan, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_weight=dw_target,
+            problem, step, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_weight=dw_target,
             grad_bias=db_target, partial_programs=programs, write_dh=hidden_grad, **rows_out,
         )  # fmt: skip
         if programs:

@@ -592,3 +592,45 @@ def test_grad_filter_lets_nan_through():
     case.labels["vocab"][0, 64:] = torch.where(torch.arange(64, 70) == 66, case.labels["vocab"][0, 64:], -100)
     out, grads = run_heads(case, "triton", torch.float32, grad_filter_eps=0.5)  # row 66 alone in its tile
     assert out.loss.isnan() and grads["weight"].isnan().any() and grads["hidden"][0, 66].isnan().all()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
+    """The small path's launches keyed on the backend's step (``fixed=True``) are checked on
+    every launch against the full key (types, dtypes, alignment, int specialization): a key
+    that does not fix its arguments raises. Launched through stand-ins of compiled kernels
+    (the interpreter has none), a case's second step launches them all directly."""
+    from types import SimpleNamespace
+
+    from mtlfast.kernels import launcher, loss_finalize, small_heads
+
+    launches = []
+
+    class StandIn:
+        def __init__(self, kernel, name):
+            self.arg_names, self.name = kernel.arg_names, name
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append(("triton", self.name))
+                return SimpleNamespace(run=lambda *a: launches.append(("direct", self.name)), function=None,
+                                       packed_metadata=None)  # fmt: skip
+
+            return run
+
+    monkeypatch.setattr(launcher, "ENABLED", True)
+    monkeypatch.setattr(launcher, "_hooks_installed", lambda: False)
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
+    for name, direct in [("small_heads", small_heads._launch_small_heads), ("reduce", small_heads._launch_reduce),
+                         ("finalize", loss_finalize._launch)]:  # fmt: skip
+        monkeypatch.setattr(direct, "kernel", StandIn(direct.kernel, name))
+        monkeypatch.setattr(direct, "_current_stream", lambda device: 0)
+        monkeypatch.setattr(direct, "check_fixed", True)
+    random.seed(fresh_seed())
+    case = random_case(max_classes=40, allow_extras=True)
+    options = random.choice([{}, {"deterministic": True}, {"fuse_wgrad_accumulation": True}])
+    frozen = random.random() < 0.25
+    for _ in range(2):
+        launches.clear()
+        run_heads(case, "triton", torch.float32, frozen_hidden=frozen, **options)
+    assert launches and all(kind == "direct" for kind, _ in launches), launches
