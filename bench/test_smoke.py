@@ -187,3 +187,20 @@ def test_host_phases_times_each_part():
     costs = host_phases("mtlfast-torch", WORKLOADS["bert-base-4task-cpu"], "cpu", torch.float32, steps=5)
     assert set(costs) == {"forward_us", "backward_us", "empty_us", "autograd_round_trip_us"}
     assert all(value > 0 for value in costs.values()), costs
+
+
+def test_host_time_steps_through_stand_in_launches():
+    """host_time runs mtlfast-triton's steps on the CPU with every small-path launch direct (to
+    a stand-in) from the second step on."""
+    import subprocess
+    import sys
+
+    code = ("from mtlfast.bench import host_time as h; h.stub_launches(); "
+            "us = h.median_step_us('mtlfast-triton', steps=3, rounds=1); "
+            "print(us, h._StandInKernel.direct_launches)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    us, direct = done.stdout.split()
+    # 53 steps (50 to warm up), 4 launches each, all but the first step's direct
+    assert float(us) > 0 and int(direct) == 52 * 4, done.stdout

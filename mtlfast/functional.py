@@ -189,7 +189,7 @@ def multitask_loss(
                           task_weights, *options)  # fmt: skip
         if key is not None:
             if len(_PLANS) >= PLANS_KEPT:
-                _PLANS.pop(next(iter(_PLANS)))
+                _PLANS.pop(next(iter(_PLANS)), None)
             _PLANS[key] = plan
     call = plan.call
     main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
@@ -267,6 +267,10 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
     per-call divisors or weights, inputs that are not tensors (left to the checks), torch.compile
     tracing, CUDA graph capture (whose constants are kept apart)."""
     if num_items_in_batch or task_weights or not isinstance(labels, dict) or torch.compiler.is_compiling():
+        return None
+    try:
+        hash(options)
+    except TypeError:  # a bad option, which the checks name
         return None
     tensors = (hidden_states, weight, bias, attention_mask, pooled, log_vars, *labels.values())
     if not all(t is None or isinstance(t, Tensor) for t in tensors):

@@ -182,7 +182,8 @@ class FusedHeadsLoss(torch.autograd.Function):
         ctx.call = call
         ctx.main_grad_params = main_grad_params
         ctx.num_targets = len(targets)
-        ctx.save_for_backward(hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses,
+        ctx.hidden_shape = hidden.shape  # the rows are kept as the problem's [N, D] view
+        ctx.save_for_backward(problem.hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses,
                               *targets, *saved)  # fmt: skip
         ctx.mark_non_differentiable(losses)
         ctx.set_materialize_grads(False)  # no zeros for the gradient of losses, which is never read
@@ -209,8 +210,8 @@ class FusedHeadsLoss(torch.autograd.Function):
             main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
             grads[2], grads[3], grads[5], grads[6] = _backward(problem, ctx.call.backend, list(saved), grad_total,
                                                                main_grads)  # fmt: skip
-            if grads[2] is not None and hidden.dim() == 3:
-                grads[2] = grads[2].reshape(hidden.shape)
+            if grads[2] is not None and grads[2].shape != ctx.hidden_shape:
+                grads[2] = grads[2].reshape(ctx.hidden_shape)
             for index, param in zip((5, 6), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.

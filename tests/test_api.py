@@ -451,3 +451,61 @@ def test_softcap_caps_the_logits_returned():
     torch.testing.assert_close(logits["capped"], 0.7 * torch.tanh(linears["capped"](hidden) / 0.7))
     torch.testing.assert_close(logits["plain"], linears["plain"](hidden[:, 0]))
     assert logits["capped"].abs().max() <= 0.7
+
+
+def test_kept_call_plans_follow_every_change_of_signature():
+    """A module called over and over with changes of what its plan is keyed on (grad mode, a
+    frozen encoder output, autocast, deterministic mode, options, label dtypes, shapes, task
+    subsets) gets, call after call, what a call without kept plans gets."""
+    from mtlfast import functional
+
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 5, "cross_entropy", level="token"),
+             Task("tags", 4, "bce"), Task("score", 1, "mse", level="token")]  # fmt: skip
+    heads = MultiTaskHeads(8, tasks, backend="torch")
+    cases = {shape: case_for(tasks, shape) for shape in ((2, 5, 8), (3, 4, 8))}
+    variants = [
+        lambda c: {},
+        lambda c: {"no_grad": True},
+        lambda c: {"frozen": True},
+        lambda c: {"autocast": True},
+        lambda c: {"deterministic": True},
+        lambda c: {"labels": {**c.labels, "cls": c.labels["cls"].int()}},
+        lambda c: {"labels": {k: v for k, v in c.labels.items() if k != "ner"}},
+        lambda c: {"labels": {k: c.labels[k] for k in ("score", "cls")}},
+        lambda c: {"weighting": "uncertainty"},
+        lambda c: {"mask": True},
+    ]
+
+    def call(case, variant):
+        heads.zero_grad(set_to_none=True)
+        heads.deterministic = variant.get("deterministic", False)
+        hidden = case.hidden.clone().requires_grad_(not variant.get("frozen"))
+        mask = case.attention_mask if variant.get("mask") and case.attention_mask is not None else None
+        with torch.set_grad_enabled(not variant.get("no_grad")), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=bool(variant.get("autocast"))
+        ):
+            out = multitask_loss(hidden, heads.weight, heads.bias, heads.layout, variant.get("labels", case.labels),
+                                 attention_mask=mask, log_vars=torch.zeros(4),
+                                 weighting=variant.get("weighting", "static"), backend="torch",
+                                 deterministic=heads.deterministic)  # fmt: skip
+            if out.loss.requires_grad:
+                out.loss.backward()
+        grads = [hidden.grad, heads.weight.grad, heads.bias.grad]
+        return [out.loss.detach(), *out.losses.values(), *grads], sorted(out.losses)
+
+    order = [(shape, v) for _ in range(2) for shape in cases for v in range(len(variants))]
+    random.Random(fresh_seed()).shuffle(order)
+    for shape, v in order:
+        case = cases[shape]
+        kept, kept_names = call(case, variants[v](case))  # with every plan kept so far
+        plans = dict(functional._PLANS)
+        functional._PLANS.clear()
+        fresh, fresh_names = call(case, variants[v](case))
+        functional._PLANS.clear()
+        functional._PLANS.update(plans)
+        assert kept_names == fresh_names, (shape, v)
+        for a, b in zip(kept, fresh):
+            assert (a is None) == (b is None), (shape, v)
+            if a is not None:
+                assert torch.equal(a, b), (shape, v)
+    assert functional._PLANS, "no plan was kept"

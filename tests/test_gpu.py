@@ -26,6 +26,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 DEVICE = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def checked_fixed_launch_keys(monkeypatch):
+    """Every launch keyed on a fixed key (the small path's) also works its full key out and
+    checks it against the first one seen for that fixed key: a fixed key that does not fix its
+    arguments fails the test instead of launching another variant."""
+    from mtlfast.kernels import loss_finalize, small_heads
+
+    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
+        monkeypatch.setattr(direct, "check_fixed", True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("trial", range(6))
 def test_triton_random_cases(dtype, trial):

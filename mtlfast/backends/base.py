@@ -46,8 +46,12 @@ class HostValuesCache:
         self._kept = kept
         self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
 
-    def get(self, key: tuple, values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    def get(self, key: tuple, values: tuple, dtype: torch.dtype, device: torch.device,
+            capturing: bool | None = None) -> Tensor:  # fmt: skip
+        """The tensor of ``values``; ``capturing``: whether a CUDA graph is being captured, when the
+        caller knows (else asked here)."""
+        if capturing is None:
+            capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         tensor = self._entries.pop(key, None)  # and put back last: no KeyError if another thread evicts it meanwhile
         if tensor is not None:
             self._entries[key] = tensor

@@ -229,7 +229,7 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
 _TABLES = HostValuesCache(kept=64)
 
 
-def _target_table(problem: HeadProblem) -> Tensor:
+def _target_table(problem: HeadProblem, capturing: bool) -> Tensor:
     """int64 [T]: the address of each task's targets (int64 [rows] or fp32 [rows, C], contiguous)."""
     for target, head in zip(problem.targets, problem.heads):
         expected = torch.int64 if head.is_ce else torch.float32
@@ -237,7 +237,7 @@ def _target_table(problem: HeadProblem) -> Tensor:
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
     device = problem.hidden.device
     addresses = tuple(t.data_ptr() for t in problem.targets)
-    return _TABLES.get((device, *addresses), addresses, torch.int64, device)
+    return _TABLES.get((device, *addresses), addresses, torch.int64, device, capturing)
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
@@ -435,7 +435,7 @@ def _step(problem: HeadProblem) -> _Step:
         step = _Step(plan, _large_tasks(heads), _wide_tasks(heads), programs if problem.deterministic else 0,
                      programs, _count_scale(heads, device), _unwritten_rows(heads, weight.shape[0], programs > 0))  # fmt: skip
         if len(_STEPS) >= STEPS_KEPT:
-            _STEPS.pop(next(iter(_STEPS)))
+            _STEPS.pop(next(iter(_STEPS)), None)
         _STEPS[key] = step
     return step
 
@@ -481,10 +481,10 @@ def _launch_small(problem: HeadProblem, step: _Step, table: Tensor, *, backward:
 _LOSS_SUMS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _loss_sums(n_tasks: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _loss_sums(n_tasks: int, device: torch.device, capturing: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(buffer [2, T], sums [T], counts [T])``, all zero. Under CUDA graph capture a fresh
     buffer (a captured fill runs only at replay, so a kept buffer would not be zero before it)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
         return buffer, *buffer.unbind(0)
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
@@ -499,21 +499,24 @@ def _loss_sums(n_tasks: int, device: torch.device) -> tuple[Tensor, Tensor, Tens
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _delegates(problem):
         return torch_chunked.forward(problem)
-    n_tasks = len(problem.heads)
-    buffer, sums, counts = _loss_sums(n_tasks, problem.hidden.device)
+    device = problem.hidden.device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    buffer, sums, counts = _loss_sums(len(problem.heads), device, capturing)
     try:
-        return _forward_into(problem, sums, counts)
+        return _forward_into(problem, sums, counts, capturing)
     except BaseException:
         buffer.zero_()  # the finalize that zeroes it did not run
         raise
 
 
-def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """The forward into the zeroed ``sums`` and ``counts`` [T], which the finalize zeroes again."""
+def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing: bool,
+                  ) -> tuple[Tensor, Tensor, list[Tensor]]:  # fmt: skip
+    """The forward into the zeroed ``sums`` and ``counts`` [T], which the finalize zeroes again
+    (``capturing``: whether a CUDA graph is being captured)."""
     device = problem.hidden.device
     heads = problem.heads
     n_tasks = len(heads)
-    table = _target_table(problem)
+    table = _target_table(problem, capturing)
     step = _step(problem)
     large = step.large
     plan = step.small

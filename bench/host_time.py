@@ -1,0 +1,84 @@
+"""``TRITON_INTERPRET=1 python -m mtlfast.bench.host_time [PROVIDER ...]``: the host time of a
+training step on a machine without a GPU, for the providers (default: eager and
+mtlfast-triton).
+
+mtlfast-triton's small path launches its kernels through direct launchers. Here each
+launcher's kernel is a stand-in that hands back a compiled kernel whose launch does
+nothing, so the step runs all of mtlfast's Python and aten host work (checks, plans,
+allocations, launch keys, autograd) and none of the kernels' device work; its outputs are
+meaningless. Eager runs its real ops on the CPU, at sizes where they cost little:
+``bert-base-4task``'s tasks at B=2, S=4, D=16. A GPU host adds each kernel launch's driver
+call, to both. TRITON_INTERPRET=1 lets triton load without a GPU; no kernel is interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+from .providers import build_step
+from .workloads import WORKLOADS
+
+
+class _StandInKernel:
+    """Hands back, for any launch, a compiled kernel whose launch only counts itself."""
+
+    direct_launches = 0
+
+    def __init__(self, kernel):
+        self.arg_names = kernel.arg_names
+        self.compiled = SimpleNamespace(run=self._count, function=None, packed_metadata=None)
+
+    @classmethod
+    def _count(cls, *args) -> None:
+        cls.direct_launches += 1
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.compiled
+
+
+def stub_launches() -> None:
+    """Turns the direct launchers on, with stand-in kernels, on the CPU."""
+    from mtlfast.kernels import launcher, loss_finalize, small_heads
+
+    launcher.ENABLED = True
+    launcher._hooks_installed = lambda: False
+    launcher._current_device = lambda: 0
+    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
+        direct.kernel = _StandInKernel(direct.kernel)
+        direct._current_stream = lambda device: 0
+
+
+def median_step_us(provider: str, steps: int = 400, rounds: int = 5) -> float:
+    workload = dataclasses.replace(WORKLOADS["bert-base-4task-cpu"], batch=2, seq_len=4, hidden=16)
+    step, *_ = build_step(provider, workload, "cpu", torch.bfloat16)
+    for _ in range(50):
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps * 1e6)
+    return sorted(times)[rounds // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("providers", nargs="*", default=["eager", "mtlfast-triton"])
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("run with TRITON_INTERPRET=1 (set before triton is imported)")
+    torch.set_num_threads(1)
+    stub_launches()
+    for provider in args.providers:
+        print(f"{provider}: {median_step_us(provider):.0f} us per step (median of 5 rounds of 400)")
+
+
+if __name__ == "__main__":
+    main()
