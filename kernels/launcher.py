@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable, Sequence
 from functools import reduce
-from operator import attrgetter, or_
+from operator import attrgetter, itemgetter, or_
 from typing import Any
 
 import torch
@@ -76,7 +76,7 @@ class DirectLauncher:
         self._compiled: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # launcher, function, metadata, constexprs
         self._positions: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tensors', ints' by types
         self._current_stream: Callable[[int], int] | None = None
-        self._fixed_tensors: dict[Hashable, tuple[int, ...]] = {}  # tensors' positions by fixed variant
+        self._fixed_tensors: dict[Hashable, Callable] = {}  # the getter of its tensors by fixed variant
         self._fixed: dict[tuple, tuple[Any, Any, Any, tuple] | None] = {}  # kept kernels by fixed key
         # Tests set this: every fixed launch checks that its full key and keyword arguments are the
         # ones first seen for its fixed key.
@@ -102,16 +102,17 @@ class DirectLauncher:
         return variant, _current_device(), types, tuple(map(_dtype, tensors)), aligned, classes, wide
 
     def _fixed_key(self, variant: Hashable, args: Sequence[Any]) -> tuple:
-        positions = self._fixed_tensors.get(variant)
-        if positions is None:
+        tensors = self._fixed_tensors.get(variant)
+        if tensors is None:
             if len(self._fixed_tensors) >= FIXED_KEYS_KEPT:  # many shapes (dynamic lengths): start over
                 self._fixed_tensors.clear()
                 self._fixed.clear()
                 self._fixed_full_keys.clear()
-            positions = self._fixed_tensors[variant] = tuple(
-                i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)
-            )
-        pointers = [_data_ptr(args[i]) for i in positions]
+            positions = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
+            # (the first one twice: a tuple even for one tensor)
+            tensors = itemgetter(*positions, positions[0]) if positions else lambda args: ()
+            self._fixed_tensors[variant] = tensors
+        pointers = tuple(map(_data_ptr, tensors(args)))
         aligned = not reduce(or_, pointers, 0) % 16 or tuple(p % 16 == 0 for p in pointers)
         return variant, _current_device(), aligned
 

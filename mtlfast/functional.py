@@ -256,8 +256,13 @@ _PLANS: dict[tuple, _CallPlan] = {}
 PLANS_KEPT = 256
 
 
-def _tensor_signature(tensor: Tensor | None) -> tuple | None:
-    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+_NOT_A_TENSOR = object()
+
+
+def _tensor_signature(tensor: Tensor | None) -> tuple | object | None:
+    if isinstance(tensor, Tensor):
+        return tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad
+    return None if tensor is None else _NOT_A_TENSOR
 
 
 def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attention_mask, pooled, log_vars,
@@ -272,18 +277,17 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
         hash(options)
     except TypeError:  # a bad option, which the checks name
         return None
-    tensors = (hidden_states, weight, bias, attention_mask, pooled, log_vars, *labels.values())
-    if not all(t is None or isinstance(t, Tensor) for t in tensors):
+    tensors = tuple(map(_tensor_signature, (hidden_states, weight, bias, attention_mask, pooled, log_vars,
+                                            *labels.values())))  # fmt: skip
+    if _NOT_A_TENSOR in tensors:
         return None
     device_type = hidden_states.device.type
     if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
     autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and (
         torch.get_autocast_dtype(device_type))  # fmt: skip
-    return (
-        id(layout), *map(_tensor_signature, tensors), tuple(labels), options, torch.is_grad_enabled(), autocast,
-        torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
+    return (id(layout), tensors, tuple(labels), options, torch.is_grad_enabled(), autocast,
+            torch.are_deterministic_algorithms_enabled())  # fmt: skip
 
 
 def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, log_vars, num_items_in_batch,

@@ -88,6 +88,54 @@ def test_any_specialization_change_goes_through_triton(stand_in, change, monkeyp
     assert [c[0] for c in kernel.calls] == ["triton", "direct", "triton", "direct"]
 
 
+def _launch_fixed(launch, x, n=64, block=32, variant=None):
+    """As _launch, but ``fixed``: by default under _launch's variant for ``n=64``, ``block=32``."""
+    kwargs = {"BLOCK": block, "EVEN": True, "num_warps": 4}
+    launch((3,), (x, n, 0.5, True), kwargs, (32, True, 4) if variant is None else variant, fixed=True)
+
+
+def test_fixed_launches_look_at_alignment_only(stand_in):
+    """A fixed variant's launches are direct from the second on, and go back through triton
+    (once) only when a tensor's alignment changes; the compiled kernel is shared with launches
+    keyed in full."""
+    kernel, launch = stand_in
+    x = torch.zeros(65)
+    _launch(launch, x[:64], block=32)  # keyed in full: compiles
+    _launch_fixed(launch, x[:64])
+    _launch_fixed(launch, x[:64])
+    _launch_fixed(launch, x[1:])
+    _launch_fixed(launch, x[1:])
+    _launch_fixed(launch, x[1:])
+    assert [c[0] for c in kernel.calls] == ["triton", "direct", "direct", "triton", "direct", "direct"]
+    assert len(kernel.compiled) == 2
+
+
+def test_checked_fixed_launches_catch_a_variant_that_does_not_fix_its_arguments(stand_in, monkeypatch):
+    kernel, launch = stand_in
+    monkeypatch.setattr(launch, "check_fixed", True)
+    x = torch.zeros(64)
+    _launch_fixed(launch, x)
+    _launch_fixed(launch, x)
+    with pytest.raises(AssertionError, match="does not fix"):
+        _launch_fixed(launch, x, n=72)  # another int specialization under the same variant
+    with pytest.raises(AssertionError, match="does not fix"):
+        _launch_fixed(launch, x, block=64)  # other keyword arguments under the same variant
+    monkeypatch.setattr(launch, "check_fixed", False)
+    _launch_fixed(launch, x, n=72)  # unchecked, the variant is trusted
+    assert [c[0] for c in kernel.calls] == ["triton", "direct", "direct"]
+
+
+def test_fixed_keys_start_over_past_their_bound(stand_in, monkeypatch):
+    kernel, launch = stand_in
+    monkeypatch.setattr(launcher, "FIXED_KEYS_KEPT", 3)
+    x = torch.zeros(64)
+    for variant in range(5):
+        _launch_fixed(launch, x, variant=variant)
+        _launch_fixed(launch, x, variant=variant)
+    assert len(launch._fixed_tensors) <= 3 and len(launch._fixed) <= 3
+    assert [c[0] for c in kernel.calls] == ["triton", "direct"] * 5
+
+
 def test_launch_hooks_and_the_switch_send_every_launch_through_triton(stand_in, monkeypatch):
     kernel, launch = stand_in
     x = torch.zeros(64)
