@@ -77,7 +77,7 @@ class DirectLauncher:
         self._positions: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tensors', ints' by types
         self._current_stream: Callable[[int], int] | None = None
         self._fixed_tensors: dict[Hashable, Callable] = {}  # the getter of its tensors by fixed variant
-        self._fixed: dict[tuple, tuple[Any, Any, Any, tuple] | None] = {}  # kept kernels by fixed key
+        self._fixed: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # kept kernels by fixed key
         # Tests set this: every fixed launch checks that its full key and keyword arguments are the
         # ones first seen for its fixed key.
         self.check_fixed = False
@@ -129,13 +129,13 @@ class DirectLauncher:
                 if self._fixed_full_keys.setdefault(fixed_key, (key, kwargs)) != (key, kwargs):
                     raise AssertionError(f"fixed launch variant {variant!r} does not fix its arguments' specialization "
                                          "and its keyword arguments")  # fmt: skip
-                kept = self._fixed[fixed_key] = self._compiled.get(key) or self._compile(grid, args, kwargs, key)
-                if kept is None:  # launched through triton, not kept
-                    del self._fixed[fixed_key]
+                kept = self._compiled.get(key) or self._launch_through_triton(grid, args, kwargs, key)
+                if kept is None:  # launched through triton
                     return
+                self._fixed[fixed_key] = kept
         else:
             key = self._key(variant, args)
-            kept = self._compiled.get(key) or self._compile(grid, args, kwargs, key)
+            kept = self._compiled.get(key) or self._launch_through_triton(grid, args, kwargs, key)
             if kept is None:
                 return
         run, function, packed_metadata, constexprs = kept
@@ -148,7 +148,7 @@ class DirectLauncher:
         run(grid[0], grid_1, grid_2, self._current_stream(_current_device()), function, packed_metadata, None, None, None,
             *args, *constexprs)  # fmt: skip
 
-    def _compile(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], key: tuple):
+    def _launch_through_triton(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], key: tuple):
         """Launches through triton, which compiles the variant on its first launch, and keeps the
         compiled kernel under ``key``; returns None (the launch is done)."""
         compiled = self.kernel[grid](*args, **kwargs)
