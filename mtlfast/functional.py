@@ -69,7 +69,7 @@ def _flat_target(label: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> T
     (fp64 for fp64 compute) [rows, C]."""
     if label.dtype != dtype:
         label = label.to(dtype)
-    if tuple(label.shape) != shape:
+    if label.shape != shape:
         label = label.reshape(shape)
     return label if label.is_contiguous() else label.contiguous()
 

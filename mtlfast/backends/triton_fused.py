@@ -564,7 +564,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     heads = problem.heads
     n_hidden, hidden_size = problem.hidden.shape
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
-    grad_out = grad_total.to(torch.float32).contiguous()
+    grad_out = grad_total if grad_total.dtype == torch.float32 else grad_total.to(torch.float32)  # 0-dim
     step = _step(problem)
     large, wide, plan, programs = step.large, step.wide, step.small, step.backward_programs
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
