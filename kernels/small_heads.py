@@ -465,15 +465,10 @@ def launch_small_heads(
         _launch_small_heads((programs,), args, options, fixed_key, fixed=True)
         return programs
     # The autotuner's key plus everything else that selects a compiled variant (the constexprs
-    # by what they are made from: torch dtypes hash faster than triton's). With the ints passed
-    # and the dtypes of the buffers, which these flags fix, it fixes every argument but the
-    # tensors' addresses.
+    # by what they are made from: torch dtypes hash faster than triton's).
     variant = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
                block_c, backward, partials, token_mask is not None, write_dh, has_dh_init, compute_dtype,
                class_weights, softcap, z_loss)  # fmt: skip
-    ints = (args[1], args[2], args[3], args[5], args[6], args[8], args[10], args[11], args[18], args[26], args[28],
-            pooled_rows.dtype, task_scale.dtype, loss.dtype, count.dtype, grad_hidden.dtype, dh_acc.dtype,
-            grad_weight.dtype, grad_bias.dtype)  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
@@ -493,8 +488,10 @@ def launch_small_heads(
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
                                      "num_stages": first.num_stages}  # fmt: skip
     programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], partial_programs)
-    if fixed_key is None:
-        fixed_key = (variant, ints)
+    if fixed_key is None:  # the variant, the ints passed and the buffers' dtypes
+        fixed_key = (variant, (args[1], args[2], args[3], args[5], args[6], args[8], args[10], args[11], args[18],
+                               args[26], args[28], pooled_rows.dtype, task_scale.dtype, loss.dtype, count.dtype,
+                               grad_hidden.dtype, dh_acc.dtype, grad_weight.dtype, grad_bias.dtype))  # fmt: skip
     elif prepared is not None:  # checking fixed keys: the options worked out anew must be the kept ones
         if prepared != (options, programs):
             raise AssertionError(f"fixed key {fixed_key!r} does not fix the small-heads launch")

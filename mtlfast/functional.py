@@ -185,8 +185,8 @@ def multitask_loss(
     if labels is None:
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
     if plan is None:
-        plan = _plan_call(layout, hidden_states, weight, bias, labels, pooled, log_vars, num_items_in_batch,
-                          task_weights, *options)  # fmt: skip
+        plan = _plan_call(layout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
+                          *options)  # fmt: skip
         if key is not None:
             if len(_PLANS) >= PLANS_KEPT:
                 _PLANS.pop(next(iter(_PLANS)), None)
@@ -198,11 +198,11 @@ def multitask_loss(
     hidden = hidden_states if hidden_states.dtype == plan.rows_dtype else hidden_states.to(plan.rows_dtype)
     pooled_c = pooled if pooled is None or pooled.dtype == plan.rows_dtype else pooled.to(plan.rows_dtype)
     token_mask = None
-    if plan.token_rows is not None:
+    if plan.n_token_rows is not None:
         rows = hidden  # [B, S, D]: the op takes it as [B * S, D] itself, with no view for autograd to walk back
         op_pooled = pooled_c
         if attention_mask is not None:
-            token_mask = attention_mask.reshape(plan.token_rows[0]) != 0
+            token_mask = attention_mask.reshape(plan.n_token_rows) != 0
     else:
         rows = pooled_c if pooled_c is not None else (hidden[:, 0] if hidden.dim() == 3 else hidden)
         op_pooled = None
@@ -243,7 +243,7 @@ class _CallPlan:
     present_tasks: tuple[Task, ...]
     present_names: tuple[str, ...]
     rows_dtype: torch.dtype  # the dtype the op takes hidden_states and pooled in
-    token_rows: tuple[int, int] | None  # (B * S, D) when a token task is present, else None
+    n_token_rows: int | None  # B * S when a token task is present, else None
     target_shapes: tuple[tuple[int, ...], ...]  # each present task's flat targets (:func:`_flat_target`)
     target_dtypes: tuple[torch.dtype, ...]
     weight_dtype: torch.dtype  # of the task weights: fp32, fp64 for fp64 compute
@@ -290,8 +290,8 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
             torch.are_deterministic_algorithms_enabled())  # fmt: skip
 
 
-def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, log_vars, num_items_in_batch,
-               task_weights, weighting, backend, chunk_size, deterministic, grad_filter_eps) -> _CallPlan:  # fmt: skip
+def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
+               weighting, backend, chunk_size, deterministic, grad_filter_eps) -> _CallPlan:  # fmt: skip
     cdtype = computation_dtype(hidden_states)
     filter_threshold = grad_filter_threshold(grad_filter_eps, cdtype)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
@@ -303,12 +303,9 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
     present = tuple(i for i, task in enumerate(layout.tasks) if task.name in labels)
     present_tasks = tuple(layout.tasks[i] for i in present)
     batch = hidden_states.shape[0]
-    token_rows = None
-    seq_len, seq_stride = 1, 1
-    if any(task.level == "token" for task in present_tasks):
-        seq_len = hidden_states.shape[1]
-        token_rows = (batch * seq_len, hidden_states.shape[2])
-        seq_stride = 0 if pooled is not None else seq_len
+    has_token = any(task.level == "token" for task in present_tasks)
+    seq_len = hidden_states.shape[1] if has_token else 1
+    seq_stride = 0 if has_token and pooled is not None else seq_len
     target_shapes = tuple(_target_shape(task, batch * seq_len if task.level == "token" else batch)
                           for task in present_tasks)  # fmt: skip
     target_dtypes = tuple(torch.int64 if task.loss == "cross_entropy" else
@@ -325,9 +322,9 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
         if not (task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given))):
             weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device)
 
-    rows_grad = (hidden_states.requires_grad if token_rows is not None or pooled is None else False) or (
-        pooled is not None and pooled.requires_grad)  # fmt: skip
-    hidden_grad = torch.is_grad_enabled() and rows_grad
+    reads_hidden = has_token or pooled is None  # token rows, or the sequence rows hidden[:, 0]
+    hidden_grad = torch.is_grad_enabled() and (
+        (reads_hidden and hidden_states.requires_grad) or (pooled is not None and pooled.requires_grad))  # fmt: skip
     call = HeadCall(
         heads=tuple(layout.heads[i] for i in present),
         seq_stride=seq_stride,
@@ -340,5 +337,6 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
             bias is not None and bias.requires_grad))),
         compute_dtype=cdtype,
     )  # fmt: skip
-    return _CallPlan(layout, call, present, present_tasks, tuple(t.name for t in present_tasks), rows_dtype, token_rows,
-                     target_shapes, target_dtypes, weight_dtype, divisor_override, weight_per_task)  # fmt: skip
+    return _CallPlan(layout, call, present, present_tasks, tuple(t.name for t in present_tasks), rows_dtype,
+                     batch * seq_len if has_token else None, target_shapes, target_dtypes, weight_dtype,
+                     divisor_override, weight_per_task)  # fmt: skip

@@ -200,7 +200,6 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
     )
 
 
-@cache
 def _unwritten_rows(heads: tuple[HeadSpec, ...], packed_rows: int, small_written: bool) -> tuple[tuple[int, int], ...]:
     """``[start, end)`` runs of packed weight rows that backward's kernels do not write: rows of
     absent tasks, and of the small tasks unless their partials are reduced (``small_written``)."""
