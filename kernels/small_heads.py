@@ -33,7 +33,7 @@ bce/mse targets fp32 ``[rows, C]``, both contiguous.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -69,15 +69,12 @@ def _add_per_slot(partial_ptrs, atomic_ptrs, value, atomic_mask, revisit, PARTIA
 
 @triton.jit
 def small_heads_kernel(
-    h_ptr, stride_hn, stride_hd, n_hidden_rows,
-    p_ptr, stride_pn, stride_pd, n_pooled_rows,
-    seq_stride,
-    w_ptr, stride_wc, stride_wd, b_ptr, D,
-    slot_int_ptr, slot_flt_ptr, group_segments_ptr, n_groups, n_used_slots,
-    target_table_ptr, mask_ptr,
+    h_ptr, p_ptr, w_ptr, b_ptr, target_table_ptr, mask_ptr,
     task_scale_ptr, grad_out_ptr, loss_ptr, count_ptr,
-    dh_ptr, stride_dhn, dp_ptr, stride_dpn, dh_acc_ptr,
-    dw_ptr, db_ptr,
+    dh_ptr, dp_ptr, dh_acc_ptr, dw_ptr, db_ptr,
+    slot_int_ptr, slot_flt_ptr, group_segments_ptr,
+    stride_hn, stride_hd, n_hidden_rows, stride_pn, stride_pd, n_pooled_rows, seq_stride,
+    stride_wc, stride_wd, D, n_groups, n_used_slots, stride_dhn, stride_dpn,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
@@ -392,114 +389,126 @@ def _tuned_kernel(backward: bool):
 # skip Autotuner.run and, through the direct launchers, JITFunction.run, whose Python per call
 # (argument binding, keys) is a large share of a small step's host time.
 _TUNED: dict[tuple, dict] = {}
-# Options and programs by the callers' fixed keys.
-_PREPARED: dict[Hashable, tuple[dict, int]] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class SmallHeadsLaunch:
+    """What fixes a launch of :func:`small_heads_kernel` but the tensors a call passes: the
+    plan's slot tables and the flags. Hashed by identity: :func:`launch_small_heads` keys its
+    launches on it, so a caller keeps one per shapes, strides and dtypes of those tensors."""
+
+    backward: bool
+    slot_int: torch.Tensor  # int32 [G, SLOT_FIELDS, BLOCK_C]
+    slot_flt: torch.Tensor  # fp32 [G, SLOT_FLT_FIELDS, BLOCK_C]
+    group_segments: torch.Tensor  # int32 [G]: tasks per group
+    n_used_slots: int
+    seq_stride: int
+    compute_dtype: torch.dtype  # of the matrix products: hidden's, or 16-bit for fp32 hidden
+    class_weights: bool  # some cross-entropy task has class weights (the plan's column weights)
+    softcap: bool  # some task has a softcap (the float table holds it)
+    z_loss: bool  # some task has a z-loss
+    partial_programs: int = 0  # > 0: at most that many persistent programs owning partials; 0: float atomics
+    write_dh: bool = False  # backward writes dH
+    has_dh_init: bool = False  # backward adds dH to the fp32 dh_acc's contents (other paths' dH)
+
+
+# Options, programs and the trailing arguments by launch.
+_PREPARED: dict[SmallHeadsLaunch, tuple[dict, int, tuple]] = {}
 PREPARED_KEPT = 1024
 _launch_small_heads = DirectLauncher(small_heads_kernel)
 _launch_reduce = DirectLauncher(small_heads_reduce_kernel)
 
 
 def launch_small_heads(
-    *,
-    backward: bool,
+    launch: SmallHeadsLaunch,
     hidden: torch.Tensor,
     pooled: torch.Tensor | None,
-    seq_stride: int,
     token_mask: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    slot_int: torch.Tensor,
-    slot_flt: torch.Tensor,
-    group_segments: torch.Tensor,
-    n_used_slots: int,
     target_table: torch.Tensor,
-    task_scale: torch.Tensor,
-    grad_out: torch.Tensor,
-    loss: torch.Tensor,
-    count: torch.Tensor,
-    grad_hidden: torch.Tensor,
-    grad_pooled: torch.Tensor,
-    dh_acc: torch.Tensor,
-    grad_weight: torch.Tensor,
-    grad_bias: torch.Tensor,
-    has_dh_init: bool,
-    partial_programs: int,
-    write_dh: bool,
-    compute_dtype: torch.dtype,
-    class_weights: bool,
-    softcap: bool,
-    z_loss: bool,
-    fixed_key: Hashable | None = None,
+    *,
+    task_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+    loss: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    grad_hidden: torch.Tensor | None = None,
+    grad_pooled: torch.Tensor | None = None,
+    dh_acc: torch.Tensor | None = None,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
 ) -> int:
-    """One launch of :func:`small_heads_kernel`; returns the number of programs launched.
-    ``partial_programs > 0`` runs at most that many persistent programs, each owning
-    partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the
-    first rows of those, one per program launched, are written. 0 uses float atomics.
-    ``write_dh=False`` skips dH in backward. ``compute_dtype`` is that of the matrix products
-    (``hidden``'s, or 16-bit for fp32 ``hidden``). ``class_weights``: some cross-entropy task
-    has class weights (the plan's column weights); ``softcap``, ``z_loss``: some has a softcap, a
-    z-loss (the plan's float table holds them). Buffers a launch does not use may be any tensor.
-    ``fixed_key``: a key the caller guarantees to fix every argument but the tensors' addresses
-    (shapes, strides, dtypes, flags); later launches with it skip working the variant out."""
-    n_groups, _, block_c = slot_int.shape
-    n_hidden = hidden.shape[0]
-    pooled_rows = pooled if pooled is not None else hidden
-    n_pooled = pooled.shape[0] if pooled is not None else 0
-    partials = partial_programs > 0
-    mask = token_mask.view(torch.uint8) if token_mask is not None else target_table
-    args = (
-        hidden, hidden.stride(0), hidden.stride(1), n_hidden,
-        pooled_rows, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
-        seq_stride,
-        weight, weight.stride(0), weight.stride(1), bias, hidden.shape[1],
-        slot_int, slot_flt, group_segments, n_groups, n_used_slots,
-        target_table, mask,
-        task_scale, grad_out, loss, count,
-        grad_hidden, grad_hidden.stride(0), grad_pooled, grad_pooled.stride(0), dh_acc,
-        grad_weight, grad_bias,
-        rows_bucket(n_hidden),
+    """One launch of :func:`small_heads_kernel`; returns the number of programs launched. With
+    ``launch.partial_programs > 0`` at most that many persistent programs run, each owning
+    partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the first
+    rows of those, one per program launched, are written. Forward passes ``loss`` and
+    ``count``; backward the rest (``grad_*`` and ``dh_acc`` only with ``write_dh``; ``dh_acc``
+    only with several groups or ``has_dh_init``); a buffer a launch does not use is None.
+
+    The launch's first call works out its variant, options and program count and keeps them
+    with the ints it passes (strides, sizes): later calls with ``launch`` only gather the
+    tensors. A launch of other shapes, strides or dtypes needs a launch of its own; with the
+    launcher's ``check_fixed`` every call works them out anew and raises if they differ."""
+    dummy = target_table
+    pooled_rows = hidden if pooled is None else pooled
+    grad_hidden = hidden if grad_hidden is None else grad_hidden
+    grad_pooled = grad_hidden if grad_pooled is None else grad_pooled
+    tensors = (
+        hidden, pooled_rows, weight, bias, target_table,
+        dummy if token_mask is None else token_mask.view(torch.uint8),
+        dummy if task_scale is None else task_scale, dummy if grad_out is None else grad_out,
+        dummy if loss is None else loss, dummy if count is None else count,
+        grad_hidden, grad_pooled, dummy if dh_acc is None else dh_acc,
+        dummy if grad_weight is None else grad_weight, dummy if grad_bias is None else grad_bias,
     )  # fmt: skip
-    prepared = _PREPARED.get(fixed_key) if fixed_key is not None else None
+    prepared = _PREPARED.get(launch)
     if prepared is not None and not _launch_small_heads.check_fixed:
-        options, programs = prepared
-        _launch_small_heads((programs,), args, options, fixed_key, fixed=True)
+        options, programs, trailing = prepared
+        _launch_small_heads((programs,), tensors + trailing, options, launch, fixed=True)
         return programs
+    n_groups, _, block_c = launch.slot_int.shape
+    n_hidden, hidden_size = hidden.shape
+    n_pooled = pooled.shape[0] if pooled is not None else 0
+    trailing = (
+        launch.slot_int, launch.slot_flt, launch.group_segments,
+        hidden.stride(0), hidden.stride(1), n_hidden, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
+        launch.seq_stride, weight.stride(0), weight.stride(1), hidden_size, n_groups, launch.n_used_slots,
+        grad_hidden.stride(0), grad_pooled.stride(0), rows_bucket(n_hidden),
+    )  # fmt: skip
+    args = tensors + trailing
+    backward, partials, write_dh = launch.backward, launch.partial_programs > 0, launch.write_dh
     # The autotuner's key plus everything else that selects a compiled variant (the constexprs
     # by what they are made from: torch dtypes hash faster than triton's).
-    variant = (args[-1], n_pooled, hidden.shape[1], n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
-               block_c, backward, partials, token_mask is not None, write_dh, has_dh_init, compute_dtype,
-               class_weights, softcap, z_loss)  # fmt: skip
+    variant = (trailing[-1], n_pooled, hidden_size, n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
+               block_c, backward, partials, token_mask is not None, write_dh, launch.has_dh_init,
+               launch.compute_dtype, launch.class_weights, launch.softcap, launch.z_loss)  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
             BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, SLOT_FLT_FIELDS=SLOT_FLT_FIELDS, BACKWARD=backward,
-            PARTIALS=partials, HAS_MASK=token_mask is not None, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and has_dh_init,
-            USE_DH_ACC=write_dh and (has_dh_init or n_groups > 1), DOT=DOT_DTYPES[compute_dtype],
-            PRECISION="tf32x3" if compute_dtype == torch.float32 else "ieee", CLASS_WEIGHTS=class_weights,
-            SOFTCAP=softcap, Z_LOSS=z_loss,
+            PARTIALS=partials, HAS_MASK=token_mask is not None, WRITE_DH=write_dh,
+            HAS_DH_INIT=write_dh and launch.has_dh_init, USE_DH_ACC=write_dh and (launch.has_dh_init or n_groups > 1),
+            DOT=DOT_DTYPES[launch.compute_dtype], PRECISION="tf32x3" if launch.compute_dtype == torch.float32 else "ieee",
+            CLASS_WEIGHTS=launch.class_weights, SOFTCAP=launch.softcap, Z_LOSS=launch.z_loss,
         )  # fmt: skip
         if TUNING:
             kernel = _tuned_kernel(backward)
-            kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], partial_programs),)](*args, **constexprs)
+            kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], launch.partial_programs),)](
+                *args, **constexprs)
             _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
-            return _programs(n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"], partial_programs)
+            return _programs(n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"], launch.partial_programs)
         # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c)[0]
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
                                      "num_stages": first.num_stages}  # fmt: skip
-    programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], partial_programs)
-    if fixed_key is None:  # the variant, the ints passed and the buffers' dtypes
-        fixed_key = (variant, (args[1], args[2], args[3], args[5], args[6], args[8], args[10], args[11], args[18],
-                               args[26], args[28], pooled_rows.dtype, task_scale.dtype, loss.dtype, count.dtype,
-                               grad_hidden.dtype, dh_acc.dtype, grad_weight.dtype, grad_bias.dtype))  # fmt: skip
-    elif prepared is not None:  # checking fixed keys: the options worked out anew must be the kept ones
-        if prepared != (options, programs):
-            raise AssertionError(f"fixed key {fixed_key!r} does not fix the small-heads launch")
-    else:
+    programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], launch.partial_programs)
+    if prepared is None:
         if len(_PREPARED) >= PREPARED_KEPT:
             _PREPARED.clear()
-        _PREPARED[fixed_key] = (options, programs)
-    _launch_small_heads((programs,), args, options, fixed_key, fixed=True)
+        _PREPARED[launch] = (options, programs, trailing)
+    elif prepared != (options, programs, trailing):  # checking: what was kept must be what is worked out
+        raise AssertionError("a small-heads launch was called with tensors of other shapes, strides or dtypes")
+    _launch_small_heads((programs,), args, options, launch, fixed=True)
     return programs
 
 

@@ -40,12 +40,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import TRITON_VERSION, torch_chunked
 from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
+
+if TYPE_CHECKING:
+    from ..kernels.small_heads import SmallHeadsLaunch
 
 name = "triton"
 
@@ -409,6 +413,11 @@ class _Step:
     backward_programs: int  # programs owning partial dW/db in backward, or 0 for float atomics
     count_scale: Tensor  # see _count_scale
     unwritten_rows: tuple[tuple[int, int], ...]  # see _unwritten_rows
+    # The small-heads kernel's launches in forward and backward (None without small tasks): the
+    # step fixes the tensors each passes but for their addresses (fp32 dense buffers chosen by
+    # the step's paths, dH in the rows' dtype).
+    forward_launch: SmallHeadsLaunch | None
+    backward_launch: SmallHeadsLaunch | None
 
 
 # Steps by signature, the oldest dropped past STEPS_KEPT (a loop over many shapes).
@@ -428,49 +437,33 @@ def _step(problem: HeadProblem) -> _Step:
     )  # fmt: skip
     step = _STEPS.get(key)
     if step is None:
-        heads, device = problem.heads, hidden.device
-        plan = _small_plan(heads, device) if _small_tasks(heads) else None
-        programs = _partial_programs(problem, plan) if plan is not None else 0
-        step = _Step(plan, _large_tasks(heads), _wide_tasks(heads), programs if problem.deterministic else 0,
-                     programs, _count_scale(heads, device), _unwritten_rows(heads, weight.shape[0], programs > 0))  # fmt: skip
+        step = _new_step(problem)
         if len(_STEPS) >= STEPS_KEPT:
             _STEPS.pop(next(iter(_STEPS)), None)
         _STEPS[key] = step
     return step
 
 
-def _launch_small(problem: HeadProblem, step: _Step, table: Tensor, *, backward: bool, **buffers) -> int:
-    """One launch of the small-heads kernel; returns the number of programs launched. The step
-    and the direction fix its arguments but for the tensors' addresses: the buffers each
-    direction passes are fp32 (dH: the rows' dtype), dense, and chosen by the step's paths."""
-    plan = step.small
-    dummy = buffers.get("loss", table)
-    args = {
-        "task_scale": dummy, "grad_out": dummy, "loss": dummy, "count": dummy, "grad_hidden": problem.hidden,
-        "grad_pooled": problem.hidden, "dh_acc": dummy, "grad_weight": dummy, "grad_bias": dummy,
-        "has_dh_init": False, "partial_programs": 0, "write_dh": False,
-    }  # fmt: skip
-    args.update(buffers)
-    return _kernels().small_heads.launch_small_heads(
-        backward=backward,
-        hidden=problem.hidden,
-        pooled=problem.pooled,
-        seq_stride=problem.seq_stride,
-        token_mask=problem.token_mask,
-        weight=problem.weight,
-        bias=problem.bias,
-        slot_int=plan.slot_int,
-        slot_flt=plan.slot_flt,
-        group_segments=plan.group_segments,
-        n_used_slots=plan.n_used_slots,
-        target_table=table,
-        compute_dtype=problem.compute_dtype,
-        class_weights=bool(plan.class_weighted),
-        softcap=plan.softcap,
-        z_loss=plan.z_loss,
-        fixed_key=(step, backward),
-        **args,
-    )
+def _new_step(problem: HeadProblem) -> _Step:
+    heads, device = problem.heads, problem.hidden.device
+    large, wide = _large_tasks(heads), _wide_tasks(heads)
+    plan = _small_plan(heads, device) if _small_tasks(heads) else None
+    programs = _partial_programs(problem, plan) if plan is not None else 0
+    forward_programs = programs if problem.deterministic else 0
+    launches = [None, None]
+    if plan is not None:
+        small_heads = _kernels().small_heads
+        fixed = dict(slot_int=plan.slot_int, slot_flt=plan.slot_flt, group_segments=plan.group_segments,
+                     n_used_slots=plan.n_used_slots, seq_stride=problem.seq_stride,
+                     compute_dtype=problem.compute_dtype, class_weights=bool(plan.class_weighted),
+                     softcap=plan.softcap, z_loss=plan.z_loss)  # fmt: skip
+        launches = [
+            small_heads.SmallHeadsLaunch(backward=False, partial_programs=forward_programs, **fixed),
+            small_heads.SmallHeadsLaunch(backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
+                                         has_dh_init=problem.hidden_grad and bool(large or wide), **fixed),
+        ]  # fmt: skip
+    return _Step(plan, large, wide, forward_programs, programs, _count_scale(heads, device),
+                 _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches)  # fmt: skip
 
 
 # Zeroed fp32 [2, T] buffers for the forward's per-task loss sums and kept-row counts, with
@@ -522,8 +515,10 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     if plan is not None:
         programs = step.forward_programs
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
-        launched = _launch_small(problem, step, table, backward=False, loss=loss, count=counts,
-                                 partial_programs=programs)  # fmt: skip
+        launched = _kernels().small_heads.launch_small_heads(
+            step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
+            table, loss=loss, count=counts,
+        )  # fmt: skip
         if programs:
             sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
         for i in plan.class_weighted:  # the kernel counted their rows, not their class weights
@@ -598,9 +593,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
         for i in wide:
             _wide_backward(problem, i, scale, grad_rows_of(heads[i]), grad_weight, grad_bias, accumulate)
 
-    grad_hidden = grad_pooled = None
+    grad_hidden = grad_pooled = dh_acc = None
     if plan is not None:
-        rows_out = {}
         if hidden_grad:
             grad_hidden = alloc_output((n_hidden, hidden_size), rows_dtype, device)
             grad_pooled = alloc_output((n_pooled, hidden_size), rows_dtype, device) if n_pooled else None
@@ -608,18 +602,15 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
                 dh_acc = dh_large
             elif plan.n_groups > 1:
                 dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
-            else:
-                dh_acc = grad_bias
-            rows_out = {"grad_hidden": grad_hidden, "grad_pooled": grad_pooled if n_pooled else grad_hidden,
-                        "dh_acc": dh_acc, "has_dh_init": dh_large is not None}  # fmt: skip
         if programs:
             dw_target = alloc_output((programs, plan.n_used_slots, hidden_size), torch.float32, device)
             db_target = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device)
         else:
             dw_target, db_target = grad_weight, grad_bias
-        launched = _launch_small(
-            problem, step, table, backward=True, task_scale=loss_scale, grad_out=grad_out, grad_weight=dw_target,
-            grad_bias=db_target, partial_programs=programs, write_dh=hidden_grad, **rows_out,
+        launched = small_heads.launch_small_heads(
+            step.backward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
+            table, task_scale=loss_scale, grad_out=grad_out, grad_hidden=grad_hidden, grad_pooled=grad_pooled,
+            dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
         )  # fmt: skip
         if programs:
             small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, plan.slot_index, grad_weight,

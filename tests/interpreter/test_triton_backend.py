@@ -634,3 +634,34 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
         launches.clear()
         run_heads(case, "triton", torch.float32, frozen_hidden=frozen, **options)
     assert launches and all(kind == "direct" for kind, _ in launches), launches
+
+
+def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
+    """A small-heads launch keeps its ints (strides, sizes) from its first call; with the
+    launcher's check on, a later call with other shapes works them out anew and raises instead
+    of launching with the kept ones. Without the check the kept ones serve (the backend keeps one
+    launch per shape, stride and dtype)."""
+    from mtlfast.kernels import small_heads
+    from mtlfast.task import TaskLayout
+
+    heads = TaskLayout((Task("a", 3, "cross_entropy", level="token"),)).heads
+    plan = triton_fused._small_plan(heads, torch.device("cpu"))
+    launch = small_heads.SmallHeadsLaunch(
+        backward=False, slot_int=plan.slot_int, slot_flt=plan.slot_flt, group_segments=plan.group_segments,
+        n_used_slots=plan.n_used_slots, seq_stride=1, compute_dtype=torch.float32, class_weights=False,
+        softcap=False, z_loss=False,
+    )  # fmt: skip
+    weight, bias = torch.randn(3, 16), torch.randn(3)
+    sums = torch.zeros(2, 1)
+
+    def call(rows: int) -> int:
+        target = torch.randint(0, 3, (rows,))
+        table = torch.tensor([target.data_ptr()], dtype=torch.int64)
+        return small_heads.launch_small_heads(launch, torch.randn(rows, 16), None, None, weight, bias, table,
+                                              loss=sums[0], count=sums[1])  # fmt: skip
+
+    call(40)
+    monkeypatch.setattr(small_heads._launch_small_heads, "check_fixed", True)
+    call(40)
+    with pytest.raises(AssertionError, match="other shapes"):
+        call(70)
