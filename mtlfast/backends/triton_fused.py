@@ -409,13 +409,12 @@ class _Step:
     small: _SmallPlan | None  # the small path's slots, None without small tasks
     large: tuple[int, ...]  # the large path's tasks
     wide: tuple[int, ...]  # the wide path's tasks
-    forward_programs: int  # programs owning partial loss sums in forward (deterministic), or 0
-    backward_programs: int  # programs owning partial dW/db in backward, or 0 for float atomics
     count_scale: Tensor  # see _count_scale
     unwritten_rows: tuple[tuple[int, int], ...]  # see _unwritten_rows
     # The small-heads kernel's launches in forward and backward (None without small tasks): the
     # step fixes the tensors each passes but for their addresses (fp32 dense buffers chosen by
-    # the step's paths, dH in the rows' dtype).
+    # the step's paths, dH in the rows' dtype). Their partial_programs: the programs owning
+    # partial loss sums in forward (deterministic) and partial dW/db in backward, 0 for atomics.
     forward_launch: SmallHeadsLaunch | None
     backward_launch: SmallHeadsLaunch | None
 
@@ -449,7 +448,6 @@ def _new_step(problem: HeadProblem) -> _Step:
     large, wide = _large_tasks(heads), _wide_tasks(heads)
     plan = _small_plan(heads, device) if _small_tasks(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
-    forward_programs = programs if problem.deterministic else 0
     launches = [None, None]
     if plan is not None:
         small_heads = _kernels().small_heads
@@ -458,11 +456,12 @@ def _new_step(problem: HeadProblem) -> _Step:
                      compute_dtype=problem.compute_dtype, class_weights=bool(plan.class_weighted),
                      softcap=plan.softcap, z_loss=plan.z_loss)  # fmt: skip
         launches = [
-            small_heads.SmallHeadsLaunch(backward=False, partial_programs=forward_programs, **fixed),
+            small_heads.SmallHeadsLaunch(backward=False, partial_programs=programs if problem.deterministic else 0,
+                                         **fixed),
             small_heads.SmallHeadsLaunch(backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
                                          has_dh_init=problem.hidden_grad and bool(large or wide), **fixed),
         ]  # fmt: skip
-    return _Step(plan, large, wide, forward_programs, programs, _count_scale(heads, device),
+    return _Step(plan, large, wide, _count_scale(heads, device),
                  _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches)  # fmt: skip
 
 
@@ -513,7 +512,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     large = step.large
     plan = step.small
     if plan is not None:
-        programs = step.forward_programs
+        programs = step.forward_launch.partial_programs
         loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
         launched = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
@@ -560,7 +559,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
     grad_out = grad_total if grad_total.dtype == torch.float32 else grad_total.to(torch.float32)  # 0-dim
     step = _step(problem)
-    large, wide, plan, programs = step.large, step.wide, step.small, step.backward_programs
+    large, wide, plan = step.large, step.wide, step.small
+    programs = step.backward_launch.partial_programs if plan is not None else 0
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
     # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here. Into
     # main_grad every kernel adds instead, and nothing is zeroed there.

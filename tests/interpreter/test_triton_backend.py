@@ -637,11 +637,11 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
 
 
 def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
-    """A small-heads launch keeps its ints (strides, sizes) from its first call; with the
-    launcher's check on, a later call with other shapes works them out anew and raises instead
-    of launching with the kept ones. Without the check the kept ones serve (the backend keeps one
-    launch per shape, stride and dtype)."""
+    """A small-heads launch keeps its ints (strides, sizes) from its first call (the backend keeps
+    a launch per shape, stride and dtype); with the launcher's check on, a later call with
+    other shapes works them out anew and raises instead of launching with the kept ones."""
     from mtlfast.kernels import small_heads
+
     from mtlfast.task import TaskLayout
 
     heads = TaskLayout((Task("a", 3, "cross_entropy", level="token"),)).heads
