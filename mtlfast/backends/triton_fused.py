@@ -444,6 +444,7 @@ def _step(problem: HeadProblem) -> _Step:
 
 
 def _new_step(problem: HeadProblem) -> _Step:
+    """Works a problem's :class:`_Step` out: its paths, its small plan and launches, its rows to zero."""
     heads, device = problem.heads, problem.hidden.device
     large, wide = _large_tasks(heads), _wide_tasks(heads)
     plan = _small_plan(heads, device) if _small_tasks(heads) else None
@@ -560,7 +561,6 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     grad_out = grad_total if grad_total.dtype == torch.float32 else grad_total.to(torch.float32)  # 0-dim
     step = _step(problem)
     large, wide, plan = step.large, step.wide, step.small
-    programs = step.backward_launch.partial_programs if plan is not None else 0
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
     # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here. Into
     # main_grad every kernel adds instead, and nothing is zeroed there.
@@ -602,6 +602,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
                 dh_acc = dh_large
             elif plan.n_groups > 1:
                 dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
+        programs = step.backward_launch.partial_programs
         if programs:
             dw_target = alloc_output((programs, plan.n_used_slots, hidden_size), torch.float32, device)
             db_target = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device)
