@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mtlfast import MultiTaskHeads, Task
+from mtlfast import MultiTaskHeads, Task, multitask_loss
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2}
 
@@ -400,6 +400,42 @@ def check_frozen_hidden(case: Case, backend: str, dtype: torch.dtype, device="cp
     assert grads.pop("hidden") is None and grads.pop("pooled", None) is None
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend} frozen hidden",
                           skip=("hidden", "pooled"))  # fmt: skip
+
+
+def check_strided_parameters(case: Case, backend: str, dtype: torch.dtype, device="cpu") -> None:
+    """Weight and bias given to ``multitask_loss`` as strided views of larger parameters, as a
+    head sliced out of a wider one gives them: the weight a transposed column slice of a
+    [D, sum C + 3] tensor (strides (1, sum C + 3)), the bias every other element of a
+    [2 sum C] one. Loss and gradients match the oracle, and every element of the parameters
+    outside the views gets a zero gradient. Hidden states in ``dtype``, parameters in fp32."""
+    heads = make_heads(case, backend, device)
+    total, hidden_size = case.weight.shape
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight_base = torch.randn(hidden_size, total + 3, dtype=param_dtype, device=device)
+    weight_base[:, 1 : total + 1] = case.weight.t()
+    bias_base = torch.randn(2 * total, dtype=param_dtype, device=device)
+    bias_base[::2] = case.bias
+    weight_base.requires_grad_(True)
+    bias_base.requires_grad_(True)
+    weight, bias = weight_base[:, 1 : total + 1].t(), bias_base[::2]
+    assert weight.stride() == (1, total + 3) and bias.stride() == (2,)
+    h = case.hidden.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
+    pooled = None if case.pooled is None else case.pooled.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
+    num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
+    out = multitask_loss(
+        h, weight, bias, heads.layout, {k: v.to(device) for k, v in case.labels.items()},
+        attention_mask=None if case.attention_mask is None else case.attention_mask.to(device), pooled=pooled,
+        log_vars=heads.log_vars, weighting=case.weighting, num_items_in_batch=num_items or None, backend=backend,
+    )  # fmt: skip
+    out.loss.backward()
+    grads = {"hidden": h.grad, "weight": weight_base.grad[:, 1 : total + 1].t(), "bias": bias_base.grad[::2]}
+    if pooled is not None:
+        grads["pooled"] = pooled.grad
+    if heads.log_vars is not None:
+        grads["log_vars"] = heads.log_vars.grad
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/{dtype} strided parameters")
+    outside_weight = torch.cat([weight_base.grad[:, :1], weight_base.grad[:, total + 1 :]], dim=1)
+    assert not outside_weight.any() and not bias_base.grad[1::2].any(), "a gradient outside the parameter views"
 
 
 def check_autocast_reads_fp32_rows(case: Case, backend: str, dtype: torch.dtype, device="cpu", param_tol: float = 0.0,

@@ -10,6 +10,7 @@ from oracle import (
     case_for,
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
+    check_strided_parameters,
     fresh_seed,
     oracle,
     random_case,
@@ -103,6 +104,13 @@ def test_edge_shapes(backend, edge):
     case = random_case(**EDGE_CASES[edge])
     out, grads = run_heads(case, backend, torch.float32)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend}/{edge}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_parameters(backend, dtype):
+    """A weight and a bias that are strided views of larger parameters."""
+    check_strided_parameters(random_case(ce_classes=(2, 300)), backend, dtype)
 
 
 def _fixed_case(labels_fn, **extra) -> Case:

@@ -10,6 +10,7 @@ from oracle import (
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     check_main_grad_accumulation,
+    check_strided_parameters,
     filtered_oracle,
     make_heads,
     oracle,
@@ -104,6 +105,13 @@ def test_triton_frozen_hidden_states(classes):
     """No dH for a frozen encoder output: the kernel's backward without its dH half, and the
     vocabulary path without its dH GEMM."""
     check_frozen_hidden(random_case(shape=(4, 33, 96), ce_classes=classes), "triton", torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_strided_parameters(dtype):
+    """A weight and a bias that are strided views (a transposed column slice, every other
+    element), with small heads and a vocabulary head."""
+    check_strided_parameters(random_case(shape=(4, 33, 96), ce_classes=(2, 3000)), "triton", dtype, device=DEVICE)
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():

@@ -488,9 +488,16 @@ def _loss_sums(n_tasks: int, device: torch.device, capturing: bool) -> tuple[Ten
     return kept
 
 
+def _with_dense_bias(problem: HeadProblem) -> HeadProblem:
+    """The problem with a contiguous bias: the kernels index the bias by packed row alone (a
+    strided view, ``bias[::2]`` say, is copied; its gradient is the same)."""
+    return problem if problem.bias.is_contiguous() else problem._replace(bias=problem.bias.contiguous())
+
+
 def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _delegates(problem):
         return torch_chunked.forward(problem)
+    problem = _with_dense_bias(problem)
     device = problem.hidden.device
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     buffer, sums, counts = _loss_sums(len(problem.heads), device, capturing)
@@ -551,6 +558,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     no dW buffer of their own, and None is returned for the weight."""
     if _delegates(problem):
         return torch_chunked.backward(problem, saved, grad_total, main_grad)
+    problem = _with_dense_bias(problem)
     small_heads = _kernels().small_heads
     loss_scale, table, *saved_large = saved
     device = problem.hidden.device

@@ -19,6 +19,7 @@ from oracle import (
     check_compiled_over_shapes,
     check_frozen_hidden,
     check_main_grad_accumulation,
+    check_strided_parameters,
     filter_tiles,
     fresh_seed,
     make_heads,
@@ -271,6 +272,16 @@ def test_wide_path_frozen_and_fp32_rows(no_delegation):
     case = _wide_path_case(random.Random(fresh_seed()))
     check_frozen_hidden(case, "triton", torch.float32)
     check_autocast_reads_fp32_rows(case, "triton", torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("paths", ["small", "every-path"])
+def test_strided_parameters(no_delegation, dtype, paths):
+    """A weight and a bias that are strided views (a transposed column slice, every other
+    element): the kernels read the weight through its strides, and a strided bias is copied
+    dense first (the kernels index it by packed row alone)."""
+    case = random_case() if paths == "small" else _wide_path_case(random.Random(fresh_seed()))
+    check_strided_parameters(case, "triton", dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
