@@ -28,9 +28,11 @@ from .task import ColumnWeights
 
 # The last argument of both custom ops. torch.compile's on-disk caches key a compiled graph on
 # its code, which names the ops but not what their fake implementations return; a graph
-# compiled against other backends' code (the backends' saved tensors differ from version to
-# version) must not be taken from the cache, so the backends' source is part of every call.
-BACKENDS_DIGEST = zlib.crc32(b"".join(path.read_bytes() for path in sorted((Path(__file__).parent / "backends").glob("*.py"))))
+# compiled against other code (the backends' saved tensors, the fakes' shapes and strides
+# differ from version to version) must not be taken from the cache, so the source of the
+# backends and of this module is part of every call.
+SOURCE_DIGEST = zlib.crc32(b"".join(path.read_bytes() for path in (
+    Path(__file__), *sorted((Path(__file__).parent / "backends").glob("*.py")))))  # fmt: skip
 
 
 # Every HeadSpec field but the last (column_weights), each a list of one number per head in the ops' schemas.
@@ -234,7 +236,7 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
     if torch.compiler.is_compiling():
         outputs = torch.ops.mtlfast.fused_heads_loss(
             hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
-            *call.flat(), call.compute_grad, BACKENDS_DIGEST,
+            *call.flat(), call.compute_grad, SOURCE_DIGEST,
         )  # fmt: skip
         return outputs[0], outputs[1]
     return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
@@ -333,17 +335,20 @@ def _custom_backward(
     grad_hidden, grad_pooled, grad_weight, grad_bias = _backward(problem, backend, saved, grad_total)
     if grad_hidden is not None and hidden.dim() == 3:
         grad_hidden = grad_hidden.reshape(hidden.shape)
-    # outputs must not alias each other: an empty tensor of their own stands for a missing one
-    return [grad_hidden if grad_hidden is not None else hidden.new_empty(0),
-            grad_pooled if grad_pooled is not None else hidden.new_empty(0), grad_weight, grad_bias]  # fmt: skip
+    # Outputs must not alias each other: an empty tensor of their own stands for a missing one.
+    # Each is contiguous, as the fake implementation says, whatever the inputs' strides (a
+    # transposed weight or an [S, B, D] encoder output seen as [B, S, D]).
+    return [grad_hidden.contiguous() if grad_hidden is not None else hidden.new_empty(0),
+            grad_pooled.contiguous() if grad_pooled is not None else hidden.new_empty(0), grad_weight.contiguous(),
+            grad_bias.contiguous()]  # fmt: skip
 
 
 @_custom_backward.register_fake
 def _custom_backward_fake(grad_total, saved, hidden, pooled, seq_stride, token_mask, weight, bias, *rest):
     hidden_grad = rest[-2]
-    grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
-    grad_pooled = torch.empty_like(pooled) if pooled is not None and hidden_grad else hidden.new_empty(0)
-    return [grad_hidden, grad_pooled, torch.empty_like(weight), torch.empty_like(bias)]
+    grad_hidden = hidden.new_empty(hidden.shape) if hidden_grad else hidden.new_empty(0)
+    grad_pooled = pooled.new_empty(pooled.shape) if pooled is not None and hidden_grad else hidden.new_empty(0)
+    return [grad_hidden, grad_pooled, weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -370,7 +375,7 @@ def _custom_autograd(ctx, grads):
     if needs[0] or needs[1] or needs[4] or needs[5]:
         grad_hidden, grad_pooled, grad_weight, grad_bias = torch.ops.mtlfast.fused_heads_loss_backward(
             grad_total, saved, hidden, pooled, ctx.seq_stride, token_mask, weight, bias, list(targets),
-            divisor_override, task_weights, *ctx.flat, BACKENDS_DIGEST,
+            divisor_override, task_weights, *ctx.flat, SOURCE_DIGEST,
         )  # fmt: skip
         grads_in[4], grads_in[5] = grad_weight, grad_bias
         if ctx.flat[-1]:  # hidden_grad

@@ -402,13 +402,24 @@ def check_frozen_hidden(case: Case, backend: str, dtype: torch.dtype, device="cp
                           skip=("hidden", "pooled"))  # fmt: skip
 
 
-def check_strided_parameters(case: Case, backend: str, dtype: torch.dtype, device="cpu") -> None:
-    """Weight and bias given to ``multitask_loss`` as strided views of larger parameters, as a
-    head sliced out of a wider one gives them: the weight a transposed column slice of a
-    [D, sum C + 3] tensor (strides (1, sum C + 3)), the bias every other element of a
-    [2 sum C] one. Loss and gradients match the oracle, and every element of the parameters
-    outside the views gets a zero gradient. Hidden states in ``dtype``, parameters in fp32."""
+def _transposed_storage(tensor: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leaf, view)``: a leaf that holds ``tensor`` with its first two dims swapped, and the
+    view of it that equals ``tensor`` (strided, not contiguous, for a dim of size > 1)."""
+    leaf = tensor.transpose(0, 1).to(device=device, dtype=dtype).contiguous().requires_grad_(True)
+    return leaf, leaf.transpose(0, 1)
+
+
+def check_strided_inputs(case: Case, backend: str, dtype: torch.dtype, device="cpu", compiled: bool = False) -> None:
+    """Every input of ``multitask_loss`` given as a strided view, as a head sliced out of a
+    wider parameter or a sequence-first encoder gives them: the hidden states (and ``pooled``)
+    transposed out of ``[S, B, D]`` (``[D, B]``) tensors, the weight a transposed column slice
+    of a ``[D, sum C + 3]`` tensor (strides ``(1, sum C + 3)``), the bias every other element
+    of a ``[2 sum C]`` one. Loss and gradients match the oracle, and every element of the
+    parameters outside the views gets a zero gradient. Hidden states in ``dtype``, parameters
+    in fp32; ``compiled``: through ``torch.compile(fullgraph=True)``."""
     heads = make_heads(case, backend, device)
+    if dtype == torch.float64:
+        heads = heads.double()
     total, hidden_size = case.weight.shape
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     weight_base = torch.randn(hidden_size, total + 3, dtype=param_dtype, device=device)
@@ -417,25 +428,35 @@ def check_strided_parameters(case: Case, backend: str, dtype: torch.dtype, devic
     bias_base[::2] = case.bias
     weight_base.requires_grad_(True)
     bias_base.requires_grad_(True)
-    weight, bias = weight_base[:, 1 : total + 1].t(), bias_base[::2]
-    assert weight.stride() == (1, total + 3) and bias.stride() == (2,)
-    h = case.hidden.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
-    pooled = None if case.pooled is None else case.pooled.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
+    hidden_base, hidden = _transposed_storage(case.hidden, device, dtype)
+    pooled_base, pooled = (None, None) if case.pooled is None else _transposed_storage(case.pooled, device, dtype)
+    labels = {k: v.to(device) for k, v in case.labels.items()}
+    mask = None if case.attention_mask is None else case.attention_mask.to(device)
     num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
-    out = multitask_loss(
-        h, weight, bias, heads.layout, {k: v.to(device) for k, v in case.labels.items()},
-        attention_mask=None if case.attention_mask is None else case.attention_mask.to(device), pooled=pooled,
-        log_vars=heads.log_vars, weighting=case.weighting, num_items_in_batch=num_items or None, backend=backend,
-    )  # fmt: skip
+
+    def loss(hidden, pooled, weight_base, bias_base):
+        weight, bias = weight_base[:, 1 : total + 1].t(), bias_base[::2]
+        return multitask_loss(hidden, weight, bias, heads.layout, labels, attention_mask=mask, pooled=pooled,
+                              log_vars=heads.log_vars, weighting=case.weighting, num_items_in_batch=num_items or None,
+                              backend=backend, validate=not compiled)  # fmt: skip
+
+    if compiled:
+        torch._dynamo.reset()
+    out = (torch.compile(loss, fullgraph=True) if compiled else loss)(hidden, pooled, weight_base, bias_base)
     out.loss.backward()
-    grads = {"hidden": h.grad, "weight": weight_base.grad[:, 1 : total + 1].t(), "bias": bias_base.grad[::2]}
+    def unswapped(leaf: torch.Tensor) -> torch.Tensor | None:
+        return None if leaf.grad is None else leaf.grad.transpose(0, 1)  # None: no present task reads it
+
+    grads = {"hidden": unswapped(hidden_base), "weight": weight_base.grad[:, 1 : total + 1].t(),
+             "bias": bias_base.grad[::2]}  # fmt: skip
     if pooled is not None:
-        grads["pooled"] = pooled.grad
+        grads["pooled"] = unswapped(pooled_base)
     if heads.log_vars is not None:
         grads["log_vars"] = heads.log_vars.grad
-    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"{backend}/{dtype} strided parameters")
+    what = f"{backend}/{dtype} strided inputs{' compiled' if compiled else ''}"
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], what)
     outside_weight = torch.cat([weight_base.grad[:, :1], weight_base.grad[:, total + 1 :]], dim=1)
-    assert not outside_weight.any() and not bias_base.grad[1::2].any(), "a gradient outside the parameter views"
+    assert not outside_weight.any() and not bias_base.grad[1::2].any(), f"{what}: a gradient outside the views"
 
 
 def check_autocast_reads_fp32_rows(case: Case, backend: str, dtype: torch.dtype, device="cpu", param_tol: float = 0.0,

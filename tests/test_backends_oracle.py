@@ -10,7 +10,7 @@ from oracle import (
     case_for,
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
-    check_strided_parameters,
+    check_strided_inputs,
     fresh_seed,
     oracle,
     random_case,
@@ -108,9 +108,9 @@ def test_edge_shapes(backend, edge):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_parameters(backend, dtype):
-    """A weight and a bias that are strided views of larger parameters."""
-    check_strided_parameters(random_case(ce_classes=(2, 300)), backend, dtype)
+def test_strided_inputs(backend, dtype):
+    """Hidden states, pooled rows, weight and bias that are strided views of larger tensors."""
+    check_strided_inputs(random_case(ce_classes=(2, 300)), backend, dtype)
 
 
 def _fixed_case(labels_fn, **extra) -> Case:

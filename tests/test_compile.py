@@ -4,7 +4,7 @@ and the triton backend where there is a GPU."""
 import pytest
 import torch
 import torch._dynamo.testing
-from oracle import case_for, check_compiled_over_shapes
+from oracle import case_for, check_compiled_over_shapes, check_strided_inputs, random_case
 
 from mtlfast import MultiTaskHeads, Task
 from mtlfast.op import HEAD_SCALAR_FIELDS, HeadCall
@@ -43,6 +43,14 @@ def test_compile_fullgraph_matches_eager():
 )  # fmt: skip
 def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
     check_compiled_over_shapes(backend, device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_compile_with_strided_inputs(backend):
+    """Hidden states transposed out of [S, B, D], a strided pooled, a weight and a bias that are
+    strided views: the op's gradients are contiguous, as its fake implementation says (the
+    compiled code asserts their strides)."""
+    check_strided_inputs(random_case(ce_classes=(2, 300)), backend, torch.float32, compiled=True)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -10,7 +10,7 @@ from oracle import (
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     check_main_grad_accumulation,
-    check_strided_parameters,
+    check_strided_inputs,
     filtered_oracle,
     make_heads,
     oracle,
@@ -107,11 +107,13 @@ def test_triton_frozen_hidden_states(classes):
     check_frozen_hidden(random_case(shape=(4, 33, 96), ce_classes=classes), "triton", torch.float32, device=DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_strided_parameters(dtype):
-    """A weight and a bias that are strided views (a transposed column slice, every other
-    element), with small heads and a vocabulary head."""
-    check_strided_parameters(random_case(shape=(4, 33, 96), ce_classes=(2, 3000)), "triton", dtype, device=DEVICE)
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.float16, False), (torch.float32, True)],
+                         ids=["fp32", "fp16", "fp32-compiled"])  # fmt: skip
+def test_triton_strided_inputs(dtype, compiled):
+    """Hidden states transposed out of [S, B, D], a strided pooled, a weight and a bias that are
+    strided views, with small heads and a vocabulary head; eager and under torch.compile."""
+    case = random_case(shape=(4, 33, 96), ce_classes=(2, 3000))
+    check_strided_inputs(case, "triton", dtype, device=DEVICE, compiled=compiled)
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():

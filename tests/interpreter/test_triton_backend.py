@@ -19,7 +19,7 @@ from oracle import (
     check_compiled_over_shapes,
     check_frozen_hidden,
     check_main_grad_accumulation,
-    check_strided_parameters,
+    check_strided_inputs,
     filter_tiles,
     fresh_seed,
     make_heads,
@@ -276,12 +276,19 @@ def test_wide_path_frozen_and_fp32_rows(no_delegation):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("paths", ["small", "every-path"])
-def test_strided_parameters(no_delegation, dtype, paths):
-    """A weight and a bias that are strided views (a transposed column slice, every other
-    element): the kernels read the weight through its strides, and a strided bias is copied
-    dense first (the kernels index it by packed row alone)."""
+def test_strided_inputs(no_delegation, dtype, paths):
+    """Hidden states transposed out of [S, B, D], a strided pooled, a weight and a bias that are
+    strided views (a transposed column slice, every other element): the kernels read rows and
+    weight through their strides, and a strided bias is copied dense first (the kernels index
+    it by packed row alone)."""
     case = random_case() if paths == "small" else _wide_path_case(random.Random(fresh_seed()))
-    check_strided_parameters(case, "triton", dtype)
+    check_strided_inputs(case, "triton", dtype)
+
+
+def test_compile_with_strided_inputs(no_delegation):
+    """The same under torch.compile(fullgraph=True): the op's gradients are contiguous, as its
+    fake implementation says."""
+    check_strided_inputs(_wide_path_case(random.Random(fresh_seed())), "triton", torch.float32, compiled=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
