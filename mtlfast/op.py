@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import HeadProblem, HeadSpec
+from .backends.base import HeadProblem, HeadSpec, kept_between_calls
 from .task import ColumnWeights
 
 # The last argument of both custom ops. torch.compile's on-disk caches key a compiled graph on
@@ -282,7 +282,9 @@ def _custom_forward(
                               deterministic, grad_filter_eps, hidden_grad, compute_grad)  # fmt: skip
     problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
     total, losses, saved = _forward(problem, backend)
-    return [total, losses, *saved]
+    # The compiler owns an op's outputs and may reuse their memory once they are dead: a tensor a
+    # backend keeps between calls (the triton backend's table of label addresses) leaves as a copy.
+    return [total, losses, *(t.clone() if kept_between_calls(t) else t for t in saved)]
 
 
 @_custom_forward.register_fake

@@ -577,6 +577,37 @@ def assert_matches_oracle(case: Case, out, grads, compute_dtype: torch.dtype, to
         assert err <= tol, f"{context}: grad of {name} rel error {err:.3e} > {tol}"
 
 
+def check_op_outputs_are_its_own(backend: str, device: str = "cpu") -> None:
+    """The custom op that ``torch.compile`` traces returns tensors of its own on every call,
+    none that mtlfast keeps between calls (the compiler owns an op's outputs and may reuse their
+    memory once they are dead): two calls on the same inputs share no memory. Small heads, a
+    vocabulary head, token and sequence levels."""
+    from mtlfast.op import SOURCE_DIGEST, HeadCall
+    from mtlfast.task import TaskLayout
+
+    tasks = (Task("tok", 5, "cross_entropy", level="token"), Task("cls", 3, "cross_entropy"),
+             Task("tags", 4, "bce", level="token"), Task("vocab", 300, "cross_entropy", level="token"))  # fmt: skip
+    case = case_for(list(tasks), (2, 5, 16))
+    batch, seq_len, hidden_size = case.hidden.shape
+    hidden = case.hidden.to(device).requires_grad_(True)
+    weight, bias = case.weight.to(device), case.bias.to(device)
+    targets = [case.labels[t.name].reshape(batch * seq_len if t.level == "token" else batch, *(
+        (t.num_outputs,) if t.loss == "bce" else ())).to(device) for t in tasks]  # fmt: skip
+    targets = [y.nan_to_num(0.5) if y.is_floating_point() else y for y in targets]
+    call = HeadCall(TaskLayout(tasks).heads, seq_len, backend, 0, False, -1.0, True, True, torch.float32)
+    ones = torch.ones(len(tasks), device=device)
+
+    def outputs() -> list[torch.Tensor]:
+        return torch.ops.mtlfast.fused_heads_loss(hidden, None, seq_len, None, weight, bias, targets, -ones, ones,
+                                                  *call.flat(), True, SOURCE_DIGEST)  # fmt: skip
+
+    first, second = outputs(), outputs()
+    assert len(first) > 2, "no saved tensors: nothing checked"
+    held = {t.untyped_storage().data_ptr() for t in first if t.numel()}
+    shared = [i for i, t in enumerate(second) if t.numel() and t.untyped_storage().data_ptr() in held]
+    assert not shared, f"{backend}: outputs {shared} of a second call share memory with the first call's"
+
+
 def check_compiled_over_shapes(backend: str, device: str) -> None:
     """Dynamic padding under ``torch.compile(fullgraph=True)``: every batch has its own B and S.
     After the first shape, one recompile with dynamic sizes serves every later shape, and each

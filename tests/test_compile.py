@@ -4,7 +4,7 @@ and the triton backend where there is a GPU."""
 import pytest
 import torch
 import torch._dynamo.testing
-from oracle import case_for, check_compiled_over_shapes, check_strided_inputs, random_case
+from oracle import case_for, check_compiled_over_shapes, check_op_outputs_are_its_own, check_strided_inputs, random_case
 
 from mtlfast import MultiTaskHeads, Task
 from mtlfast.op import HEAD_SCALAR_FIELDS, HeadCall
@@ -43,6 +43,11 @@ def test_compile_fullgraph_matches_eager():
 )  # fmt: skip
 def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
     check_compiled_over_shapes(backend, device)
+
+
+def test_op_outputs_are_its_own():
+    """(The reference backend keeps nothing for its backward: no outputs past the losses.)"""
+    check_op_outputs_are_its_own("torch")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -10,6 +10,7 @@ from oracle import (
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
     check_main_grad_accumulation,
+    check_op_outputs_are_its_own,
     check_strided_inputs,
     filtered_oracle,
     make_heads,
@@ -114,6 +115,10 @@ def test_triton_strided_inputs(dtype, compiled):
     strided views, with small heads and a vocabulary head; eager and under torch.compile."""
     case = random_case(shape=(4, 33, 96), ce_classes=(2, 3000))
     check_strided_inputs(case, "triton", dtype, device=DEVICE, compiled=compiled)
+
+
+def test_triton_op_outputs_are_its_own():
+    check_op_outputs_are_its_own("triton", device=DEVICE)
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():

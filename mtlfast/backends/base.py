@@ -34,9 +34,15 @@ def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> T
     return tensor
 
 
+def kept_between_calls(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is held by a :class:`HostValuesCache`, so that later calls get it again."""
+    return getattr(tensor, "_mtlfast_kept", False)
+
+
 class HostValuesCache:
     """Device tensors of small tuples of host values (:func:`host_values_to`), one per key, the
-    least recently used dropped past ``kept``: no copy per call for values that recur.
+    least recently used dropped past ``kept``: no copy per call for values that recur. Each is
+    marked as such (:func:`kept_between_calls`).
 
     Under CUDA graph capture a hit is kept in ``CAPTURED`` (every replay reads it; a later
     eviction must not free it), and a miss is not cached: a copy captured is only made when the
@@ -60,6 +66,7 @@ class HostValuesCache:
             return tensor
         tensor = host_values_to(values, dtype, device)
         if not capturing:
+            tensor._mtlfast_kept = True
             self._entries[key] = tensor
             if len(self._entries) > self._kept:
                 self._entries.popitem(last=False)

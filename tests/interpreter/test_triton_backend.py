@@ -19,6 +19,7 @@ from oracle import (
     check_compiled_over_shapes,
     check_frozen_hidden,
     check_main_grad_accumulation,
+    check_op_outputs_are_its_own,
     check_strided_inputs,
     filter_tiles,
     fresh_seed,
@@ -283,6 +284,12 @@ def test_strided_inputs(no_delegation, dtype, paths):
     it by packed row alone)."""
     case = random_case() if paths == "small" else _wide_path_case(random.Random(fresh_seed()))
     check_strided_inputs(case, "triton", dtype)
+
+
+def test_op_outputs_are_its_own():
+    """The custom op's table of label addresses, which the backend keeps between calls, leaves
+    the op as a copy of its own."""
+    check_op_outputs_are_its_own("triton")
 
 
 def test_compile_with_strided_inputs(no_delegation):
