@@ -89,8 +89,9 @@ def check_call(
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
     if not hidden_states.dtype.is_floating_point:
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
-    if hidden_states.dim() not in (2, 3):
-        raise ValueError(f"hidden_states must be [B, S, D] or [B, D], got shape {tuple(hidden_states.shape)}")
+    if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] == 0:
+        raise ValueError(f"hidden_states must be [B, S, D] or [B, D] with D >= 1, got shape "
+                         f"{tuple(hidden_states.shape)}")  # fmt: skip
     if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
         raise TypeError("the packed weight must be a floating-point [sum C, D] torch.Tensor")
     if bias is not None and (not isinstance(bias, Tensor) or not bias.dtype.is_floating_point):

@@ -80,6 +80,15 @@ def test_hidden_size_mismatch():
         _call(_good(), hidden=torch.randn(B, S, 7))
 
 
+def test_hidden_size_zero():
+    """D = 0 (reachable through the functional call, whose weight is the caller's) is named,
+    not left to a reshape deep inside."""
+    total = sum(t.num_outputs for t in TASKS)
+    for hidden in (torch.randn(B, S, 0), torch.randn(B, 0)):
+        with pytest.raises(ValueError, match="D >= 1"):
+            multitask_loss(hidden, torch.randn(total, 0), torch.zeros(total), TASKS, _good(), backend="torch")
+
+
 def test_token_task_with_2d_hidden():
     with pytest.raises(ValueError, match="task 'ner'.*\\[B, S, D\\]"):
         _call(_good(), hidden=torch.randn(B, D))
