@@ -444,6 +444,7 @@ def check_strided_inputs(case: Case, backend: str, dtype: torch.dtype, device="c
         torch._dynamo.reset()
     out = (torch.compile(loss, fullgraph=True) if compiled else loss)(hidden, pooled, weight_base, bias_base)
     out.loss.backward()
+
     def unswapped(leaf: torch.Tensor) -> torch.Tensor | None:
         return None if leaf.grad is None else leaf.grad.transpose(0, 1)  # None: no present task reads it
 
@@ -589,11 +590,9 @@ def check_op_outputs_are_its_own(backend: str, device: str = "cpu") -> None:
              Task("tags", 4, "bce", level="token"), Task("vocab", 300, "cross_entropy", level="token"))  # fmt: skip
     case = case_for(list(tasks), (2, 5, 16))
     batch, seq_len, hidden_size = case.hidden.shape
-    hidden = case.hidden.to(device).requires_grad_(True)
-    weight, bias = case.weight.to(device), case.bias.to(device)
+    hidden, weight, bias = case.hidden.to(device), case.weight.to(device), case.bias.to(device)
     targets = [case.labels[t.name].reshape(batch * seq_len if t.level == "token" else batch, *(
         (t.num_outputs,) if t.loss == "bce" else ())).to(device) for t in tasks]  # fmt: skip
-    targets = [y.nan_to_num(0.5) if y.is_floating_point() else y for y in targets]
     call = HeadCall(TaskLayout(tasks).heads, seq_len, backend, 0, False, -1.0, True, True, torch.float32)
     ones = torch.ones(len(tasks), device=device)
 
