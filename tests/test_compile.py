@@ -46,7 +46,8 @@ def test_compile_over_changing_batch_and_sequence_lengths(backend, device):
 
 
 def test_op_outputs_are_its_own():
-    """(The reference backend keeps nothing for its backward: no outputs past the losses.)"""
+    """Two calls of the custom op share no memory in their outputs. The torch backend only: the
+    reference backend saves nothing for its backward, so it has no outputs past the losses."""
     check_op_outputs_are_its_own("torch")
 
 
