@@ -7,8 +7,9 @@
 # pytest-xdist spreads it over the cores when installed; meanwhile
 # `python -m mtlfast.bench.warm` compiles the benchmark's kernels into the on-disk caches),
 # the benchmark of every workload (one process each), profiles of one bert-base-4task
-# step (mtlfast-triton's and eager's: issue against completion time, kernel times;
-# mtlfast-triton's host time by function, and with the direct launcher off) and,
+# step (mtlfast-triton's and eager's: issue against completion time, kernel times and the
+# small-heads kernel's tuned configurations; mtlfast-triton's host time by function, by
+# phase, and with the direct launcher off) and,
 # with a minute to spare, bert-base-4task with fp32 hidden states (eager, mtlfast-triton).
 #
 # It finishes inside BUDGET_S seconds (default 540): the install, the tests (at most
@@ -152,7 +153,7 @@ if [[ $PART == bench || $PART == all ]]; then
     [[ -n ${PROVIDERS:-} ]] && read -ra providers <<<"--providers $PROVIDERS"
     read -ra workloads <<<"$WORKLOADS"
     profile_s=0
-    [[ $BENCH_DEVICE == cuda ]] && profile_s=100
+    [[ $BENCH_DEVICE == cuda ]] && profile_s=120
     for i in "${!workloads[@]}"; do
         workload=${workloads[$i]}
         # a fair share of what is left, keeping the profile's time
@@ -167,20 +168,25 @@ if [[ $PART == bench || $PART == all ]]; then
     # where a small step's time goes (host vs kernels), mtlfast's and eager's, for the issue notes
     if [[ $BENCH_DEVICE == cuda ]]; then
         for provider in mtlfast-triton eager; do
-            timed $((profile_s / 4)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+            timed $((profile_s / 5)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
                 "$provider" 25 >"$WORK/profile-bert-$provider.txt" 2>&1
-            head -1 "$WORK/profile-bert-$provider.txt" | tee -a "$SUMMARY"
+            { head -1; grep "^small_heads_kernel "; } <"$WORK/profile-bert-$provider.txt" | tee -a "$SUMMARY"
         done
         # the host's share: mtlfast's Python by function (cProfile), and the step with every
         # kernel launched through triton's JITFunction.run instead of the direct launcher
-        timed $((profile_s / 4)) "profile mtlfast-triton --host" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+        timed $((profile_s / 5)) "profile mtlfast-triton --host" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
             mtlfast-triton 40 --host >"$WORK/profile-bert-mtlfast-triton-host.txt" 2>&1
         head -1 "$WORK/profile-bert-mtlfast-triton-host.txt" | tee -a "$SUMMARY"
-        MTLFAST_DIRECT_LAUNCH=0 timed $((profile_s / 4)) "profile mtlfast-triton, direct launch off" "$PY" \
+        MTLFAST_DIRECT_LAUNCH=0 timed $((profile_s / 5)) "profile mtlfast-triton, direct launch off" "$PY" \
             -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 \
             >"$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" 2>&1
         head -1 "$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" | sed "s/^/MTLFAST_DIRECT_LAUNCH=0: /" |
             tee -a "$SUMMARY"
+        # the host's time to issue forward and backward, beside an allocation, an autograd round
+        # trip and a launch on this host
+        timed $((profile_s / 5)) "profile mtlfast-triton --phases" "$PY" -m mtlfast.bench.profile_step \
+            bert-base-4task mtlfast-triton --phases >"$WORK/profile-bert-mtlfast-triton-phases.txt" 2>&1
+        tail -1 "$WORK/profile-bert-mtlfast-triton-phases.txt" | tee -a "$SUMMARY"
         # with time to spare: bert-base with fp32 hidden states, as a BERT under autocast gives them
         if (($(left) >= 60)); then
             timed $(($(left) - 20)) "bench bert-base-4task fp32 hidden" "$PY" -m mtlfast.bench --device cuda \

@@ -149,6 +149,12 @@ def main() -> None:
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+    if args.provider.startswith("mtlfast-triton"):
+        from mtlfast.kernels import small_heads
+
+        for direction, block_c, rows, shape in small_heads.tuned_shapes():
+            print(f"small_heads_kernel {direction}, BLOCK_C {block_c}, rows up to {rows}: "
+                  f"(BLOCK_M, BLOCK_K, num_warps, num_stages) = {shape}")  # fmt: skip
 
 
 if __name__ == "__main__":

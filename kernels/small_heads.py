@@ -512,6 +512,15 @@ def launch_small_heads(
     return programs
 
 
+def tuned_shapes() -> list[tuple[str, int, int, tuple[int, int, int, int]]]:
+    """The configurations launched so far, as ``(direction, BLOCK_C, rows bucket, (BLOCK_M,
+    BLOCK_K, num_warps, num_stages))``: the autotuner's picks on a GPU, the untuned first
+    candidates otherwise."""
+    return [("backward" if variant[9] else "forward", variant[8], variant[0],
+             (options["BLOCK_M"], options["BLOCK_K"], options["num_warps"], options["num_stages"]))
+            for variant, options in _TUNED.items()]  # fmt: skip
+
+
 def _programs(n_hidden: int, n_pooled: int, block_m: int, partial_programs: int) -> int:
     """Programs of one launch: a row block each, or at most ``partial_programs`` (> 0)."""
     blocks = cdiv(n_hidden, block_m) + cdiv(n_pooled, block_m)

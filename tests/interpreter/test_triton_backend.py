@@ -690,3 +690,17 @@ def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
     call(40)
     with pytest.raises(AssertionError, match="other shapes"):
         call(70)
+
+
+def test_tuned_shapes_name_the_launched_configurations():
+    """``small_heads.tuned_shapes`` (what the profile prints) lists both directions of a launched
+    width with the configuration they ran with: untuned here, the width's first candidate."""
+    from mtlfast.kernels import small_heads
+
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token")]
+    case = case_for(tasks, (2, 7, 24), nan_rate=0.0)
+    run_heads(case, "triton", torch.float32)
+    first = small_heads.SHAPES_BY_BLOCK_C[16][0]
+    shapes = small_heads.tuned_shapes()
+    for direction in ("forward", "backward"):
+        assert (direction, 16, 16, first) in shapes, shapes
