@@ -79,6 +79,23 @@ def case_for(
     return Case(list(tasks), hidden, labels, weight, bias, seed=seed)
 
 
+def _random_task(rng: random.Random, name: str, classes: int, loss: str, level: str) -> Task:
+    """A task with random options for its loss: label smoothing, ignore_index, class or positive
+    weights, a softcap, a z-loss, a task weight."""
+    smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
+    ignore = rng.choice([-100, -100, -1, classes + 3])
+    pos_weight = class_weights = None
+    if loss == "bce" and rng.random() < 0.5:
+        pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
+    if loss == "cross_entropy" and rng.random() < 0.3:
+        class_weights = tuple(rng.choice([0.0, rng.uniform(0.05, 6.0)]) for _ in range(classes))
+    softcap = rng.choice([0.5, 2.0, 30.0]) if loss == "cross_entropy" and rng.random() < 0.25 else None
+    z_loss = rng.choice([1e-4, 0.1]) if loss == "cross_entropy" and not class_weights and rng.random() < 0.25 else 0.0
+    return Task(name, classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
+                weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight, class_weights=class_weights,
+                softcap=softcap, z_loss=z_loss)  # fmt: skip
+
+
 def random_case(
     seed: int | None = None,
     *,
@@ -89,31 +106,22 @@ def random_case(
     shape: tuple[int, int, int] | None = None,
     allow_extras: bool = True,
     ce_classes: tuple[int, int] | None = None,
+    tasks: list[Task] | None = None,
+    all_present: bool = False,
 ) -> Case:
-    """Random tasks, sizes and options; odd sizes on purpose."""
+    """Random tasks (or the ``tasks`` given), sizes and options; odd sizes on purpose. With
+    ``all_present`` every task has labels."""
     seed = fresh_seed() if seed is None else seed
     rng = random.Random(seed)
-    num_tasks = num_tasks or rng.randint(1, 6)
-    tasks = []
-    for k in range(num_tasks):
-        loss = rng.choice(losses)
-        level = rng.choice(levels)
-        if loss == "cross_entropy":
-            classes = rng.randint(*(ce_classes or (2, max_classes)))
-        else:
-            classes = rng.randint(1, min(12, max_classes))
-        smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
-        ignore = rng.choice([-100, -100, -1, classes + 3])
-        pos_weight = class_weights = None
-        if loss == "bce" and rng.random() < 0.5:
-            pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
-        if loss == "cross_entropy" and rng.random() < 0.3:
-            class_weights = tuple(rng.choice([0.0, rng.uniform(0.05, 6.0)]) for _ in range(classes))
-        softcap = rng.choice([0.5, 2.0, 30.0]) if loss == "cross_entropy" and rng.random() < 0.25 else None
-        z_loss = rng.choice([1e-4, 0.1]) if loss == "cross_entropy" and not class_weights and rng.random() < 0.25 else 0.0
-        tasks.append(Task(f"t{k}", classes, loss, level=level, ignore_index=ignore, label_smoothing=smoothing,
-                          weight=rng.choice([1.0, 0.5, 2.0]), pos_weight=pos_weight,
-                          class_weights=class_weights, softcap=softcap, z_loss=z_loss))  # fmt: skip
+    if tasks is None:
+        tasks = []
+        for k in range(num_tasks or rng.randint(1, 6)):
+            loss, level = rng.choice(losses), rng.choice(levels)
+            if loss == "cross_entropy":
+                classes = rng.randint(*(ce_classes or (2, max_classes)))
+            else:
+                classes = rng.randint(1, min(12, max_classes))
+            tasks.append(_random_task(rng, f"t{k}", classes, loss, level))
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -123,7 +131,7 @@ def random_case(
     gen = torch.Generator().manual_seed(seed + 1)
     if not allow_extras:
         return case
-    if rng.random() < 0.25 and len(tasks) > 1:
+    if rng.random() < 0.25 and len(tasks) > 1 and not all_present:
         absent = rng.choice(tasks).name
         del case.labels[absent]
         case.notes.append(f"absent={absent}")
@@ -144,6 +152,60 @@ def random_case(
         case.log_vars = torch.randn(len(tasks), generator=gen) * 0.5
         case.notes.append("uncertainty")
     return case
+
+
+def small_tasks_of_width(block_c: int, rng: random.Random) -> list[Task]:
+    """Random small-path tasks (each at most 60 outputs, both levels, every loss) whose outputs
+    add up to a total the triton backend packs into groups of ``block_c`` slots: at most 16 for
+    16, more than half of ``block_c`` otherwise, and up to 200 for 128 (one or two groups)."""
+    low = 2 if block_c == 16 else block_c // 2 + 1
+    left = rng.randint(low, 200 if block_c == 128 else block_c)
+    tasks = []
+    while left:
+        classes = rng.randint(1, min(left, 60))
+        loss = rng.choice(("cross_entropy", "bce", "mse")) if classes > 1 else rng.choice(("bce", "mse"))
+        tasks.append(_random_task(rng, f"t{len(tasks)}", classes, loss, rng.choice(("sequence", "token"))))
+        left -= classes
+    return tasks
+
+
+def small_heads_candidates() -> list[tuple[int, tuple[int, int, int, int]]]:
+    """Every autotuning candidate of the small-heads kernel as ``(BLOCK_C, (BLOCK_M, BLOCK_K,
+    num_warps, num_stages))``; none without triton."""
+    try:
+        from mtlfast.kernels import small_heads
+    except ImportError:
+        return []
+    return [(block_c, shape) for block_c, shapes in small_heads.SHAPES_BY_BLOCK_C.items() for shape in shapes]
+
+
+def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, int, int], device: str,
+                              dtype: torch.dtype, atomics: bool, autocast: bool = False):  # fmt: skip
+    """Runs a random case of width ``block_c`` on the triton backend with the small-heads kernel
+    in the configuration ``shape`` alone (untuned, and every kept launch and step forgotten),
+    its dW/db through float atomics (``atomics``) or deterministic partials; returns the case and
+    :func:`run_heads`' outputs."""
+    from mtlfast.kernels import small_heads
+
+    from mtlfast.backends import triton_fused
+
+    monkeypatch.setitem(small_heads.SHAPES_BY_BLOCK_C, block_c, [shape])
+    monkeypatch.setattr(small_heads, "TUNING", False)
+    monkeypatch.setattr(small_heads, "_TUNED", {})
+    monkeypatch.setattr(small_heads, "_PREPARED", {})
+    monkeypatch.setattr(triton_fused, "_STEPS", {})
+    if atomics:
+        monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    # rows for several blocks of every BLOCK_M with a partial last one; D not a multiple of BLOCK_K
+    case = random_case(seed, tasks=small_tasks_of_width(block_c, rng), shape=(3, rng.randint(23, 41), 40),
+                       all_present=True)  # fmt: skip
+    case.notes.append(f"BLOCK_C={block_c} shape={shape} {'atomics' if atomics else 'deterministic'}")
+    out, grads = run_heads(case, "triton", dtype, device=device, autocast=autocast, deterministic=not atomics)
+    launched = {(direction, width, config) for direction, width, _, config in small_heads.tuned_shapes()}
+    assert launched == {("forward", block_c, shape), ("backward", block_c, shape)}, (launched, case.describe())
+    return case, out, grads
 
 
 def bad_class_id_cases(classes: int) -> tuple[Case, Case]:

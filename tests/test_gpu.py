@@ -18,6 +18,8 @@ from oracle import (
     random_case,
     rel_error,
     run_heads,
+    run_small_heads_candidate,
+    small_heads_candidates,
 )
 
 from mtlfast import MultiTaskHeads, Task, cuda_ext, functional
@@ -119,6 +121,35 @@ def test_triton_strided_inputs(dtype, compiled):
 
 def test_triton_op_outputs_are_its_own():
     check_op_outputs_are_its_own("triton", device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=lambda c: "C{}-{}x{}-w{}-s{}".format(c[0], *c[1]))
+def test_triton_every_small_heads_candidate(monkeypatch, candidate, dtype):
+    """Each autotuning candidate of the small-heads kernel, forced as the only one (warps and
+    stages included: the compiler's own code for each), on a random case of its width: the
+    autotuner may pick any of them, where the other tests run the first. fp32 against the
+    oracle, bf16 under autocast within eager bf16's error plus 1e-2. Deterministic partials and
+    float atomics alternate. A candidate too large for this GPU's shared memory, which the
+    autotuner would skip, is skipped."""
+    from triton.runtime.errors import OutOfResources
+
+    block_c, shape = candidate
+    atomics = small_heads_candidates().index(candidate) % 2 == 1
+    bf16 = dtype == torch.bfloat16
+    try:
+        case, out, grads = run_small_heads_candidate(monkeypatch, block_c, shape, DEVICE, dtype, atomics,
+                                                     autocast=bf16)  # fmt: skip
+    except OutOfResources as error:
+        pytest.skip(f"{shape} does not fit this GPU: {error}")
+    if not bf16:
+        assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{case.describe()}")
+        return
+    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
+    eager = eager_errors(case)
+    assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
+    for name in ("hidden", "weight", "bias"):
+        assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():

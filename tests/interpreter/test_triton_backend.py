@@ -27,6 +27,8 @@ from oracle import (
     random_case,
     rel_error,
     run_heads,
+    run_small_heads_candidate,
+    small_heads_candidates,
 )
 
 from mtlfast import MultiTaskHeads, Task
@@ -624,7 +626,10 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
     """The small path's launches keyed on the backend's step (``fixed=True``) are checked on
     every launch against the full key (types, dtypes, alignment, int specialization): a key
     that does not fix its arguments raises. Launched through stand-ins of compiled kernels
-    (the interpreter has none), a case's second step launches them all directly."""
+    (the interpreter has none), a case's second step launches them all directly. The loss
+    finalize is a stand-in too, so nothing zeroes the loss sums and counts a forward's torch ops
+    write (the large and wide paths', class-weighted counts): they go to buffers of this test's
+    own, which later tests never see."""
     from types import SimpleNamespace
 
     from mtlfast.kernels import launcher, loss_finalize, small_heads
@@ -643,6 +648,7 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
 
             return run
 
+    monkeypatch.setattr(triton_fused, "_LOSS_SUMS", {})
     monkeypatch.setattr(launcher, "ENABLED", True)
     monkeypatch.setattr(launcher, "_hooks_installed", lambda: False)
     monkeypatch.setattr(launcher, "_current_device", lambda: 0)
@@ -704,3 +710,16 @@ def test_tuned_shapes_name_the_launched_configurations():
     shapes = small_heads.tuned_shapes()
     for direction in ("forward", "backward"):
         assert (direction, 16, 16, first) in shapes, shapes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=lambda c: "C{}-{}x{}-w{}-s{}".format(c[0], *c[1]))
+def test_every_small_heads_candidate(monkeypatch, candidate, dtype):
+    """Each autotuning candidate of the small-heads kernel (its BLOCK_M and BLOCK_K; the
+    interpreter ignores warps and stages), forced as the only one, on a random case of its
+    width, against the oracle: the autotuner may pick any of them on a GPU, where the other
+    tests run the first. Deterministic partials and float atomics alternate."""
+    block_c, shape = candidate
+    atomics = (small_heads_candidates().index(candidate) + DTYPES.index(dtype)) % 2 == 1
+    case, out, grads = run_small_heads_candidate(monkeypatch, block_c, shape, "cpu", dtype, atomics)
+    assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton/{case.describe()}")
