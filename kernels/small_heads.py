@@ -477,11 +477,12 @@ def launch_small_heads(
     )  # fmt: skip
     args = tensors + trailing
     backward, partials, write_dh = launch.backward, launch.partial_programs > 0, launch.write_dh
-    # The autotuner's key plus everything else that selects a compiled variant (the constexprs
-    # by what they are made from: torch dtypes hash faster than triton's).
-    variant = (trailing[-1], n_pooled, hidden_size, n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
-               block_c, backward, partials, token_mask is not None, write_dh, launch.has_dh_init,
-               launch.compute_dtype, launch.class_weights, launch.softcap, launch.z_loss)  # fmt: skip
+    # The rows bucket, then the rest of the autotuner's key and everything else that selects a
+    # compiled variant (the constexprs by what they are made from: torch dtypes hash faster
+    # than triton's).
+    variant = (trailing[-1], (n_pooled, hidden_size, n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
+                              block_c, backward, partials, token_mask is not None, write_dh, launch.has_dh_init,
+                              launch.compute_dtype, launch.class_weights, launch.softcap, launch.z_loss))  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
@@ -516,9 +517,9 @@ def tuned_shapes() -> list[tuple[str, int, int, tuple[int, int, int, int]]]:
     """The configurations launched so far, as ``(direction, BLOCK_C, rows bucket, (BLOCK_M,
     BLOCK_K, num_warps, num_stages))``: the autotuner's picks on a GPU, the untuned first
     candidates otherwise."""
-    return [("backward" if variant[9] else "forward", variant[8], variant[0],
+    return [("backward" if options["BACKWARD"] else "forward", options["BLOCK_C"], rows,
              (options["BLOCK_M"], options["BLOCK_K"], options["num_warps"], options["num_stages"]))
-            for variant, options in _TUNED.items()]  # fmt: skip
+            for (rows, _), options in _TUNED.items()]  # fmt: skip
 
 
 def _programs(n_hidden: int, n_pooled: int, block_m: int, partial_programs: int) -> int:
