@@ -342,12 +342,13 @@ def small_heads_reduce_kernel(
 # width of bert-base-4task's 33 outputs) the forward took 98 us on an H200 for ~4 waves of
 # 32-row blocks, ~1 us per step of its 24-step K-loop: a memory latency each, at one program
 # per SM (~210 registers a thread). The deeper-pipelined candidates keep more loads in flight,
-# or take fewer, wider K steps (added after that run; not yet timed).
+# or take fewer, wider K steps (added after that run; not yet timed). Widths 32 and 128 got
+# a 4-stage candidate each later, also not yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
-    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
+    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4)],
     64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3)],
-    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)],
+    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4)],
 }
 
 

@@ -208,6 +208,22 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, 
     return case, out, grads
 
 
+def check_small_heads_weight_gradient_precision(scale: float, dtype: torch.dtype, device: str = "cpu") -> None:
+    """The small-heads kernel's dW and db keep fp32 precision with 16-bit (``dtype``)
+    computation under autocast: within 1e-5 of float64 on the same rounded inputs, where
+    dlogits rounded to 16 bits would be ~1e-3 off. The loss is scaled by ``scale`` (task
+    weights): a product of 16-bit pieces of dlogits must not underflow at 2^-20."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    tasks = [replace(t, weight=t.weight * scale) for t in small_tasks_of_width(rng.choice([16, 32, 64, 128]), rng)]
+    case = random_case(seed, tasks=tasks, shape=(3, rng.randint(5, 30), rng.choice([13, 40])), allow_extras=False)
+    _, grads = run_heads(case, "triton", dtype, device=device, autocast=True, deterministic=rng.random() < 0.5)
+    reference = oracle(case, dtype)[2]
+    for name in ("weight", "bias"):
+        error = rel_error(grads[name], reference[name])
+        assert error <= 1e-5, (name, error, case.describe())
+
+
 def bad_class_id_cases(classes: int) -> tuple[Case, Case]:
     """A case whose cross-entropy labels hold class ids outside ``[0, C)`` (for a token head
     of ``classes`` outputs and a 3-class sequence head), and the same case with those ids

@@ -11,6 +11,7 @@ from oracle import (
     check_frozen_hidden,
     check_main_grad_accumulation,
     check_op_outputs_are_its_own,
+    check_small_heads_weight_gradient_precision,
     check_strided_inputs,
     filtered_oracle,
     make_heads,
@@ -339,6 +340,12 @@ def test_cuda_extension_accumulate_fp32(dtype):
     assert rel_error(main_grad, expected) < 1e-7
     with pytest.raises(RuntimeError, match="float32"):
         cuda_ext.accumulate_fp32_(main_grad.half(), grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [2.0**-20, 1.0, 2.0**10])
+def test_small_heads_weight_gradient_at_fp32_precision_at_any_scale(scale, dtype):
+    check_small_heads_weight_gradient_precision(scale, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

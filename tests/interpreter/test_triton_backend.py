@@ -20,6 +20,7 @@ from oracle import (
     check_frozen_hidden,
     check_main_grad_accumulation,
     check_op_outputs_are_its_own,
+    check_small_heads_weight_gradient_precision,
     check_strided_inputs,
     filter_tiles,
     fresh_seed,
@@ -177,6 +178,11 @@ def test_fp16_parameters_accumulate_into_fp32_main_grad(monkeypatch, vocabulary,
                                  tol=1e-3 if vocabulary else 1e-5)  # fmt: skip
     packed = ((sum(t.num_outputs for t in tasks), hidden_size), torch.float32)
     assert weight_shaped.count(packed) == 4, "the unfused heads allocate a dW buffer per micro-batch, the fused none"
+
+
+@pytest.mark.parametrize("scale", [2.0**-20, 1.0, 2.0**10])
+def test_small_heads_weight_gradient_at_fp32_precision_at_any_scale(scale):
+    check_small_heads_weight_gradient_precision(scale, torch.float16)
 
 
 def test_call_time_task_weights():
