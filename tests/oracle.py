@@ -212,7 +212,8 @@ def check_small_heads_weight_gradient_precision(scale: float, dtype: torch.dtype
     """The small-heads kernel's dW and db keep fp32 precision with 16-bit (``dtype``)
     computation under autocast: within 1e-5 of float64 on the same rounded inputs, where
     dlogits rounded to 16 bits would be ~1e-3 off. The loss is scaled by ``scale`` (task
-    weights): a product of 16-bit pieces of dlogits must not underflow at 2^-20."""
+    weights), so that a kernel holding dlogits in any 16-bit form for dW (a split into
+    16-bit pieces, say) is caught underflowing at 2^-20 or losing range at 2^10."""
     seed = fresh_seed()
     rng = random.Random(seed)
     tasks = [replace(t, weight=t.weight * scale) for t in small_tasks_of_width(rng.choice([16, 32, 64, 128]), rng)]
