@@ -1,6 +1,7 @@
-"""``TRITON_INTERPRET=1 python -m mtlfast.bench.host_time [PROVIDER ...]``: the host time of a
-training step on a machine without a GPU, for the providers (default: eager and
-mtlfast-triton).
+"""``TRITON_INTERPRET=1 python -m mtlfast.bench.host_time [PROVIDER ...] [--steps N]``: the host
+time of a training step on a machine without a GPU, for the providers (default: eager and
+mtlfast-triton); with ``--steps``, only the steps, for counting their instructions (see the
+README's host-time section).
 
 mtlfast-triton's small path launches its kernels through direct launchers. Here each
 launcher's kernel is a stand-in that hands back a compiled kernel whose launch does
@@ -47,18 +48,23 @@ def stub_launches() -> None:
     from mtlfast.kernels import launcher, loss_finalize, small_heads
 
     launcher.ENABLED = True
-    launcher._hooks_installed = lambda: False
     launcher._current_device = lambda: 0
     for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
         direct.kernel = _StandInKernel(direct.kernel)
         direct._current_stream = lambda device: 0
 
 
-def median_step_us(provider: str, steps: int = 400, rounds: int = 5) -> float:
+def warm_step(provider: str):
+    """The provider's step at stand-in sizes, run 50 times."""
     workload = dataclasses.replace(WORKLOADS["bert-base-4task-cpu"], batch=2, seq_len=4, hidden=16)
     step, *_ = build_step(provider, workload, "cpu", torch.bfloat16)
     for _ in range(50):
         step()
+    return step
+
+
+def median_step_us(provider: str, steps: int = 400, rounds: int = 5) -> float:
+    step = warm_step(provider)
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -71,13 +77,21 @@ def median_step_us(provider: str, steps: int = 400, rounds: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("providers", nargs="*", default=["eager", "mtlfast-triton"])
+    parser.add_argument("--steps", type=int, help="run this many steps after the warm-up and print nothing: for an "
+                        "instruction count under valgrind, whose difference between two step counts is the host work "
+                        "of those steps, free of the timing noise of a shared machine")  # fmt: skip
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("run with TRITON_INTERPRET=1 (set before triton is imported)")
     torch.set_num_threads(1)
     stub_launches()
     for provider in args.providers:
-        print(f"{provider}: {median_step_us(provider):.0f} us per step (median of 5 rounds of 400)")
+        if args.steps is not None:
+            step = warm_step(provider)
+            for _ in range(args.steps):
+                step()
+        else:
+            print(f"{provider}: {median_step_us(provider):.0f} us per step (median of 5 rounds of 400)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ fine as triton's, so a kept kernel is the one triton would pick.
 A caller whose ``variant`` already fixes everything but the tensors' addresses (their shapes,
 strides and dtypes, the ints passed) says so with ``fixed=True``: such a launch is keyed on
 the variant, the device and the tensors' alignment only, and skips building the full key
-but on the variant's first launch at each alignment. Under the interpreter,
+but on the variant's first launch at each alignment. Its tensors come first among its
+arguments, and reach the compiled kernel's launcher as the addresses read for the key: the
+launcher takes an int as the address itself, where for a tensor it calls ``data_ptr`` and asks
+the driver about the address (``cuPointerGetAttribute``) once per tensor. Under the interpreter,
 with a launch hook installed (a profiler's), or with ``MTLFAST_DIRECT_LAUNCH=0``, every
 launch goes through triton.
 """
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Sequence
-from functools import reduce
-from operator import attrgetter, itemgetter, or_
+from math import gcd
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -59,9 +62,8 @@ def _int_widths(values: Sequence[int]) -> tuple[int, ...]:
 
 def _hooks_installed() -> bool:
     """Whether a launch hook is installed (a chain of hooks with members, or a plain callable)."""
-    runtime = knobs.runtime
-    return any(hook is not None and getattr(hook, "calls", True) for hook in
-               (runtime.launch_enter_hook, runtime.launch_exit_hook))  # fmt: skip
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return bool(enter is not None and getattr(enter, "calls", True) or leave is not None and getattr(leave, "calls", True))
 
 
 class DirectLauncher:
@@ -76,7 +78,7 @@ class DirectLauncher:
         self._compiled: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # launcher, function, metadata, constexprs
         self._positions: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tensors', ints' by types
         self._current_stream: Callable[[int], int] | None = None
-        self._fixed_tensors: dict[Hashable, Callable] = {}  # the getter of its tensors by fixed variant
+        self._fixed_tensors: dict[Hashable, int] = {}  # the number of (leading) tensors by fixed variant
         self._fixed: dict[tuple, tuple[Any, Any, Any, tuple]] = {}  # kept kernels by fixed key
         # Tests set this: every fixed launch checks that its full key and keyword arguments are the
         # ones first seen for its fixed key.
@@ -93,7 +95,7 @@ class DirectLauncher:
             )
         tensors = [args[i] for i in positions[0]]
         pointers = tuple(map(_data_ptr, tensors))
-        aligned = not reduce(or_, pointers, 0) % 16 or tuple(p % 16 == 0 for p in pointers)
+        aligned = not gcd(*pointers) % 16 or tuple(p % 16 == 0 for p in pointers)
         ints = [args[i] for i in positions[1]]
         # what triton specializes an int on: 0..15 by value (1 is a constant), larger ones by
         # whether 16 divides them; and its width
@@ -101,20 +103,21 @@ class DirectLauncher:
         wide = bool(ints) and (max(ints) >= 2**31 or min(ints) < -(2**31)) and _int_widths(ints)
         return variant, _current_device(), types, tuple(map(_dtype, tensors)), aligned, classes, wide
 
-    def _fixed_key(self, variant: Hashable, args: Sequence[Any]) -> tuple:
-        tensors = self._fixed_tensors.get(variant)
-        if tensors is None:
+    def _fixed_key(self, variant: Hashable, args: Sequence[Any]) -> tuple[tuple, tuple[int, ...]]:
+        """The fixed launch's key and the addresses of its leading tensors."""
+        count = self._fixed_tensors.get(variant)
+        if count is None:
             if len(self._fixed_tensors) >= FIXED_KEYS_KEPT:  # many shapes (dynamic lengths): start over
                 self._fixed_tensors.clear()
                 self._fixed.clear()
                 self._fixed_full_keys.clear()
-            positions = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
-            # (the first one twice: a tuple even for one tensor)
-            tensors = itemgetter(*positions, positions[0]) if positions else lambda args: ()
-            self._fixed_tensors[variant] = tensors
-        pointers = tuple(map(_data_ptr, tensors(args)))
-        aligned = not reduce(or_, pointers, 0) % 16 or tuple(p % 16 == 0 for p in pointers)
-        return variant, _current_device(), aligned
+            count = next((i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor)), len(args))
+            if any(isinstance(arg, torch.Tensor) for arg in args[count:]):
+                raise ValueError(f"fixed launch variant {variant!r} passes a tensor after a non-tensor argument")
+            self._fixed_tensors[variant] = count
+        pointers = tuple(map(_data_ptr, args[:count]))
+        aligned = not gcd(*pointers) % 16 or tuple(p % 16 == 0 for p in pointers)
+        return (variant, _current_device(), aligned), pointers
 
     def __call__(self, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, Any], variant: Hashable,
                  fixed: bool = False) -> None:  # fmt: skip
@@ -122,7 +125,7 @@ class DirectLauncher:
             self.kernel[grid](*args, **kwargs)
             return
         if fixed:
-            fixed_key = self._fixed_key(variant, args)
+            fixed_key, pointers = self._fixed_key(variant, args)
             kept = self._fixed.get(fixed_key)
             if kept is None or self.check_fixed:
                 key = self._key(variant, args)
@@ -133,6 +136,7 @@ class DirectLauncher:
                 if kept is None:  # launched through triton
                     return
                 self._fixed[fixed_key] = kept
+            args = (*pointers, *args[len(pointers) :])
         else:
             key = self._key(variant, args)
             kept = self._compiled.get(key) or self._launch_through_triton(grid, args, kwargs, key)

@@ -299,7 +299,7 @@ def small_heads_kernel(
 
 @triton.jit
 def small_heads_reduce_kernel(
-    dw_part_ptr, db_part_ptr, n_programs, n_slots, n_padded_slots, D, slot_row_ptr, slot_index_ptr, dw_ptr, db_ptr,
+    dw_part_ptr, db_part_ptr, slot_row_ptr, slot_index_ptr, dw_ptr, db_ptr, n_programs, n_slots, n_padded_slots, D,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     """Sums the partials ``[programs, slots, D]`` (used slots) and ``[programs, padded slots]``
@@ -546,5 +546,5 @@ def reduce_partials(
     _, slots, hidden_size = dw_part.shape
     grid = (slots, cdiv(hidden_size, REDUCE_BLOCK_D))
     ints = (n_programs, slots, db_part.shape[1], hidden_size)
-    _launch_reduce(grid, (dw_part, db_part, *ints, slot_row, slot_index, grad_weight, grad_bias),
+    _launch_reduce(grid, (dw_part, db_part, slot_row, slot_index, grad_weight, grad_bias, *ints),
                    _REDUCE_OPTIONS[accumulate], (accumulate, ints, grad_weight.dtype), fixed=True)  # fmt: skip

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import HostValuesCache
+from .backends.base import HostValuesCache, device_type
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, check_values, grad_filter_threshold, main_grad_params
@@ -35,9 +35,9 @@ class MultiTaskOutput:
 
 def computation_dtype(hidden_states: Tensor) -> torch.dtype:
     """The autocast dtype inside ``torch.autocast``, else the dtype of ``hidden_states``."""
-    device_type = hidden_states.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    kind = device_type(hidden_states)
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
     return hidden_states.dtype
 
 
@@ -64,13 +64,13 @@ def _target_shape(task: Task, rows: int) -> tuple[int, ...]:
     return (rows,) if task.loss == "cross_entropy" else (rows, task.num_outputs)
 
 
-def _flat_target(label: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """The label as contiguous ``dtype`` ``shape``: cross-entropy int64 [rows]; bce/mse fp32
-    (fp64 for fp64 compute) [rows, C]."""
-    if label.dtype != dtype:
+def _flat_target(label: Tensor, shape: tuple[int, ...] | None, dtype: torch.dtype | None) -> Tensor:
+    """The label as a contiguous tensor of ``dtype`` and ``shape`` (None: the label's own), which
+    are cross-entropy int64 [rows] and bce/mse fp32 (fp64 for fp64 compute) [rows, C]."""
+    if dtype is not None:
         label = label.to(dtype)
-    if label.shape != shape:
-        label = label.reshape(shape)
+    if shape is not None:
+        label = label.reshape(*shape)
     return label if label.is_contiguous() else label.contiguous()
 
 
@@ -244,8 +244,9 @@ class _CallPlan:
     present_names: tuple[str, ...]
     rows_dtype: torch.dtype  # the dtype the op takes hidden_states and pooled in
     n_token_rows: int | None  # B * S when a token task is present, else None
-    target_shapes: tuple[tuple[int, ...], ...]  # each present task's flat targets (:func:`_flat_target`)
-    target_dtypes: tuple[torch.dtype, ...]
+    # each present task's flat target shape and dtype, None where its label has it already (:func:`_flat_target`)
+    target_shapes: tuple[tuple[int, ...] | None, ...]
+    target_dtypes: tuple[torch.dtype | None, ...]
     weight_dtype: torch.dtype  # of the task weights: fp32, fp64 for fp64 compute
     divisor_override: Tensor | None  # the constant [T] of -1 without num_items_in_batch, else None
     weight_per_task: Tensor | None  # the constant [T] of static weights that are numbers, else None
@@ -254,15 +255,6 @@ class _CallPlan:
 # Plans by call signature, the oldest dropped past PLANS_KEPT (a loop over many shapes).
 _PLANS: dict[tuple, _CallPlan] = {}
 PLANS_KEPT = 256
-
-
-_NOT_A_TENSOR = object()
-
-
-def _tensor_signature(tensor: Tensor | None) -> tuple | object | None:
-    if isinstance(tensor, Tensor):
-        return tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad
-    return None if tensor is None else _NOT_A_TENSOR
 
 
 def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attention_mask, pooled, log_vars,
@@ -277,16 +269,19 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
         hash(options)
     except TypeError:  # a bad option, which the checks name
         return None
-    tensors = tuple(map(_tensor_signature, (hidden_states, weight, bias, attention_mask, pooled, log_vars,
-                                            *labels.values())))  # fmt: skip
-    if _NOT_A_TENSOR in tensors:
+    tensors = []
+    for tensor in (hidden_states, weight, bias, attention_mask, pooled, log_vars, *labels.values()):
+        if isinstance(tensor, Tensor):
+            tensors.append((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad))
+        elif tensor is None:
+            tensors.append(None)
+        else:
+            return None
+    kind = device_type(hidden_states)
+    if kind == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    device_type = hidden_states.device.type
-    if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and (
-        torch.get_autocast_dtype(device_type))  # fmt: skip
-    return (id(layout), tensors, tuple(labels), options, torch.is_grad_enabled(), autocast,
+    autocast = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+    return (id(layout), *tensors, tuple(labels), options, torch.is_grad_enabled(), autocast,
             torch.are_deterministic_algorithms_enabled())  # fmt: skip
 
 
@@ -306,11 +301,14 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
     has_token = any(task.level == "token" for task in present_tasks)
     seq_len = hidden_states.shape[1] if has_token else 1
     seq_stride = 0 if has_token and pooled is not None else seq_len
-    target_shapes = tuple(_target_shape(task, batch * seq_len if task.level == "token" else batch)
-                          for task in present_tasks)  # fmt: skip
-    target_dtypes = tuple(torch.int64 if task.loss == "cross_entropy" else
-                          torch.float64 if cdtype == torch.float64 else torch.float32
-                          for task in present_tasks)  # fmt: skip
+    target_shapes, target_dtypes = [], []
+    for task in present_tasks:
+        label = labels[task.name]
+        shape = _target_shape(task, batch * seq_len if task.level == "token" else batch)
+        dtype = torch.int64 if task.loss == "cross_entropy" else torch.float64 if cdtype == torch.float64 else (
+            torch.float32)  # fmt: skip
+        target_shapes.append(None if label.shape == shape else shape)
+        target_dtypes.append(None if label.dtype == dtype else dtype)
     device = hidden_states.device
     divisor_override = None
     if all((num_items_in_batch or {}).get(task.name) is None for task in present_tasks):
@@ -338,5 +336,5 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
         compute_dtype=cdtype,
     )  # fmt: skip
     return _CallPlan(layout, call, present, present_tasks, tuple(t.name for t in present_tasks), rows_dtype,
-                     batch * seq_len if has_token else None, target_shapes, target_dtypes, weight_dtype,
+                     batch * seq_len if has_token else None, tuple(target_shapes), tuple(target_dtypes), weight_dtype,
                      divisor_override, weight_per_task)  # fmt: skip

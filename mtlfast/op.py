@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import HeadProblem, HeadSpec, kept_between_calls
+from .backends.base import HeadProblem, HeadSpec, device_type, kept_between_calls
 from .task import ColumnWeights
 
 # The last argument of both custom ops. torch.compile's on-disk caches key a compiled graph on
@@ -56,24 +56,12 @@ class HeadCall:
 
     def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
         """The backends' problem; token rows given as ``[B, S, D]`` become ``[B * S, D]``."""
+        # by position: a NamedTuple takes keywords in several times the host time
         return HeadProblem(
-            hidden=hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
-            pooled=pooled,
-            seq_stride=self.seq_stride,
-            token_mask=token_mask,
-            weight=weight,
-            bias=bias,
-            targets=tuple(targets),
-            divisor_override=divisor_override,
-            task_weights=task_weights,
-            heads=self.heads,
-            chunk_size=self.chunk_size,
-            deterministic=self.deterministic,
-            grad_filter_eps=self.grad_filter_eps,
-            hidden_grad=self.hidden_grad,
-            compute_grad=self.compute_grad,
-            compute_dtype=self.compute_dtype,
-        )
+            hidden if hidden.dim() == 2 else hidden.flatten(0, 1), pooled, self.seq_stride, token_mask, weight, bias,
+            tuple(targets), divisor_override, task_weights, self.heads, self.chunk_size, self.deterministic,
+            self.grad_filter_eps, self.hidden_grad, self.compute_grad, self.compute_dtype,
+        )  # fmt: skip
 
     def flat(self) -> tuple:
         """The call as the custom op's scalar arguments; each head's column weights as the key
@@ -104,30 +92,33 @@ class HeadCall:
                    compute_dtype)  # fmt: skip
 
 
-def _autocast_off(device_type: str):
+_NO_CONTEXT = nullcontext()  # reusable: it does nothing
+
+
+def _autocast_off(kind: str):
     """Turns autocast off around a backend, whose matrix products pick their own dtypes; a
     no-op when autocast is already off. Through the C++ guard: entering ``torch.autocast``
     costs ~9 us of host time, a few percent of a small step's."""
-    if device_type in ("cpu", "cuda") and not torch.is_autocast_enabled(device_type):
-        return nullcontext()
+    if kind in ("cpu", "cuda") and not torch.is_autocast_enabled(kind):
+        return _NO_CONTEXT
     return torch._C._DisableAutocast()
 
 
 _current_cuda_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
-def _on_device(device: torch.device):
-    """Makes the tensors' CUDA device the current one around a backend: Triton launches on the
+def _on_device(tensor: Tensor):
+    """Makes the tensor's CUDA device the current one around a backend: Triton launches on the
     current device, which is not the tensors' when a model is spread over GPUs
     (``device_map``) without ``torch.cuda.set_device``. A no-op when it already is."""
-    if device.type == "cuda" and device.index is not None and device.index != _current_cuda_device():
-        return torch.cuda.device(device)
-    return nullcontext()
+    if tensor.is_cuda and tensor.get_device() != _current_cuda_device():
+        return torch.cuda.device(tensor.device)
+    return _NO_CONTEXT
 
 
 def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
-    device = problem.hidden.device
-    with _autocast_off(device.type), _on_device(device):
+    hidden = problem.hidden
+    with _autocast_off(device_type(hidden)), _on_device(hidden):
         return get_backend(backend).forward(problem)
 
 
@@ -136,8 +127,8 @@ def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_tota
     """The gradients for hidden, pooled, weight and bias, each in its input's dtype. A
     parameter with a ``main_grads`` entry has its gradient added there at the backend's
     accumulation precision (fp32) instead (by the backend itself where it can), and gets None."""
-    device = problem.hidden.device
-    with _autocast_off(device.type), _on_device(device):
+    hidden = problem.hidden
+    with _autocast_off(device_type(hidden)), _on_device(hidden):
         grad_hidden, grad_pooled, *grad_params = get_backend(backend).backward(problem, saved, grad_total,
                                                                                main_grads[0])  # fmt: skip
         for i, (param, main_grad) in enumerate(zip((problem.weight, problem.bias), main_grads)):
@@ -213,7 +204,7 @@ class FusedHeadsLoss(torch.autograd.Function):
             grads[2], grads[3], grads[5], grads[6] = _backward(problem, ctx.call.backend, list(saved), grad_total,
                                                                main_grads)  # fmt: skip
             if grads[2] is not None and grads[2].shape != ctx.hidden_shape:
-                grads[2] = grads[2].reshape(ctx.hidden_shape)
+                grads[2] = grads[2].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
             for index, param in zip((5, 6), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.

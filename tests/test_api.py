@@ -378,11 +378,14 @@ def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
     when another one is (tests/test_gpu.py runs it on a second GPU where there is one)."""
     from mtlfast import op
 
+    def cuda_tensor(index: int) -> SimpleNamespace:  # what _on_device reads of a CUDA tensor
+        return SimpleNamespace(is_cuda=True, get_device=lambda: index, device=torch.device("cuda", index))
+
     monkeypatch.setattr(op, "_current_cuda_device", lambda: 0)
-    guard = op._on_device(torch.device("cuda", 1))
+    guard = op._on_device(cuda_tensor(1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    for device in (torch.device("cuda", 0), torch.device("cpu")):
-        assert not isinstance(op._on_device(device), torch.cuda.device)
+    for tensor in (cuda_tensor(0), torch.zeros(1)):
+        assert not isinstance(op._on_device(tensor), torch.cuda.device)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -108,6 +108,16 @@ def test_fixed_launches_look_at_alignment_only(stand_in):
     _launch_fixed(launch, x[1:])
     assert [c[0] for c in kernel.calls] == ["triton", "direct", "direct", "triton", "direct", "direct"]
     assert len(kernel.compiled) == 2
+    # the tensor reaches the compiled launcher as its address, the rest as it was passed
+    assert kernel.calls[-1][1][9:] == (x[1:].data_ptr(), 64, 0.5, True, 32, True)
+
+
+def test_fixed_launches_take_their_tensors_first(stand_in):
+    kernel, launch = stand_in
+    x = torch.zeros(64)
+    with pytest.raises(ValueError, match="passes a tensor after a non-tensor"):
+        launch((3,), (64, x), {"BLOCK": 32, "num_warps": 4}, "scalar first", fixed=True)
+    assert kernel.calls == []
 
 
 def test_checked_fixed_launches_catch_a_variant_that_does_not_fix_its_arguments(stand_in, monkeypatch):

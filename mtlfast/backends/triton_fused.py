@@ -69,7 +69,8 @@ LARGE_MIN_CHUNK_COLS = 1024
 def alloc_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Allocates a buffer the kernels overwrite (tests poison it); only the part a kernel
     reports as written is ever read."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    # the sizes as separate arguments: torch parses them in two thirds of the host time of a tuple
+    return torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty((), dtype=dtype, device=device)
 
 
 @cache
@@ -232,10 +233,14 @@ def _count_scale(heads: tuple[HeadSpec, ...], device: torch.device) -> Tensor:
 _TABLES = HostValuesCache(kept=64)
 
 
+@cache
+def _target_dtypes(heads: tuple[HeadSpec, ...]) -> tuple[torch.dtype, ...]:
+    return tuple(torch.int64 if head.is_ce else torch.float32 for head in heads)
+
+
 def _target_table(problem: HeadProblem, capturing: bool) -> Tensor:
     """int64 [T]: the address of each task's targets (int64 [rows] or fp32 [rows, C], contiguous)."""
-    for target, head in zip(problem.targets, problem.heads):
-        expected = torch.int64 if head.is_ce else torch.float32
+    for target, expected in zip(problem.targets, _target_dtypes(problem.heads)):
         if target.dtype != expected or not target.is_contiguous():
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
     device = problem.hidden.device
@@ -473,13 +478,15 @@ def _new_step(problem: HeadProblem) -> _Step:
 _LOSS_SUMS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _loss_sums(n_tasks: int, device: torch.device, capturing: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(buffer [2, T], sums [T], counts [T])``, all zero. Under CUDA graph capture a fresh
-    buffer (a captured fill runs only at replay, so a kept buffer would not be zero before it)."""
+def _loss_sums(n_tasks: int, rows: Tensor, capturing: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(buffer [2, T], sums [T], counts [T])``, all zero, on the device of ``rows``. Under CUDA
+    graph capture a fresh buffer (a captured fill runs only at replay, so a kept buffer would not
+    be zero before it)."""
+    device = rows.device
     if capturing:
         buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
         return buffer, *buffer.unbind(0)
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if rows.is_cuda else 0
     key = (device, n_tasks, stream, threading.get_ident())
     kept = _LOSS_SUMS.get(key)
     if kept is None:
@@ -498,9 +505,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _delegates(problem):
         return torch_chunked.forward(problem)
     problem = _with_dense_bias(problem)
-    device = problem.hidden.device
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    buffer, sums, counts = _loss_sums(len(problem.heads), device, capturing)
+    capturing = problem.hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+    buffer, sums, counts = _loss_sums(len(problem.heads), problem.hidden, capturing)
     try:
         return _forward_into(problem, sums, counts, capturing)
     except BaseException:
