@@ -167,7 +167,8 @@ def small_heads_kernel(
                 x_capped, tanh_x = softcapped(x, tl.where(cap > 0, cap, 1.0)[None, :])
                 x = tl.where(capped, x_capped, x)
 
-            # Targets, straight from the label tensors.
+            # Targets, straight from the label tensors. y holds a bce/mse slot's target (0 for NaN)
+            # and, in a cross-entropy slot, 1 where the slot is its row's class and 0 elsewhere.
             tok_slot = (level == 1)[None, :]
             row_on = tl.where(tok_slot, is_tok_row[:, None], is_seq_row[:, None]) & slot_ok[None, :]
             target_row = tl.where(tok_slot, rows64[:, None], seq_row64[:, None])
@@ -177,7 +178,11 @@ def small_heads_kernel(
             dense_ptrs = address.to(tl.pointer_type(tl.float32))[None, :] + target_row * classes[None, :] + klass[None, :]
             y = tl.load(dense_ptrs, mask=row_on & is_dense[None, :], other=0.0)
             y_nan = y != y
-            y = tl.where(y_nan, 0.0, y)
+            # Whether the row counts for the slot: a cross-entropy row whose class id is in range
+            # and not ignored; a bce/mse row unless one of its targets is NaN (below).
+            counted = tl.where(is_ce[None, :], (target != ignore[None, :]) & (target >= 0) & (target < classes[None, :]),
+                               row_on)  # fmt: skip
+            y = tl.where(is_ce[None, :], (target == klass[None, :]).to(tl.float32), tl.where(y_nan, 0.0, y))
 
             # One max per segment: the logit max of a cross-entropy task, +inf for a
             # bce/mse row holding a NaN target.
@@ -188,17 +193,19 @@ def small_heads_kernel(
                 in_seg = (segment == s)[None, :]
                 top = tl.max(tl.where(in_seg, probe, float("-inf")), axis=1)
                 seg_max = tl.where(in_seg, top[:, None], seg_max)
-            ce_kept = (target != ignore[None, :]) & (target >= 0) & (target < classes[None, :])
-            active = row_on & tl.where(is_ce[None, :], ce_kept, seg_max != float("inf"))
+            active = counted & (is_ce[None, :] | (seg_max != float("inf")))
 
+            # Cross-entropy logits from here on are relative to their row's max (the others
+            # are left as they are): a row's loss and gradients depend on those alone.
             seg_max = tl.where(is_ce[None, :], seg_max, 0.0)
-            exp_x = tl.where(is_ce[None, :], tl.exp(x - seg_max), 0.0)
+            x -= seg_max
+            exp_x = tl.where(is_ce[None, :], tl.exp(x), 0.0)
             seg_sum = tl.full((BLOCK_M, BLOCK_C), 1.0, dtype=tl.float32)
             for s in range(0, n_segments):
                 in_seg = (segment == s)[None, :] & is_ce[None, :]
                 total = tl.sum(tl.where(in_seg, exp_x, 0.0), axis=1)
                 seg_sum = tl.where(in_seg, total[:, None], seg_sum)
-            is_target = (target == klass[None, :]) & is_ce[None, :]
+            log_sum = tl.log(seg_sum)  # the log-sum-exp of the relative logits; 0 outside cross-entropy slots
             smooth = smoothing[None, :]
             if CLASS_WEIGHTS:
                 # A row's loss (1 - eps) w_y nll_y + eps / C sum_c w_c nll_c counts its lse
@@ -207,21 +214,21 @@ def small_heads_kernel(
                 w_target = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
                 for s in range(0, n_segments):
                     in_seg = (segment == s)[None, :] & is_ce[None, :]
-                    w_row = tl.sum(tl.where(in_seg & is_target, col_weight[None, :], 0.0), axis=1)
+                    w_row = tl.sum(tl.where(in_seg, y * col_weight[None, :], 0.0), axis=1)
                     w_target = tl.where(in_seg, w_row[:, None], w_target)
                 coef = (1.0 - smooth) * w_target + smooth * (inv_classes * weight_sum)[None, :]
-            lse = seg_max + tl.log(seg_sum)  # 0 outside cross-entropy slots
             if Z_LOSS:
                 z_loss = tl.load(flt_row + 5 * BLOCK_C)[None, :]
+                lse = seg_max + log_sum
 
             if BACKWARD:
+                prob = exp_x / seg_sum
                 if CLASS_WEIGHTS:
-                    ce_grad = coef * exp_x / seg_sum - ((1.0 - smooth) * is_target.to(tl.float32)
-                                                        + smooth * inv_classes[None, :]) * col_weight[None, :]  # fmt: skip
+                    ce_grad = coef * prob - ((1.0 - smooth) * y + smooth * inv_classes[None, :]) * col_weight[None, :]
                 else:
-                    ce_grad = exp_x / seg_sum - (1.0 - smooth) * is_target.to(tl.float32) - smooth * inv_classes[None, :]
+                    ce_grad = prob - (1.0 - smooth) * y - smooth * inv_classes[None, :]
                 if Z_LOSS:
-                    ce_grad += 2.0 * z_loss * lse * exp_x / seg_sum
+                    ce_grad += 2.0 * z_loss * lse * prob
                 # bce: d/dx of (1 - y) x + (1 + (p - 1) y) softplus(-x), with p the column's
                 # positive weight; sigmoid(x) - y for p = 1
                 log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
@@ -277,12 +284,12 @@ def small_heads_kernel(
             else:
                 log_weight = 1.0 + (col_weight[None, :] - 1.0) * y
                 softplus = (1.0 - y) * x + log_weight * (tl.maximum(-x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+                # the row's loss over its segment: log-sum-exp minus the (smoothed) target logit, both relative
+                weighted_x = ((1.0 - smooth) * y + smooth * inv_classes[None, :]) * x
                 if CLASS_WEIGHTS:
-                    weighted_x = ((1.0 - smooth) * tl.where(is_target, x, 0.0) + smooth * inv_classes[None, :] * x)
-                    ce_term = tl.where(first[None, :] == 1, coef * lse, 0.0) - weighted_x * col_weight[None, :]
+                    ce_term = tl.where(first[None, :] == 1, coef * log_sum, 0.0) - weighted_x * col_weight[None, :]
                 else:
-                    ce_term = tl.where(first[None, :] == 1, lse, 0.0) - (1.0 - smooth) * tl.where(is_target, x, 0.0)
-                    ce_term -= smooth * inv_classes[None, :] * x
+                    ce_term = tl.where(first[None, :] == 1, log_sum, 0.0) - weighted_x
                 if Z_LOSS:
                     ce_term += tl.where(first[None, :] == 1, z_loss * lse * lse, 0.0)
                 diff = x - y
