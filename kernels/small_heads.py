@@ -357,6 +357,16 @@ SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3)],
     128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4)],
 }
+# Candidates for the forward alone, which holds no dlogits, dH or dW tiles: twice the rows of
+# the width's first candidate, at which the backward spills (at width 64, bf16 on sm_90: 255
+# registers and no stack forward, 152 bytes of stack backward). Twice the rows per program
+# halve the blocks and, per row, the reads of the fp32 weight from L2, at one program per SM
+# either way. Not yet timed.
+FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
+    32: [(64, 32, 8, 2)],
+    64: [(64, 32, 8, 2), (64, 32, 8, 3)],
+    128: [(32, 32, 8, 2)],
+}
 
 
 def _config(shape: tuple[int, int, int, int]) -> triton.Config:
@@ -364,9 +374,15 @@ def _config(shape: tuple[int, int, int, int]) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-def configs_for(block_c: int) -> list[triton.Config]:
-    """The candidates for one head-group width, the untuned one first."""
-    return [_config(shape) for shape in SHAPES_BY_BLOCK_C[block_c]]
+def shapes_for(block_c: int, backward: bool) -> list[tuple[int, int, int, int]]:
+    """The candidates of one head-group width and direction, the untuned one first: the
+    width's candidates, and in forward its forward-only ones after them."""
+    return SHAPES_BY_BLOCK_C[block_c] + ([] if backward else FORWARD_SHAPES_BY_BLOCK_C.get(block_c, []))
+
+
+def configs_for(block_c: int, backward: bool) -> list[triton.Config]:
+    """:func:`shapes_for` as autotuning configurations."""
+    return [_config(shape) for shape in shapes_for(block_c, backward)]
 
 
 def _shape(config: triton.Config) -> tuple[int, int, int, int]:
@@ -374,9 +390,10 @@ def _shape(config: triton.Config) -> tuple[int, int, int, int]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keeps the candidates of the launch's BLOCK_C."""
+    """Keeps the candidates of the launch's BLOCK_C and direction."""
     block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C"))
-    return [c for c in configs if _shape(c) in SHAPES_BY_BLOCK_C[block_c]]
+    shapes = shapes_for(block_c, kwargs.get("BACKWARD", named_args.get("BACKWARD")))
+    return [c for c in configs if _shape(c) in shapes]
 
 
 # BLOCK_C picks the candidate set, so a result tuned at one width must not serve another.
@@ -387,7 +404,7 @@ _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "BLOCK_C"]
 def _tuned_kernel(backward: bool):
     """The autotuned kernel, built on first use (an Autotuner needs a GPU driver)."""
     protect = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
-    every = [_config(shape) for shape in dict.fromkeys(s for shapes in SHAPES_BY_BLOCK_C.values() for s in shapes)]
+    every = [_config(shape) for shape in dict.fromkeys(s for width in SHAPES_BY_BLOCK_C for s in shapes_for(width, backward))]
     return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": _prune}, **protect)(
         small_heads_kernel
     )
@@ -507,7 +524,7 @@ def launch_small_heads(
             _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
             return _programs(n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"], launch.partial_programs)
         # the first config; only its universal options (older interpreters take no others)
-        first = configs_for(block_c)[0]
+        first = configs_for(block_c, backward)[0]
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
                                      "num_stages": first.num_stages}  # fmt: skip
     programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], launch.partial_programs)

@@ -170,19 +170,22 @@ def small_tasks_of_width(block_c: int, rng: random.Random) -> list[Task]:
 
 
 def small_heads_candidates() -> list[tuple[int, tuple[int, int, int, int]]]:
-    """Every autotuning candidate of the small-heads kernel as ``(BLOCK_C, (BLOCK_M, BLOCK_K,
-    num_warps, num_stages))``; none without triton."""
+    """Every autotuning candidate of the small-heads kernel, the forward-only ones included, as
+    ``(BLOCK_C, (BLOCK_M, BLOCK_K, num_warps, num_stages))``; none without triton."""
     try:
         from mtlfast.kernels import small_heads
     except ImportError:
         return []
-    return [(block_c, shape) for block_c, shapes in small_heads.SHAPES_BY_BLOCK_C.items() for shape in shapes]
+    return [(block_c, shape) for block_c in small_heads.SHAPES_BY_BLOCK_C
+            for shape in small_heads.shapes_for(block_c, backward=False)]  # fmt: skip
 
 
 def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, int, int], device: str,
                               dtype: torch.dtype, atomics: bool, autocast: bool = False):  # fmt: skip
     """Runs a random case of width ``block_c`` on the triton backend with the small-heads kernel
-    in the configuration ``shape`` alone (untuned, and every kept launch and step forgotten),
+    in the configuration ``shape`` alone, in both directions (a forward-only one too: which
+    direction takes a shape is a matter of spills, not of results; untuned, and every kept
+    launch and step forgotten),
     its dW/db through float atomics (``atomics``) or deterministic partials; returns the case and
     :func:`run_heads`' outputs."""
     from mtlfast.kernels import small_heads
@@ -190,6 +193,7 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, 
     from mtlfast.backends import triton_fused
 
     monkeypatch.setitem(small_heads.SHAPES_BY_BLOCK_C, block_c, [shape])
+    monkeypatch.setitem(small_heads.FORWARD_SHAPES_BY_BLOCK_C, block_c, [])
     monkeypatch.setattr(small_heads, "TUNING", False)
     monkeypatch.setattr(small_heads, "_TUNED", {})
     monkeypatch.setattr(small_heads, "_PREPARED", {})

@@ -106,9 +106,9 @@ def _variants():
     """(BLOCK_C, candidate index, backward, partials, compute dtype): every candidate of every
     head-group width, both directions, alternating partials and atomics."""
     variants = []
-    for block_c, shapes in small_heads.SHAPES_BY_BLOCK_C.items():
-        for n in range(len(shapes)):
-            for backward in (False, True):
+    for block_c in small_heads.SHAPES_BY_BLOCK_C:
+        for backward in (False, True):
+            for n in range(len(small_heads.shapes_for(block_c, backward))):
                 compute = "*fp32" if n == 0 and block_c == 16 else "*bf16"
                 variants.append((block_c, n, backward, (n + backward) % 2 == 0, compute))
     return variants
@@ -122,7 +122,7 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
     at most; the candidates before this check spilled up to 11 KB per thread); the untuned
     first candidate of each width spills nothing and fits the shared memory of every GPU."""
     block_c, n, backward, partials, compute = variant
-    config = small_heads.configs_for(block_c)[n]
+    config = small_heads.configs_for(block_c, backward)[n]
     kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
                          _small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
@@ -203,7 +203,7 @@ def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = Fa
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 def test_small_heads_backward_without_dh_compiles(target, block_c):
     """The backward variant for a frozen encoder output (no dH) compiles without spills."""
-    config = small_heads.configs_for(block_c)[0]
+    config = small_heads.configs_for(block_c, backward=True)[0]
     kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
                          _small_heads_constexprs(config, block_c, True, True, "*bf16", write_dh=False),
                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
@@ -224,7 +224,7 @@ def test_small_heads_variants_compile(target, block_c, backward, variant):
         pytest.skip(f"triton {triton.__version__} gets 16-bit rows (its compiler aborts on this variant)")
     rows = "*fp32" if variant == "fp32-rows" else None
     stacks = []
-    for n, config in enumerate(small_heads.configs_for(block_c)):
+    for n, config in enumerate(small_heads.configs_for(block_c, backward)):
         kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows),
                              _small_heads_constexprs(config, block_c, backward, backward, "*bf16",
                                                      class_weights=variant == "class-weights",
@@ -279,9 +279,9 @@ def _compile_as_launched(target: str, compute: str) -> dict:
     """The 16-bit kernels as the launcher specializes them for an aligned workload (D,
     vocabulary chunks and row strides multiples of 16, contiguous rows): pointers and those
     integers divisible by 16, unit strides constant."""
-    config = small_heads.configs_for(32)[0]
     kernels = {
-        f"small_heads-{direction}": _small_heads_as_launched(target, compute, 32, config, backward)
+        f"small_heads-{direction}": _small_heads_as_launched(target, compute, 32,
+                                                             small_heads.configs_for(32, backward)[0], backward)
         for direction, backward in (("fwd", False), ("bwd", True))
     }
     kernels["filtered_dh"], kernels["filtered_dw"], _ = _compile_filtered_matmul(target, compute, sizes_aligned=True)
@@ -317,7 +317,7 @@ def test_each_width_has_a_pipelined_candidate(block_c):
     Not every candidate does: at width 16 the first, (16, 32, 8, 2), has no cp.async in its PTX
     with triton 3.8 (its small tiles spread over 8 warps; why, not checked), and a 1-stage one
     never has."""
-    for config in small_heads.configs_for(block_c):
+    for config in small_heads.configs_for(block_c, backward=True):
         if all("cp.async.cg.shared.global" in _small_heads_as_launched("sm90", "*bf16", block_c, config, backward,
                                                                         fits=False).asm["ptx"]
                for backward in (False, True)):  # fmt: skip
@@ -345,9 +345,9 @@ def test_kernels_compile_for_older_gpus(target, compute):
 
 def _compile_every_kernel_untuned(target: str, compute: str) -> None:
     for block_c in small_heads.SHAPES_BY_BLOCK_C:
-        config = small_heads.configs_for(block_c)[0]
         row_types = (compute, "*fp32") if READS_FP32_ROWS["triton"] else (compute,)
         for backward, rows in itertools.product((False, True), dict.fromkeys(row_types)):
+            config = small_heads.configs_for(block_c, backward)[0]
             compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute, rows),
                         _small_heads_constexprs(config, block_c, backward, backward, compute),
                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
@@ -362,7 +362,7 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
 def test_float_atomics_are_relaxed(backward):
     """The atomics path only accumulates (kernel boundaries order it), so its atomics must be
     relaxed: triton's default acq_rel atomics order memory around each add and are slower."""
-    config = small_heads.configs_for(16)[0]
+    config = small_heads.configs_for(16, backward)[0]
     kernel = compile_for("sm90", small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
                          _small_heads_constexprs(config, 16, backward, False, "*bf16"), num_warps=config.num_warps,
                          num_stages=config.num_stages)  # fmt: skip
