@@ -358,10 +358,11 @@ SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4)],
 }
 # Candidates for the forward alone, which holds no dlogits, dH or dW tiles: twice the rows of
-# the width's first candidate, at which the backward spills (at width 64, bf16 on sm_90: 255
-# registers and no stack forward, 152 bytes of stack backward). Twice the rows per program
-# halve the blocks and, per row, the reads of the fp32 weight from L2, at one program per SM
-# either way. Not yet timed.
+# the width's first candidate, at which the backward spills (bf16, generic compile: widths 32
+# and 64 120-192 bytes of stack a thread on sm_80 and sm_90, where the forward has none;
+# width 128 56 bytes on sm_80, none on sm_90). Twice the rows per program halve the blocks
+# and, per row, the reads of the fp32 weight from L2, at one program per SM either way. Not
+# yet timed.
 FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     32: [(64, 32, 8, 2)],
     64: [(64, 32, 8, 2), (64, 32, 8, 3)],
