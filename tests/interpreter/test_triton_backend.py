@@ -718,6 +718,23 @@ def test_tuned_shapes_name_the_launched_configurations():
         assert (direction, 16, 16, first) in shapes, shapes
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_autotuner_offers_each_direction_its_own_candidates(backward):
+    """The autotuner's pruning (what a GPU launch tunes over) keeps, of every width's
+    configurations, exactly that width's candidates for the launch's direction: the
+    forward-only ones in forward alone."""
+    from mtlfast.kernels import small_heads
+
+    widths = small_heads.SHAPES_BY_BLOCK_C
+    shapes = dict.fromkeys(s for w in widths for direction in (False, True) for s in small_heads.shapes_for(w, direction))
+    every = [small_heads._config(shape) for shape in shapes]
+    for block_c in widths:
+        kept = [small_heads._shape(c) for c in small_heads._prune(every, {}, BLOCK_C=block_c, BACKWARD=backward)]
+        assert sorted(kept) == sorted(small_heads.shapes_for(block_c, backward)), block_c
+        forward_only = set(small_heads.FORWARD_SHAPES_BY_BLOCK_C.get(block_c, [])) - set(widths[block_c])
+        assert forward_only <= set(kept) if not backward else not forward_only & set(kept), (block_c, kept)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("candidate", small_heads_candidates(), ids=lambda c: "C{}-{}x{}-w{}-s{}".format(c[0], *c[1]))
 def test_every_small_heads_candidate(monkeypatch, candidate, dtype):
