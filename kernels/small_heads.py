@@ -350,22 +350,28 @@ def small_heads_reduce_kernel(
 # 32-row blocks, ~1 us per step of its 24-step K-loop: a memory latency each, at one program
 # per SM (~210 registers a thread). The deeper-pipelined candidates keep more loads in flight,
 # or take fewer, wider K steps (added after that run; not yet timed). Widths 32 and 128 got
-# a 4-stage candidate each later, also not yet timed.
+# a 4-stage candidate each later, also not yet timed. What counts is rows in flight per SM:
+# as launched (bf16 rows, D a multiple of 16, sm_90, triton 3.8, cuobjdump) the 8-warp firsts
+# of widths 64 and 128 take 154-196 registers a thread in both directions, one program per SM
+# (of 65536 registers), so 32 and 16 rows. The 4-warp candidates ((32, 32, 4, 2) at 32,
+# (32, 16, 4, 2) at 64, (16, 16, 4, 2) at 128) take 168-245, two programs per SM or more:
+# twice the rows in flight in backward, and in forward 1.5x at 32 and 2x at 64 and 128. Not
+# yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
-    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4)],
-    64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3)],
-    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4)],
+    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2)],
+    64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3), (32, 16, 4, 2)],
+    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4), (16, 16, 4, 2)],
 }
 # Candidates for the forward alone, which holds no dlogits, dH or dW tiles: twice the rows of
-# the width's first candidate, at which the backward spills (bf16, generic compile: widths 32
-# and 64 120-192 bytes of stack a thread on sm_80 and sm_90, where the forward has none;
-# width 128 56 bytes on sm_80, none on sm_90). Twice the rows per program halve the blocks
-# and, per row, the reads of the fp32 weight from L2, at one program per SM either way. Not
-# yet timed.
+# the width's first candidate in one program, or at width 64 in two 4-warp programs per SM
+# ((32, 32, 4, 2): 232 registers as launched), where the backward spills (bf16, generic
+# compile: 80-192 bytes of stack a thread on sm_80 and sm_90, where the forward has none; the
+# 32-row one at width 128 56 bytes on sm_80 alone). Larger blocks also read the fp32 weight
+# from L2 fewer times per row. Not yet timed.
 FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
     32: [(64, 32, 8, 2)],
-    64: [(64, 32, 8, 2), (64, 32, 8, 3)],
+    64: [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
     128: [(32, 32, 8, 2)],
 }
 
