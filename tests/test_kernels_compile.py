@@ -7,99 +7,37 @@ rejects (unsupported constructs, register or shared-memory overflow)."""
 import itertools
 import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+from mtlfast.bench import registers  # noqa: E402
+from mtlfast.bench.registers import (  # noqa: E402
+    CUOBJDUMP,
+    OLDER_TARGETS,
+    TARGETS,
+    compile_for,
+    small_heads_as_launched,
+    small_heads_constexprs,
+    small_heads_pointers,
+)
 from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_heads  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-try:  # triton < 3.3 describes argument properties with a class, later ones with a dict
-    from triton.backends.compiler import AttrsDescriptor
-except ImportError:
-    AttrsDescriptor = None
 
 from mtlfast.backends import READS_FP32_ROWS, TRITON_VERSION  # noqa: E402
 
-# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI); older
-# ones allocate registers differently (3.2 spills a little in a few), so register use is
-# checked from 3.6 on.
-TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
-# Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
-# (sm_70) and T4 (sm_75).
-OLDER_TARGETS = {"sm70": GPUTarget("cuda", 70, 32), "sm75": GPUTarget("cuda", 75, 32)}
-ALL_TARGETS = {**TARGETS, **OLDER_TARGETS}
-# Opt-in shared memory per block: V100, T4, A100 (sm_80) and H100/H200 (sm_90).
-SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
-
-
-def compile_for(target: str, fn, pointers: dict[str, str], constexprs: dict, fits: bool = True,
-                aligned: tuple[str, ...] = (), **options):  # fmt: skip
-    """Compiles ``fn``: arguments named in ``pointers`` get those types, the other
-    non-constexpr arguments are i32 scalars; those in ``aligned`` are taken as multiples of 16,
-    as the launcher specializes them on a GPU when they are. With ``fits``, checks that the
-    kernel fits the shared memory (autotuning skips configurations that do not, so only the
-    ones that run untuned must)."""
-    signature = {
-        name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
-    }  # fmt: skip
-    indices = [fn.arg_names.index(name) for name in aligned]
-    if AttrsDescriptor is None:
-        attrs = {(i,): [["tt.divisibility", 16]] for i in indices}
-    else:
-        attrs = AttrsDescriptor.from_hints({i: 16 for i in indices})
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=ALL_TARGETS[target], options=options)
-    assert not fits or kernel.metadata.shared <= SHARED_BYTES[target], (fn.__name__, kernel.metadata.shared)
-    return kernel
-
-
-def _small_heads_pointers(compute: str, rows: str | None = None) -> dict[str, str]:
-    """Pointer types; the hidden/pooled rows and their gradients in ``rows`` (default: ``compute``)."""
-    rows = rows or compute
-    pointers = {name: "*fp32" for name in small_heads.small_heads_kernel.arg_names if name.endswith("_ptr")}
-    pointers.update({"h_ptr": rows, "p_ptr": rows, "dh_ptr": rows, "dp_ptr": rows,
-                     "slot_int_ptr": "*i32", "group_segments_ptr": "*i32", "target_table_ptr": "*i64",
-                     "mask_ptr": "*u8"})  # fmt: skip
-    return pointers
-
-
-def _small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str,
-                            write_dh: bool = True, class_weights: bool = False, capped: bool = False) -> dict:  # fmt: skip
-    """``capped``: some task has a softcap and some a z-loss."""
-    write_dh = backward and write_dh
-    return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS,
-                SLOT_FLT_FIELDS=small_heads.SLOT_FLT_FIELDS, BACKWARD=backward,
-                PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
-                USE_DH_ACC=write_dh, DOT=DOT_TYPES[compute],
-                PRECISION="tf32x3" if compute == "*fp32" else "ieee", CLASS_WEIGHTS=class_weights, SOFTCAP=capped,
-                Z_LOSS=capped)  # fmt: skip
-
-
-DOT_TYPES = {"*fp32": tl.float32, "*fp16": tl.float16, "*bf16": tl.bfloat16}
 COMPUTE_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def resource_usage(kernel) -> tuple[int, int]:
-    """``(registers, stack bytes)`` per thread of a compiled kernel (register spills land on the
-    stack), read from its cubin with the cuobjdump that ships with triton. Skips the calling
-    test, after its compile checks, where that tool is missing or triton is older than 3.6."""
+    """:func:`mtlfast.bench.registers.resource_usage`; skips the calling test, after its compile
+    checks, where cuobjdump is missing or triton is older than 3.6 (older versions allocate
+    registers differently, so register use is checked from 3.6 on)."""
     if not os.path.exists(CUOBJDUMP):
         pytest.skip(f"compiled; no {CUOBJDUMP} to read register use with")
     if TRITON_VERSION < (3, 6):
         pytest.skip(f"compiled; register use is checked with triton >= 3.6, not {triton.__version__}")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as cubin:
-            cubin.write(kernel.asm["cubin"])
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return int(registers), int(stack)
+    return registers.resource_usage(kernel)
 
 
 def _variants():
@@ -123,8 +61,8 @@ def test_small_heads_candidates_compile_without_spills(target, variant):
     first candidate of each width spills nothing and fits the shared memory of every GPU."""
     block_c, n, backward, partials, compute = variant
     config = small_heads.configs_for(block_c, backward)[n]
-    kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute),
-                         _small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
+    kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute),
+                         small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     registers, stack = resource_usage(kernel)
     assert stack <= (0 if n == 0 else 32), (registers, stack)
@@ -204,8 +142,8 @@ def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = Fa
 def test_small_heads_backward_without_dh_compiles(target, block_c):
     """The backward variant for a frozen encoder output (no dH) compiles without spills."""
     config = small_heads.configs_for(block_c, backward=True)[0]
-    kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
-                         _small_heads_constexprs(config, block_c, True, True, "*bf16", write_dh=False),
+    kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers("*bf16"),
+                         small_heads_constexprs(config, block_c, True, True, "*bf16", write_dh=False),
                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     assert resource_usage(kernel)[1] == 0
 
@@ -225,8 +163,8 @@ def test_small_heads_variants_compile(target, block_c, backward, variant):
     rows = "*fp32" if variant == "fp32-rows" else None
     stacks = []
     for n, config in enumerate(small_heads.configs_for(block_c, backward)):
-        kernel = compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers("*bf16", rows),
-                             _small_heads_constexprs(config, block_c, backward, backward, "*bf16",
+        kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers("*bf16", rows),
+                             small_heads_constexprs(config, block_c, backward, backward, "*bf16",
                                                      class_weights=variant == "class-weights",
                                                      capped=variant == "softcap-z-loss"),
                              fits=n == 0, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
@@ -261,26 +199,12 @@ def test_filtered_matmul_kernels_compile(target, compute):
         assert resource_usage(kernel)[1] == 0
 
 
-SMALL_HEADS_ALIGNED = tuple(name for name in small_heads.small_heads_kernel.arg_names
-                            if name.endswith("_ptr") or name in ("stride_hn", "stride_pn", "stride_wc", "stride_dhn",
-                                                                  "stride_dpn", "D"))  # fmt: skip
-
-
-def _small_heads_as_launched(target: str, compute: str, block_c: int, config, backward: bool, fits: bool = True):
-    """The small-heads kernel as the launcher specializes it for an aligned workload (pointers,
-    D and row strides multiples of 16, unit strides constant), with deterministic partials."""
-    constexprs = {**_small_heads_constexprs(config, block_c, backward, True, compute), "stride_hd": 1, "stride_pd": 1,
-                  "stride_wd": 1}  # fmt: skip
-    return compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute), constexprs, fits=fits,
-                       aligned=SMALL_HEADS_ALIGNED, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-
-
 def _compile_as_launched(target: str, compute: str) -> dict:
     """The 16-bit kernels as the launcher specializes them for an aligned workload (D,
     vocabulary chunks and row strides multiples of 16, contiguous rows): pointers and those
     integers divisible by 16, unit strides constant."""
     kernels = {
-        f"small_heads-{direction}": _small_heads_as_launched(target, compute, 32,
+        f"small_heads-{direction}": small_heads_as_launched(target, compute, 32,
                                                              small_heads.configs_for(32, backward)[0], backward)
         for direction, backward in (("fwd", False), ("bwd", True))
     }
@@ -318,7 +242,7 @@ def test_each_width_has_a_pipelined_candidate(block_c):
     with triton 3.8 (its small tiles spread over 8 warps; why, not checked), and a 1-stage one
     never has."""
     for config in small_heads.configs_for(block_c, backward=True):
-        if all("cp.async.cg.shared.global" in _small_heads_as_launched("sm90", "*bf16", block_c, config, backward,
+        if all("cp.async.cg.shared.global" in small_heads_as_launched("sm90", "*bf16", block_c, config, backward,
                                                                         fits=False).asm["ptx"]
                for backward in (False, True)):  # fmt: skip
             return
@@ -348,8 +272,8 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
         row_types = (compute, "*fp32") if READS_FP32_ROWS["triton"] else (compute,)
         for backward, rows in itertools.product((False, True), dict.fromkeys(row_types)):
             config = small_heads.configs_for(block_c, backward)[0]
-            compile_for(target, small_heads.small_heads_kernel, _small_heads_pointers(compute, rows),
-                        _small_heads_constexprs(config, block_c, backward, backward, compute),
+            compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute, rows),
+                        small_heads_constexprs(config, block_c, backward, backward, compute),
                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     for accumulate in (False, True):
         _compile_reduce(target, accumulate)
@@ -363,8 +287,8 @@ def test_float_atomics_are_relaxed(backward):
     """The atomics path only accumulates (kernel boundaries order it), so its atomics must be
     relaxed: triton's default acq_rel atomics order memory around each add and are slower."""
     config = small_heads.configs_for(16, backward)[0]
-    kernel = compile_for("sm90", small_heads.small_heads_kernel, _small_heads_pointers("*bf16"),
-                         _small_heads_constexprs(config, 16, backward, False, "*bf16"), num_warps=config.num_warps,
+    kernel = compile_for("sm90", small_heads.small_heads_kernel, small_heads_pointers("*bf16"),
+                         small_heads_constexprs(config, 16, backward, False, "*bf16"), num_warps=config.num_warps,
                          num_stages=config.num_stages)  # fmt: skip
     atomics = re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", kernel.asm["ptx"])
     assert atomics and all(".relaxed." in op for op in atomics), atomics
