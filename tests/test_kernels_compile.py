@@ -295,12 +295,13 @@ def test_float_atomics_are_relaxed(backward):
 
 
 def test_programs_per_sm_counts_registers_by_warp_and_shared_memory():
-    """Registers go to a warp in units of 256 (a thread's count rounded up to 8): 4 warps at 245
-    registers fit twice in 65536, at 248 still twice, 8 warps at 129 (136 rounded) once; shared
-    memory bounds the rest, with 1 KB per block kept by the driver."""
+    """Registers go to a warp in units of 256 (a thread's count rounded up to 8): 4 warps fit
+    three times in 65536 at 168 registers but twice at 169 (176 rounded); shared memory bounds
+    the rest, with 1 KB per block kept by the driver."""
     assert registers.programs_per_sm("sm90", 245, 4, 0) == 2
     assert registers.programs_per_sm("sm90", 248, 4, 0) == 2
     assert registers.programs_per_sm("sm90", 168, 4, 0) == 3
+    assert registers.programs_per_sm("sm90", 169, 4, 0) == 2
     assert registers.programs_per_sm("sm90", 128, 8, 0) == 2
     assert registers.programs_per_sm("sm90", 129, 8, 0) == 1
     assert registers.programs_per_sm("sm90", 64, 4, 115 * 1024) == 1
