@@ -4,8 +4,9 @@ takes with each autotuning candidate, in each direction, and how many such progr
 many rows, an SM holds at once. Compiled ahead of time (no GPU needed) as the launcher
 specializes a workload with bf16 rows, D and row strides multiples of 16 (``--generic``: as
 tests/test_kernels_compile.py checks spills, with nothing known to be aligned), and read from
-the cubin with the cuobjdump that ships with triton. Needs triton >= 3.6 (older versions
-allocate registers differently). The compile helpers serve tests/test_kernels_compile.py too.
+the cubin with the cuobjdump that ships with triton. The candidates were chosen with triton
+3.6 and 3.8; older versions allocate registers differently. The compile helpers serve
+tests/test_kernels_compile.py too.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ OLDER_TARGETS = {"sm70": GPUTarget("cuda", 70, 32), "sm75": GPUTarget("cuda", 75
 ALL_TARGETS = {**TARGETS, **OLDER_TARGETS}
 # Opt-in shared memory per block: V100, T4, A100 (sm_80) and H100/H200 (sm_90).
 SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
-# Per SM on sm_80 and sm_90: registers, shared memory, and the 1 KB of it the driver keeps per block.
+# Per SM on sm_80 and sm_90: registers, threads, shared memory, and the 1 KB of it the driver
+# keeps per block.
 SM_REGISTERS = 65536
+SM_THREADS = 2048
 SM_SHARED_BYTES = {"sm80": 167936, "sm90": 233472}
 BLOCK_RESERVED_SHARED = 1024
 
@@ -91,13 +94,17 @@ SMALL_HEADS_ALIGNED = tuple(name for name in small_heads.small_heads_kernel.arg_
                                                                   "stride_dpn", "D"))  # fmt: skip
 
 
-def small_heads_as_launched(target: str, compute: str, block_c: int, config, backward: bool, fits: bool = True):
+def small_heads_as_launched(target: str, compute: str, block_c: int, config, backward: bool, fits: bool = True,
+                            aligned: bool = True):  # fmt: skip
     """The small-heads kernel as the launcher specializes it for an aligned workload (pointers,
-    D and row strides multiples of 16, unit strides constant), with deterministic partials."""
-    constexprs = {**small_heads_constexprs(config, block_c, backward, True, compute), "stride_hd": 1, "stride_pd": 1,
-                  "stride_wd": 1}  # fmt: skip
+    D and row strides multiples of 16, unit strides constant), with deterministic partials;
+    with ``aligned=False`` as for any workload, nothing known to be aligned."""
+    constexprs = small_heads_constexprs(config, block_c, backward, True, compute)
+    if aligned:
+        constexprs.update(stride_hd=1, stride_pd=1, stride_wd=1)
     return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute), constexprs, fits=fits,
-                       aligned=SMALL_HEADS_ALIGNED, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+                       aligned=SMALL_HEADS_ALIGNED if aligned else (), num_warps=config.num_warps,
+                       num_stages=config.num_stages)  # fmt: skip
 
 
 def resource_usage(kernel) -> tuple[int, int]:
@@ -114,10 +121,10 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 def programs_per_sm(target: str, registers: int, num_warps: int, shared: int) -> int:
     """Thread blocks an SM holds at once, by registers (allocated per warp in units of 256,
-    so a thread's count rounds up to a multiple of 8) and by shared memory."""
+    so a thread's count rounds up to a multiple of 8), by threads and by shared memory."""
     by_registers = SM_REGISTERS // (-(-registers // 8) * 8 * 32 * num_warps)
     by_shared = SM_SHARED_BYTES[target] // (shared + BLOCK_RESERVED_SHARED)
-    return min(by_registers, by_shared)
+    return min(by_registers, SM_THREADS // (32 * num_warps), by_shared)
 
 
 def main() -> None:
@@ -133,12 +140,8 @@ def main() -> None:
         for block_c in small_heads.SHAPES_BY_BLOCK_C:
             for backward in (False, True):
                 for config in small_heads.configs_for(block_c, backward):
-                    if args.generic:
-                        kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute),
-                                             small_heads_constexprs(config, block_c, backward, True, compute), fits=False,
-                                             num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-                    else:
-                        kernel = small_heads_as_launched(target, compute, block_c, config, backward, fits=False)
+                    kernel = small_heads_as_launched(target, compute, block_c, config, backward, fits=False,
+                                                     aligned=not args.generic)  # fmt: skip
                     registers, stack = resource_usage(kernel)
                     shared = kernel.metadata.shared
                     programs = programs_per_sm(target, registers, config.num_warps, shared)

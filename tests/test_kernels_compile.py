@@ -12,16 +12,17 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from mtlfast.bench import registers  # noqa: E402
 from mtlfast.bench.registers import (  # noqa: E402
     CUOBJDUMP,
     OLDER_TARGETS,
     TARGETS,
     compile_for,
+    programs_per_sm,
     small_heads_as_launched,
     small_heads_constexprs,
     small_heads_pointers,
 )
+from mtlfast.bench.registers import resource_usage as cubin_resource_usage  # noqa: E402
 from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_heads  # noqa: E402
 
 from mtlfast.backends import READS_FP32_ROWS, TRITON_VERSION  # noqa: E402
@@ -37,7 +38,7 @@ def resource_usage(kernel) -> tuple[int, int]:
         pytest.skip(f"compiled; no {CUOBJDUMP} to read register use with")
     if TRITON_VERSION < (3, 6):
         pytest.skip(f"compiled; register use is checked with triton >= 3.6, not {triton.__version__}")
-    return registers.resource_usage(kernel)
+    return cubin_resource_usage(kernel)
 
 
 def _variants():
@@ -297,13 +298,14 @@ def test_float_atomics_are_relaxed(backward):
 def test_programs_per_sm_counts_registers_by_warp_and_shared_memory():
     """Registers go to a warp in units of 256 (a thread's count rounded up to 8): 4 warps fit
     three times in 65536 at 168 registers but twice at 169 (176 rounded); shared memory bounds
-    the rest, with 1 KB per block kept by the driver."""
-    assert registers.programs_per_sm("sm90", 245, 4, 0) == 2
-    assert registers.programs_per_sm("sm90", 248, 4, 0) == 2
-    assert registers.programs_per_sm("sm90", 168, 4, 0) == 3
-    assert registers.programs_per_sm("sm90", 169, 4, 0) == 2
-    assert registers.programs_per_sm("sm90", 128, 8, 0) == 2
-    assert registers.programs_per_sm("sm90", 129, 8, 0) == 1
-    assert registers.programs_per_sm("sm90", 64, 4, 115 * 1024) == 1
-    assert registers.programs_per_sm("sm80", 64, 4, 40 * 1024) == 4  # 164 KB, exactly
-    assert registers.programs_per_sm("sm80", 64, 4, 41 * 1024) == 3
+    the rest, with 1 KB per block kept by the driver, and so do an SM's 2048 threads."""
+    assert programs_per_sm("sm90", 245, 4, 0) == 2
+    assert programs_per_sm("sm90", 248, 4, 0) == 2
+    assert programs_per_sm("sm90", 168, 4, 0) == 3
+    assert programs_per_sm("sm90", 169, 4, 0) == 2
+    assert programs_per_sm("sm90", 128, 8, 0) == 2
+    assert programs_per_sm("sm90", 129, 8, 0) == 1
+    assert programs_per_sm("sm90", 64, 4, 115 * 1024) == 1
+    assert programs_per_sm("sm80", 64, 4, 40 * 1024) == 4  # 164 KB, exactly
+    assert programs_per_sm("sm80", 64, 4, 41 * 1024) == 3
+    assert programs_per_sm("sm90", 24, 4, 0) == 16  # 21 by registers, 2048 threads
