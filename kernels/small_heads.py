@@ -560,7 +560,11 @@ def _programs(n_hidden: int, n_pooled: int, block_m: int, partial_programs: int)
     return max(1, min(blocks, partial_programs) if partial_programs > 0 else blocks)
 
 
-REDUCE_BLOCK_P, REDUCE_BLOCK_D = 32, 128
+# A program of the reduction walks every partial of its slot and block of D in order, one tile
+# [BLOCK_P, BLOCK_D] a step; its loads are not pipelined, so each step waits for its tile.
+# 128 programs a step (the 264 of an H100 or H200 in 3 steps) over 32 columns (whole 128-byte
+# lines) take a third of the steps 32 x 128 took, over four times the programs.
+REDUCE_BLOCK_P, REDUCE_BLOCK_D = 128, 32
 _REDUCE_OPTIONS = {accumulate: {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLOCK_D, "ACCUMULATE": accumulate,
                                 "num_warps": 4} for accumulate in (False, True)}  # fmt: skip
 

@@ -127,6 +127,42 @@ def test_partials_hold_only_used_slots(monkeypatch):
     assert not partial_dw[written].isnan().any()
 
 
+@pytest.mark.parametrize("accumulate", [False, True], ids=["store", "accumulate"])
+def test_reduce_partials_sums_the_launched_programs_in_order(accumulate):
+    """The reduction of the partial dW/db buffers against a float64 sum: more launched
+    programs than a step of the reduction takes (several steps and a partial one), D not a
+    multiple of its block, used slots scattered among padded ones. The rows of programs not
+    launched are NaN, and so are the packed rows it writes (but for the weight's when it adds to
+    them: ``accumulate`` is for dW alone); the rows of other tasks must keep their values."""
+    from mtlfast.kernels import small_heads
+
+    generator = torch.Generator().manual_seed(fresh_seed())
+    launched = 2 * small_heads.REDUCE_BLOCK_P + 5
+    hidden_size, padded_slots, packed_rows = small_heads.REDUCE_BLOCK_D + 13, 16, 11
+    slot_index = torch.tensor([0, 3, 4, 9, 15], dtype=torch.int32)
+    slot_row = torch.tensor([7, 0, 2, 10, 5], dtype=torch.int32)
+    rows = slot_row.long()
+    dw_part = torch.randn(launched + 3, len(rows), hidden_size, generator=generator)
+    db_part = torch.randn(launched + 3, padded_slots, generator=generator)
+    dw_part[launched:], db_part[launched:] = float("nan"), float("nan")
+    old_weight = torch.randn(packed_rows, hidden_size, generator=generator)
+    old_bias = torch.randn(packed_rows, generator=generator)
+    grad_weight, grad_bias = old_weight.clone(), old_bias.clone()
+    grad_bias[rows] = float("nan")
+    if not accumulate:
+        grad_weight[rows] = float("nan")
+    small_heads.reduce_partials(dw_part, db_part, launched, slot_row, slot_index, grad_weight, grad_bias, accumulate)
+
+    want_weight, want_bias = old_weight.double(), old_bias.double()
+    kept = 1.0 if accumulate else 0.0
+    want_weight[rows] = dw_part[:launched].double().sum(dim=0) + kept * want_weight[rows]
+    want_bias[rows] = db_part[:launched, slot_index.long()].double().sum(dim=0)
+    assert rel_error(grad_weight, want_weight) < 1e-6 and rel_error(grad_bias, want_bias) < 1e-6
+    others = torch.ones(packed_rows, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(grad_weight[others], old_weight[others]) and torch.equal(grad_bias[others], old_bias[others])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trial", range(3))
 def test_large_cross_entropy_path(dtype, trial):
