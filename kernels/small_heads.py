@@ -33,6 +33,7 @@ bce/mse targets fp32 ``[rows, C]``, both contiguous.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import cache
 
@@ -405,14 +406,21 @@ def _prune(configs, named_args, **kwargs):
 
 # BLOCK_C picks the candidate set, so a result tuned at one width must not serve another.
 _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "BLOCK_C"]
+# Where triton can (3.6 and 3.8; not 3.2), tuning results are kept in its cache
+# (TRITON_CACHE_DIR) beside the compiled kernels: a later process with the same triton, GPU
+# architecture, kernel source and key takes the pick without compiling and timing every
+# candidate again.
+TUNING_KEPT_ON_DISK = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 @cache
 def _tuned_kernel(backward: bool):
     """The autotuned kernel, built on first use (an Autotuner needs a GPU driver)."""
-    protect = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
+    options = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
+    if TUNING_KEPT_ON_DISK:
+        options["cache_results"] = True
     every = [_config(shape) for shape in dict.fromkeys(s for width in SHAPES_BY_BLOCK_C for s in shapes_for(width, backward))]
-    return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": _prune}, **protect)(
+    return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": _prune}, **options)(
         small_heads_kernel
     )
 

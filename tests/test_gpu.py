@@ -1,5 +1,9 @@
 """GPU checks of the triton backend and the CUDA extension; skipped without CUDA."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from bench_eager import eager_errors
@@ -327,6 +331,43 @@ def test_launch_count_does_not_grow_with_tasks():
 
     four, forty = triton_launches(4), triton_launches(40)
     assert four == forty <= 4, (four, forty)
+
+
+# One tuned forward at width 16 (4 candidates) in a fresh process; prints the pick.
+_TUNE_ONE_FORWARD = """
+import torch
+from mtlfast import MultiTaskHeads, Task
+from mtlfast.kernels import small_heads
+
+tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token")]
+heads = MultiTaskHeads(hidden_size=64, tasks=tasks, backend="triton").cuda()
+hidden = torch.randn(4, 50, 64, device="cuda")
+labels = {"cls": torch.randint(0, 3, (4,), device="cuda"), "ner": torch.randint(0, 9, (4, 50), device="cuda")}
+with torch.no_grad():
+    heads(hidden, labels=labels).loss.item()
+print("picked", small_heads.tuned_shapes())
+"""
+
+
+def test_tuning_results_are_kept_on_disk(tmp_path):
+    """A second process with the same triton cache takes the first one's tuning pick without
+    timing the candidates again (triton prints each tuning it runs)."""
+    from mtlfast.kernels import small_heads
+
+    if not small_heads.TUNING_KEPT_ON_DISK:
+        pytest.skip("this triton keeps no tuning results")
+    env = dict(os.environ, MTLFAST_AUTOTUNE="1", TRITON_CACHE_DIR=str(tmp_path), TRITON_PRINT_AUTOTUNING="1")
+    runs = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _TUNE_ONE_FORWARD], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        runs.append(run.stdout)
+    first, second = runs
+    assert "Triton autotuning for function small_heads_kernel" in first, first
+    assert "Triton autotuning for function" not in second, second
+    picks = [[line for line in out.splitlines() if line.startswith("picked")] for out in runs]
+    assert picks[0] == picks[1] and len(picks[0]) == 1, picks
 
 
 @pytest.mark.skipif(not cuda_ext.available(), reason="mtlfast was built without its CUDA extension")

@@ -295,6 +295,17 @@ def test_float_atomics_are_relaxed(backward):
     assert atomics and all(".relaxed." in op for op in atomics), atomics
 
 
+def test_tuning_results_are_kept_on_disk_where_triton_can():
+    """Both directions' autotuners keep their picks in triton's cache (triton >= 3.6 can), so a
+    later process takes them without compiling and timing the candidates again
+    (tests/test_gpu.py checks that on a GPU)."""
+    assert small_heads.TUNING_KEPT_ON_DISK or TRITON_VERSION < (3, 6)
+    if not small_heads.TUNING_KEPT_ON_DISK:
+        pytest.skip(f"triton {triton.__version__} keeps no tuning results")
+    for backward in (False, True):
+        assert small_heads._tuned_kernel(backward).cache_results, backward
+
+
 def test_programs_per_sm_counts_registers_by_warp_and_shared_memory():
     """Registers go to a warp in units of 256 (a thread's count rounded up to 8): 4 warps fit
     three times in 65536 at 168 registers but twice at 169 (176 rounded); shared memory bounds
