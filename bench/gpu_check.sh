@@ -117,8 +117,9 @@ pack
 warm_pid=
 if [[ $PART == all && $BENCH_DEVICE == cuda ]]; then
     # Compiles the benchmark's kernels into the on-disk caches while the tests run; in a
-    # process group of its own, so that stopping it stops inductor's compile workers too.
-    setsid "$PY" -m mtlfast.bench.warm --workloads $WORKLOADS >"$WORK/warm.log" 2>&1 &
+    # process group of its own, so that stopping it stops inductor's compile workers too. Its
+    # tuning picks, made on a GPU busy with the tests, are not kept: the benchmark tunes anew.
+    MTLFAST_AUTOTUNE_CACHE=0 setsid "$PY" -m mtlfast.bench.warm --workloads $WORKLOADS >"$WORK/warm.log" 2>&1 &
     warm_pid=$!
 fi
 if [[ $PART == tests || $PART == all ]]; then

@@ -1,8 +1,8 @@
 """``python -m mtlfast.bench.warm [--device cuda] [--workloads ...] [--providers ...]``: one
 training step of each provider on each workload, untimed, so that their kernels are compiled
 into the on-disk caches (Triton's, inductor's) before a benchmark times them. gpu_check.sh
-runs it beside the tests; autotuning timings are not kept, so the benchmark still tunes on
-an idle GPU, but its candidates compile from the cache."""
+runs it beside the tests with ``MTLFAST_AUTOTUNE_CACHE=0``: its autotuning picks are not
+kept, so the benchmark still tunes on an idle GPU, but its candidates compile from the cache."""
 
 from __future__ import annotations
 

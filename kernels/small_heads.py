@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .launcher import DirectLauncher, cdiv
-from .tiling import TUNING, logits_tile, rows_bucket, softcapped
+from .tiling import KEEP_TUNING, TUNING, logits_tile, rows_bucket, softcapped
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
@@ -409,8 +409,8 @@ _KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "BLOCK_C"]
 # Where triton can (3.6 and 3.8; not 3.2), tuning results are kept in its cache
 # (TRITON_CACHE_DIR) beside the compiled kernels: a later process with the same triton, GPU
 # architecture, kernel source and key takes the pick without compiling and timing every
-# candidate again.
-TUNING_KEPT_ON_DISK = "cache_results" in inspect.signature(triton.autotune).parameters
+# candidate again (see tiling.KEEP_TUNING).
+TUNING_KEPT_ON_DISK = KEEP_TUNING and "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 @cache

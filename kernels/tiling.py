@@ -12,6 +12,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # shape). Otherwise kernels launch with their first config: the interpreter cannot time
 # configs, and older triton releases cannot even build an Autotuner without a GPU.
 TUNING = os.environ.get("MTLFAST_AUTOTUNE", "1") != "0" and not INTERPRETED
+# Tuning picks are kept on disk where triton can, unless MTLFAST_AUTOTUNE_CACHE=0 (a process
+# that tunes on a busy GPU, bench/warm.py beside the tests, must not leave its picks to others).
+KEEP_TUNING = os.environ.get("MTLFAST_AUTOTUNE_CACHE", "1") != "0"
 
 
 def rows_bucket(n: int) -> int:

@@ -7,6 +7,8 @@ rejects (unsupported constructs, register or shared-memory overflow)."""
 import itertools
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -298,12 +300,17 @@ def test_float_atomics_are_relaxed(backward):
 def test_tuning_results_are_kept_on_disk_where_triton_can():
     """Both directions' autotuners keep their picks in triton's cache (triton >= 3.6 can), so a
     later process takes them without compiling and timing the candidates again
-    (tests/test_gpu.py checks that on a GPU)."""
+    (tests/test_gpu.py checks that on a GPU); a process started with MTLFAST_AUTOTUNE_CACHE=0
+    keeps none."""
     assert small_heads.TUNING_KEPT_ON_DISK or TRITON_VERSION < (3, 6)
     if not small_heads.TUNING_KEPT_ON_DISK:
         pytest.skip(f"triton {triton.__version__} keeps no tuning results")
     for backward in (False, True):
         assert small_heads._tuned_kernel(backward).cache_results, backward
+    code = "from mtlfast.kernels import small_heads as s; print([s._tuned_kernel(b).cache_results for b in (0, 1)])"
+    env = dict(os.environ, MTLFAST_AUTOTUNE_CACHE="0")
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert kept.stdout.split() == ["[False,", "False]"], kept.stdout + kept.stderr[-2000:]
 
 
 def test_programs_per_sm_counts_registers_by_warp_and_shared_memory():
