@@ -135,7 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     compute = "*" + args.compute
     print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}")
-    print("target width direction (BLOCK_M, BLOCK_K, warps, stages) registers stack shared programs/SM rows/SM")
+    print("target width direction (BLOCK_M, BLOCK_K, warps, stages[, BLOCK_K_LOGITS]) registers stack shared programs/SM "
+          "rows/SM")
     for target in args.target or sorted(TARGETS):
         for block_c in small_heads.SHAPES_BY_BLOCK_C:
             for backward in (False, True):

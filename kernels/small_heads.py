@@ -77,7 +77,7 @@ def small_heads_kernel(
     stride_hn, stride_hd, n_hidden_rows, stride_pn, stride_pd, n_pooled_rows, seq_stride,
     stride_wc, stride_wd, D, n_groups, n_used_slots, stride_dhn, stride_dpn,
     ROWS_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_LOGITS: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
     HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
@@ -90,7 +90,9 @@ def small_heads_kernel(
     ``CLASS_WEIGHTS`` the cross-entropy terms carry their columns' weights; the counts stay
     unweighted (the caller sums the class weights of those tasks' rows itself). With ``SOFTCAP``
     a cross-entropy slot with a softcap ``c`` sees ``c * tanh(logit / c)``; with ``Z_LOSS`` its
-    task's rows add ``z * lse^2``.
+    task's rows add ``z * lse^2``. The logits loop steps ``BLOCK_K_LOGITS`` columns of D at a
+    time, backward's dH/dW loop ``BLOCK_K``: that loop holds the dW and dH tiles, and a wider
+    step there costs registers the logits loop does not need.
 
     ``PARTIALS``: each program owns partial rows, ``dw_ptr`` ``[programs, U, D]`` with a row per
     used slot (U = ``n_used_slots``: the used slots of all groups, numbered in order), and
@@ -160,7 +162,7 @@ def small_heads_kernel(
             is_bce = (kind == 1)[None, :]
 
             x = logits_tile(h_row_ptrs, row_ok, stride_k, w_ptr, stride_wc, stride_wd, w_rows, slot_ok, D,
-                            BLOCK_M, BLOCK_C, BLOCK_K, DOT, PRECISION)  # fmt: skip
+                            BLOCK_M, BLOCK_C, BLOCK_K_LOGITS, DOT, PRECISION)  # fmt: skip
             x += tl.load(b_ptr + w_rows, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
             if SOFTCAP:
                 cap = tl.load(flt_row + 4 * BLOCK_C)
@@ -339,7 +341,8 @@ def small_heads_reduce_kernel(
         tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
-# Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages); the first
+# Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages[,
+# BLOCK_K_LOGITS]), the logits loop stepping BLOCK_K unless a fifth is given; the first
 # runs untuned (MTLFAST_AUTOTUNE=0, the interpreter). The kernel holds a dozen
 # [BLOCK_M, BLOCK_C] tiles at once, so wide heads take short row blocks over more warps: each
 # candidate compiles for sm_80 and sm_90 with (almost) no register spills, which
@@ -357,12 +360,17 @@ def small_heads_reduce_kernel(
 # (of 65536 registers), so 32 and 16 rows. The 4-warp candidates ((32, 32, 4, 2) at 32,
 # (32, 16, 4, 2) at 64, (16, 16, 4, 2) at 128) take 168-245, two programs per SM or more:
 # twice the rows in flight in backward, and in forward 1.5x at 32 and 2x at 64 and 128. Not
-# yet timed.
-SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
-    16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
-    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2)],
-    64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3), (32, 16, 4, 2)],
-    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4), (16, 16, 4, 2)],
+# yet timed. Or the same rows move more bytes per step: the five-element candidates step the
+# logits loop (all of the forward, half of the backward) 4 to 8 times wider than their dH/dW
+# loop, whose dW and dH tiles cannot widen without spilling; at D = 768 that loop takes 3 to 6
+# steps instead of 24 (48 at width 128). As launched on sm_90, (32, 32, 8, 2, 128) at width 64
+# takes 175 registers in backward, fewer than the width's first. Not yet timed.
+SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
+    16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2, 128)],
+    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256)],
+    64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3), (32, 16, 4, 2),
+         (32, 32, 8, 2, 128), (16, 32, 8, 2, 256)],
+    128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4), (16, 16, 4, 2), (16, 16, 8, 2, 64)],
 }
 # Candidates for the forward alone, which holds no dlogits, dH or dW tiles: twice the rows of
 # the width's first candidate in one program, or at width 64 in two 4-warp programs per SM
@@ -370,19 +378,20 @@ SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
 # compile: 80-192 bytes of stack a thread on sm_80 and sm_90, where the forward has none; the
 # 32-row one at width 128 56 bytes on sm_80 alone). Larger blocks also read the fp32 weight
 # from L2 fewer times per row. Not yet timed.
-FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, int, int, int]]] = {
+FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     32: [(64, 32, 8, 2)],
     64: [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
     128: [(32, 32, 8, 2)],
 }
 
 
-def _config(shape: tuple[int, int, int, int]) -> triton.Config:
-    block_m, block_k, warps, stages = shape
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(shape: tuple[int, ...]) -> triton.Config:
+    block_m, block_k, warps, stages, *logits_k = shape
+    kwargs = {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_K_LOGITS": logits_k[0] if logits_k else block_k}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def shapes_for(block_c: int, backward: bool) -> list[tuple[int, int, int, int]]:
+def shapes_for(block_c: int, backward: bool) -> list[tuple[int, ...]]:
     """The candidates of one head-group width and direction, the untuned one first: the
     width's candidates, and in forward its forward-only ones after them."""
     return SHAPES_BY_BLOCK_C[block_c] + ([] if backward else FORWARD_SHAPES_BY_BLOCK_C.get(block_c, []))
@@ -393,8 +402,14 @@ def configs_for(block_c: int, backward: bool) -> list[triton.Config]:
     return [_config(shape) for shape in shapes_for(block_c, backward)]
 
 
-def _shape(config: triton.Config) -> tuple[int, int, int, int]:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+def _shape_of(kwargs: dict, num_warps: int, num_stages: int) -> tuple[int, ...]:
+    """The candidate a configuration's keyword arguments and options make, as the tables write it."""
+    shape = (kwargs["BLOCK_M"], kwargs["BLOCK_K"], num_warps, num_stages)
+    return shape if kwargs["BLOCK_K_LOGITS"] == kwargs["BLOCK_K"] else (*shape, kwargs["BLOCK_K_LOGITS"])
+
+
+def _shape(config: triton.Config) -> tuple[int, ...]:
+    return _shape_of(config.kwargs, config.num_warps, config.num_stages)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -553,12 +568,12 @@ def launch_small_heads(
     return programs
 
 
-def tuned_shapes() -> list[tuple[str, int, int, tuple[int, int, int, int]]]:
+def tuned_shapes() -> list[tuple[str, int, int, tuple[int, ...]]]:
     """The configurations launched so far, as ``(direction, BLOCK_C, rows bucket, (BLOCK_M,
-    BLOCK_K, num_warps, num_stages))``: the autotuner's picks on a GPU, the untuned first
-    candidates otherwise."""
+    BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS]))``: the autotuner's picks on a GPU, the
+    untuned first candidates otherwise."""
     return [("backward" if options["BACKWARD"] else "forward", options["BLOCK_C"], rows,
-             (options["BLOCK_M"], options["BLOCK_K"], options["num_warps"], options["num_stages"]))
+             _shape_of(options, options["num_warps"], options["num_stages"]))
             for (rows, _), options in _TUNED.items()]  # fmt: skip
 
 

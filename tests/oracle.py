@@ -169,9 +169,9 @@ def small_tasks_of_width(block_c: int, rng: random.Random) -> list[Task]:
     return tasks
 
 
-def small_heads_candidates() -> list[tuple[int, tuple[int, int, int, int]]]:
+def small_heads_candidates() -> list[tuple[int, tuple[int, ...]]]:
     """Every autotuning candidate of the small-heads kernel, the forward-only ones included, as
-    ``(BLOCK_C, (BLOCK_M, BLOCK_K, num_warps, num_stages))``; none without triton."""
+    ``(BLOCK_C, (BLOCK_M, BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS]))``; none without triton."""
     try:
         from mtlfast.kernels import small_heads
     except ImportError:
@@ -180,7 +180,13 @@ def small_heads_candidates() -> list[tuple[int, tuple[int, int, int, int]]]:
             for shape in small_heads.shapes_for(block_c, backward=False)]  # fmt: skip
 
 
-def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, int, int], device: str,
+def candidate_id(candidate: tuple[int, tuple[int, ...]]) -> str:
+    """A test id for a :func:`small_heads_candidates` entry, e.g. ``C64-32x32-w8-s2-kl128``."""
+    block_c, (block_m, block_k, warps, stages, *logits_k) = candidate
+    return f"C{block_c}-{block_m}x{block_k}-w{warps}-s{stages}" + "".join(f"-kl{k}" for k in logits_k)
+
+
+def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...], device: str,
                               dtype: torch.dtype, atomics: bool, autocast: bool = False):  # fmt: skip
     """Runs a random case of width ``block_c`` on the triton backend with the small-heads kernel
     in the configuration ``shape`` alone, in both directions (a forward-only one too: which
@@ -202,8 +208,11 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, int, 
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
     seed = fresh_seed()
     rng = random.Random(seed)
-    # rows for several blocks of every BLOCK_M with a partial last one; D not a multiple of BLOCK_K
-    case = random_case(seed, tasks=small_tasks_of_width(block_c, rng), shape=(3, rng.randint(23, 41), 40),
+    # rows for several blocks of every BLOCK_M with a partial last one; D odd, so a multiple of
+    # neither K step, and above the wider one: both K-loops take several steps, the last partial
+    widest_k = max(small_heads._config(shape).kwargs[name] for name in ("BLOCK_K", "BLOCK_K_LOGITS"))
+    hidden_size = rng.randrange(widest_k + 1, 2 * widest_k, 2)
+    case = random_case(seed, tasks=small_tasks_of_width(block_c, rng), shape=(3, rng.randint(23, 41), hidden_size),
                        all_present=True)  # fmt: skip
     case.notes.append(f"BLOCK_C={block_c} shape={shape} {'atomics' if atomics else 'deterministic'}")
     out, grads = run_heads(case, "triton", dtype, device=device, autocast=autocast, deterministic=not atomics)

@@ -10,6 +10,7 @@ from bench_eager import eager_errors
 from oracle import (
     TOLERANCE,
     assert_matches_oracle,
+    candidate_id,
     case_for,
     check_autocast_reads_fp32_rows,
     check_frozen_hidden,
@@ -129,7 +130,7 @@ def test_triton_op_outputs_are_its_own():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=lambda c: "C{}-{}x{}-w{}-s{}".format(c[0], *c[1]))
+@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=candidate_id)
 def test_triton_every_small_heads_candidate(monkeypatch, candidate, dtype):
     """Each autotuning candidate of the small-heads kernel, forced as the only one (warps and
     stages included: the compiler's own code for each), on a random case of its width: the

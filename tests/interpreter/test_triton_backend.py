@@ -14,6 +14,7 @@ from oracle import (
     TOLERANCE,
     assert_matches_oracle,
     bad_class_id_cases,
+    candidate_id,
     case_for,
     check_autocast_reads_fp32_rows,
     check_compiled_over_shapes,
@@ -772,7 +773,7 @@ def test_autotuner_offers_each_direction_its_own_candidates(backward):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=lambda c: "C{}-{}x{}-w{}-s{}".format(c[0], *c[1]))
+@pytest.mark.parametrize("candidate", small_heads_candidates(), ids=candidate_id)
 def test_every_small_heads_candidate(monkeypatch, candidate, dtype):
     """Each autotuning candidate of the small-heads kernel (its BLOCK_M and BLOCK_K; the
     interpreter ignores warps and stages), forced as the only one, on a random case of its
