@@ -12,10 +12,13 @@ tests/test_kernels_compile.py too.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import triton
 import triton.language as tl
@@ -105,6 +108,40 @@ def small_heads_as_launched(target: str, compute: str, block_c: int, config, bac
     return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute), constexprs, fits=fits,
                        aligned=SMALL_HEADS_ALIGNED if aligned else (), num_warps=config.num_warps,
                        num_stages=config.num_stages)  # fmt: skip
+
+
+def small_heads_candidate(target: str, block_c: int, n: int, backward: bool, partials: bool, compute: str,
+                          rows: str | None = None, **flags):  # fmt: skip
+    """Candidate ``n`` of width ``block_c`` compiled as the spill checks compile it: with its
+    warps and stages, nothing known to be aligned, ``rows`` the type of the rows (default:
+    ``compute``) and ``flags`` those of :func:`small_heads_constexprs`; the untuned first one
+    must fit the shared memory of every GPU."""
+    config = small_heads.configs_for(block_c, backward)[n]
+    return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute, rows),
+                       small_heads_constexprs(config, block_c, backward, partials, compute, **flags), fits=n == 0,
+                       num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+
+
+def _into_cache(job: dict) -> None:
+    try:
+        small_heads_candidate(**job)
+    except Exception:  # the caller compiles each job again and meets its failure there
+        pass
+
+
+def compile_candidates_on_every_core(jobs: list[dict]) -> None:
+    """Compiles :func:`small_heads_candidate` for every job (its keyword arguments) in processes
+    of their own, one per core, into triton's on-disk cache: a later compile of a job in this
+    process reads it back. Compiling (LLVM, ptxas) takes one core; nothing is returned, and a
+    worker that dies leaves the rest to the caller."""
+    workers = min(os.cpu_count() or 1, len(jobs))
+    if workers < 2:
+        return
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_into_cache, jobs))
+    except BrokenProcessPool:
+        pass
 
 
 def resource_usage(kernel) -> tuple[int, int]:

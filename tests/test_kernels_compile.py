@@ -18,9 +18,11 @@ from mtlfast.bench.registers import (  # noqa: E402
     CUOBJDUMP,
     OLDER_TARGETS,
     TARGETS,
+    compile_candidates_on_every_core,
     compile_for,
     programs_per_sm,
     small_heads_as_launched,
+    small_heads_candidate,
     small_heads_constexprs,
     small_heads_pointers,
 )
@@ -55,19 +57,35 @@ def _variants():
     return variants
 
 
+# The kernel variants of each small-heads candidate that test_small_heads_variants_compile checks.
+VARIANT_FLAGS = {"fp32-rows": {"rows": "*fp32"}, "class-weights": {"class_weights": True},
+                 "softcap-z-loss": {"capped": True}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def candidates_compiled_on_every_core():
+    """The candidates' compiles, most of this file's time on a fresh triton cache, first on
+    every core; each test then reads its kernel back from triton's cache."""
+    jobs = [dict(target=target, block_c=block_c, n=n, backward=backward, partials=partials, compute=compute)
+            for target in sorted(TARGETS) for block_c, n, backward, partials, compute in _variants()]
+    for variant, flags in VARIANT_FLAGS.items():
+        if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
+            continue
+        jobs += [dict(target=target, block_c=block_c, n=n, backward=backward, partials=backward, compute="*bf16", **flags)
+                 for target in sorted(TARGETS) for block_c in small_heads.SHAPES_BY_BLOCK_C for backward in (False, True)
+                 for n in range(len(small_heads.shapes_for(block_c, backward)))]  # fmt: skip
+    compile_candidates_on_every_core(jobs)
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("variant", _variants(), ids=lambda v: "C{}-cfg{}-{}-{}-{}".format(
     v[0], v[1], "bwd" if v[2] else "fwd", "partials" if v[3] else "atomics", v[4][1:]))  # fmt: skip
-def test_small_heads_candidates_compile_without_spills(target, variant):
+def test_small_heads_candidates_compile_without_spills(candidates_compiled_on_every_core, target, variant):
     """Every autotuning candidate compiles and keeps its tiles in registers (a few bytes of stack
     at most; the candidates before this check spilled up to 11 KB per thread); the untuned
     first candidate of each width spills nothing and fits the shared memory of every GPU."""
-    block_c, n, backward, partials, compute = variant
-    config = small_heads.configs_for(block_c, backward)[n]
-    kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute),
-                         small_heads_constexprs(config, block_c, backward, partials, compute), fits=n == 0,
-                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-    registers, stack = resource_usage(kernel)
+    n = variant[1]
+    registers, stack = resource_usage(small_heads_candidate(target, *variant))
     assert stack <= (0 if n == 0 else 32), (registers, stack)
 
 
@@ -155,7 +173,7 @@ def test_small_heads_backward_without_dh_compiles(target, block_c):
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("variant", ["fp32-rows", "class-weights", "softcap-z-loss"])
-def test_small_heads_variants_compile(target, block_c, backward, variant):
+def test_small_heads_variants_compile(candidates_compiled_on_every_core, target, block_c, backward, variant):
     """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32),
     class-weighted cross-entropy (one more segment pass), and cross-entropy with a softcap and a
     z-loss (two more tiles held into backward): every candidate compiles, the untuned
@@ -163,15 +181,9 @@ def test_small_heads_variants_compile(target, block_c, backward, variant):
     autotuner to pick (some of the others spill a little)."""
     if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
         pytest.skip(f"triton {triton.__version__} gets 16-bit rows (its compiler aborts on this variant)")
-    rows = "*fp32" if variant == "fp32-rows" else None
-    stacks = []
-    for n, config in enumerate(small_heads.configs_for(block_c, backward)):
-        kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers("*bf16", rows),
-                             small_heads_constexprs(config, block_c, backward, backward, "*bf16",
-                                                     class_weights=variant == "class-weights",
-                                                     capped=variant == "softcap-z-loss"),
-                             fits=n == 0, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-        stacks.append(resource_usage(kernel)[1])
+    stacks = [resource_usage(small_heads_candidate(target, block_c, n, backward, backward, "*bf16",
+                                                   **VARIANT_FLAGS[variant]))[1]
+              for n in range(len(small_heads.shapes_for(block_c, backward)))]  # fmt: skip
     assert min(stacks) == 0, stacks
 
 
