@@ -98,28 +98,27 @@ SMALL_HEADS_ALIGNED = tuple(name for name in small_heads.small_heads_kernel.arg_
 
 
 def small_heads_as_launched(target: str, compute: str, block_c: int, config, backward: bool, fits: bool = True,
-                            aligned: bool = True):  # fmt: skip
+                            aligned: bool = True, partials: bool = True, rows: str | None = None,
+                            **flags):  # fmt: skip
     """The small-heads kernel as the launcher specializes it for an aligned workload (pointers,
-    D and row strides multiples of 16, unit strides constant), with deterministic partials;
-    with ``aligned=False`` as for any workload, nothing known to be aligned."""
-    constexprs = small_heads_constexprs(config, block_c, backward, True, compute)
+    D and row strides multiples of 16, unit strides constant), by default with deterministic
+    partials; with ``aligned=False`` as for any workload, nothing known to be aligned. ``rows``
+    is the type of the rows (default: ``compute``), ``flags`` those of :func:`small_heads_constexprs`."""
+    constexprs = small_heads_constexprs(config, block_c, backward, partials, compute, **flags)
     if aligned:
         constexprs.update(stride_hd=1, stride_pd=1, stride_wd=1)
-    return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute), constexprs, fits=fits,
-                       aligned=SMALL_HEADS_ALIGNED if aligned else (), num_warps=config.num_warps,
+    return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute, rows), constexprs,
+                       fits=fits, aligned=SMALL_HEADS_ALIGNED if aligned else (), num_warps=config.num_warps,
                        num_stages=config.num_stages)  # fmt: skip
 
 
 def small_heads_candidate(target: str, block_c: int, n: int, backward: bool, partials: bool, compute: str,
                           rows: str | None = None, **flags):  # fmt: skip
-    """Candidate ``n`` of width ``block_c`` compiled as the spill checks compile it: with its
-    warps and stages, nothing known to be aligned, ``rows`` the type of the rows (default:
-    ``compute``) and ``flags`` those of :func:`small_heads_constexprs`; the untuned first one
+    """Candidate ``n`` of width ``block_c`` compiled as the spill checks compile it
+    (:func:`small_heads_as_launched` with nothing known to be aligned); the untuned first one
     must fit the shared memory of every GPU."""
-    config = small_heads.configs_for(block_c, backward)[n]
-    return compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute, rows),
-                       small_heads_constexprs(config, block_c, backward, partials, compute, **flags), fits=n == 0,
-                       num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    return small_heads_as_launched(target, compute, block_c, small_heads.configs_for(block_c, backward)[n], backward,
+                                   fits=n == 0, aligned=False, partials=partials, rows=rows, **flags)  # fmt: skip
 
 
 def _into_cache(job: dict) -> None:

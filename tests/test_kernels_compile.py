@@ -23,8 +23,6 @@ from mtlfast.bench.registers import (  # noqa: E402
     programs_per_sm,
     small_heads_as_launched,
     small_heads_candidate,
-    small_heads_constexprs,
-    small_heads_pointers,
 )
 from mtlfast.bench.registers import resource_usage as cubin_resource_usage  # noqa: E402
 from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_heads  # noqa: E402
@@ -62,18 +60,23 @@ VARIANT_FLAGS = {"fp32-rows": {"rows": "*fp32"}, "class-weights": {"class_weight
                  "softcap-z-loss": {"capped": True}}  # fmt: skip
 
 
+def _variant_jobs(target: str, block_c: int, backward: bool, variant: str) -> list[dict]:
+    """:func:`small_heads_candidate`'s arguments for every candidate of a width and direction in
+    one of the VARIANT_FLAGS variants (bf16 products, partials in backward, atomics in forward)."""
+    return [dict(target=target, block_c=block_c, n=n, backward=backward, partials=backward, compute="*bf16",
+                 **VARIANT_FLAGS[variant]) for n in range(len(small_heads.shapes_for(block_c, backward)))]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def candidates_compiled_on_every_core():
     """The candidates' compiles, most of this file's time on a fresh triton cache, first on
     every core; each test then reads its kernel back from triton's cache."""
-    jobs = [dict(target=target, block_c=block_c, n=n, backward=backward, partials=partials, compute=compute)
-            for target in sorted(TARGETS) for block_c, n, backward, partials, compute in _variants()]
-    for variant, flags in VARIANT_FLAGS.items():
-        if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
-            continue
-        jobs += [dict(target=target, block_c=block_c, n=n, backward=backward, partials=backward, compute="*bf16", **flags)
-                 for target in sorted(TARGETS) for block_c in small_heads.SHAPES_BY_BLOCK_C for backward in (False, True)
-                 for n in range(len(small_heads.shapes_for(block_c, backward)))]  # fmt: skip
+    fields = ("block_c", "n", "backward", "partials", "compute")
+    jobs = [dict(zip(fields, variant), target=target) for target in sorted(TARGETS) for variant in _variants()]
+    variants = [v for v in VARIANT_FLAGS if v != "fp32-rows" or READS_FP32_ROWS["triton"]]
+    jobs += [job for target, block_c, backward, variant in
+             itertools.product(sorted(TARGETS), small_heads.SHAPES_BY_BLOCK_C, (False, True), variants)
+             for job in _variant_jobs(target, block_c, backward, variant)]  # fmt: skip
     compile_candidates_on_every_core(jobs)
 
 
@@ -162,10 +165,7 @@ def _compile_filtered_matmul(target: str, compute: str, sizes_aligned: bool = Fa
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 def test_small_heads_backward_without_dh_compiles(target, block_c):
     """The backward variant for a frozen encoder output (no dH) compiles without spills."""
-    config = small_heads.configs_for(block_c, backward=True)[0]
-    kernel = compile_for(target, small_heads.small_heads_kernel, small_heads_pointers("*bf16"),
-                         small_heads_constexprs(config, block_c, True, True, "*bf16", write_dh=False),
-                         num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    kernel = small_heads_candidate(target, block_c, 0, True, True, "*bf16", write_dh=False)
     assert resource_usage(kernel)[1] == 0
 
 
@@ -181,9 +181,7 @@ def test_small_heads_variants_compile(candidates_compiled_on_every_core, target,
     autotuner to pick (some of the others spill a little)."""
     if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
         pytest.skip(f"triton {triton.__version__} gets 16-bit rows (its compiler aborts on this variant)")
-    stacks = [resource_usage(small_heads_candidate(target, block_c, n, backward, backward, "*bf16",
-                                                   **VARIANT_FLAGS[variant]))[1]
-              for n in range(len(small_heads.shapes_for(block_c, backward)))]  # fmt: skip
+    stacks = [resource_usage(small_heads_candidate(**job))[1] for job in _variant_jobs(target, block_c, backward, variant)]
     assert min(stacks) == 0, stacks
 
 
@@ -286,10 +284,7 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
     for block_c in small_heads.SHAPES_BY_BLOCK_C:
         row_types = (compute, "*fp32") if READS_FP32_ROWS["triton"] else (compute,)
         for backward, rows in itertools.product((False, True), dict.fromkeys(row_types)):
-            config = small_heads.configs_for(block_c, backward)[0]
-            compile_for(target, small_heads.small_heads_kernel, small_heads_pointers(compute, rows),
-                        small_heads_constexprs(config, block_c, backward, backward, compute),
-                        num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+            small_heads_candidate(target, block_c, 0, backward, backward, compute, rows=rows)
     for accumulate in (False, True):
         _compile_reduce(target, accumulate)
     _compile_loss_finalize(target)
@@ -301,10 +296,7 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
 def test_float_atomics_are_relaxed(backward):
     """The atomics path only accumulates (kernel boundaries order it), so its atomics must be
     relaxed: triton's default acq_rel atomics order memory around each add and are slower."""
-    config = small_heads.configs_for(16, backward)[0]
-    kernel = compile_for("sm90", small_heads.small_heads_kernel, small_heads_pointers("*bf16"),
-                         small_heads_constexprs(config, 16, backward, False, "*bf16"), num_warps=config.num_warps,
-                         num_stages=config.num_stages)  # fmt: skip
+    kernel = small_heads_candidate("sm90", 16, 0, backward, False, "*bf16")
     atomics = re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", kernel.asm["ptx"])
     assert atomics and all(".relaxed." in op for op in atomics), atomics
 
