@@ -1,4 +1,4 @@
-"""``python -m mtlfast.bench.registers [--target sm90] [--compute bf16] [--generic]``: the
+"""``python -m mtlfast.bench.registers [--target sm90] [--compute bf16] [--generic] [--levels-apart]``: the
 registers, stack (register spills) and shared memory a thread block of the small-heads kernel
 takes with each autotuning candidate, in each direction, and how many such programs, so how
 many rows, an SM holds at once. Compiled ahead of time (no GPU needed) as the launcher
@@ -81,15 +81,18 @@ def small_heads_pointers(compute: str, rows: str | None = None) -> dict[str, str
 
 
 def small_heads_constexprs(config, block_c: int, backward: bool, partials: bool, compute: str,
-                           write_dh: bool = True, class_weights: bool = False, capped: bool = False) -> dict:  # fmt: skip
-    """``capped``: some task has a softcap and some a z-loss."""
+                           write_dh: bool = True, class_weights: bool = False, capped: bool = False,
+                           levels_apart: bool = False) -> dict:  # fmt: skip
+    """``capped``: some task has a softcap and some a z-loss. Backward writes dH with the fp32
+    scratch, with partials starting from other paths' dH; with ``levels_apart`` (the sequence
+    tasks' groups apart, bert-base-4task's plan) from nothing, the scratch a row per sequence row."""
     write_dh = backward and write_dh
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS,
                 SLOT_FLT_FIELDS=small_heads.SLOT_FLT_FIELDS, BACKWARD=backward,
-                PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials,
-                USE_DH_ACC=write_dh, DOT=DOT_TYPES[compute],
-                PRECISION="tf32x3" if compute == "*fp32" else "ieee", CLASS_WEIGHTS=class_weights, SOFTCAP=capped,
-                Z_LOSS=capped)  # fmt: skip
+                PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials and not levels_apart,
+                USE_DH_ACC=write_dh, SPLIT_LEVELS=levels_apart, DH_ACC_BY_SEQ_ROW=write_dh and levels_apart,
+                DOT=DOT_TYPES[compute], PRECISION="tf32x3" if compute == "*fp32" else "ieee",
+                CLASS_WEIGHTS=class_weights, SOFTCAP=capped, Z_LOSS=capped)  # fmt: skip
 
 
 SMALL_HEADS_ALIGNED = tuple(name for name in small_heads.small_heads_kernel.arg_names
@@ -168,9 +171,13 @@ def main() -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), action="append", help="default: sm80 and sm90")
     parser.add_argument("--compute", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--generic", action="store_true", help="nothing known to be aligned, as the spill tests compile")
+    parser.add_argument("--levels-apart", action="store_true",
+                        help="the variant of a plan that keeps the sequence tasks' groups apart (bert-base-4task's); "
+                             "by default backward starts from other paths' dH (a vocabulary head's)")  # fmt: skip
     args = parser.parse_args()
     compute = "*" + args.compute
-    print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}")
+    print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}"
+          f"{', levels apart' if args.levels_apart else ''}")  # fmt: skip
     print("target width direction (BLOCK_M, BLOCK_K, warps, stages[, BLOCK_K_LOGITS]) registers stack shared programs/SM "
           "rows/SM")
     for target in args.target or sorted(TARGETS):
@@ -178,7 +185,8 @@ def main() -> None:
             for backward in (False, True):
                 for config in small_heads.configs_for(block_c, backward):
                     kernel = small_heads_as_launched(target, compute, block_c, config, backward, fits=False,
-                                                     aligned=not args.generic)  # fmt: skip
+                                                     aligned=not args.generic,
+                                                     levels_apart=args.levels_apart)  # fmt: skip
                     registers, stack = resource_usage(kernel)
                     shared = kernel.metadata.shared
                     programs = programs_per_sm(target, registers, config.num_warps, shared)

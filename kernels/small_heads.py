@@ -19,7 +19,14 @@ group, so every task is one segment of one group) and, per group:
 
 Logits and dlogits never leave the chip. dH rows belong to one program: with several
 groups the partial dH waits in an fp32 scratch (the program's own rows) and is rounded
-once, at the last group.
+once, at the last group. With the levels apart and one token group after the sequence
+groups, only sequence rows have several groups' dH to sum, and the scratch holds a row per
+sequence row and one the other rows share, which only ever holds zeros.
+
+Where the plan keeps the levels apart (``SPLIT_LEVELS``: the sequence tasks' groups first,
+the token tasks' after), a hidden row block without a sequence row skips the sequence
+groups (pooled blocks, few, walk every group): with a few narrow sequence heads beside a
+token head, most blocks walk one narrow group instead of one wide one.
 
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
 marks padding; a group's used slots come first, and the used slots of all groups, numbered
@@ -69,17 +76,52 @@ def _add_per_slot(partial_ptrs, atomic_ptrs, value, atomic_mask, revisit, PARTIA
 
 
 @triton.jit
+def _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups,
+                           BLOCK_M: tl.constexpr):  # fmt: skip
+    """Whether row ``block`` skips the sequence groups (the plan's first ``n_seq_groups``): a
+    hidden block that holds no sequence row (one every ``seq_stride`` rows, none for 0), when
+    token groups follow them. A pooled block walks every group."""
+    first_row = block * BLOCK_M
+    next_seq_row = tl.cdiv(first_row, tl.maximum(seq_stride, 1)) * seq_stride
+    no_seq_row = (seq_stride == 0) | (next_seq_row >= tl.minimum(first_row + BLOCK_M, n_hidden_rows))
+    return (block < n_blocks_hidden) & no_seq_row & (n_seq_groups < n_groups)
+
+
+@triton.jit
+def _zero_sequence_partials(loss_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots, n_seq_slots, D,
+                            BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Zeroes this program's partials of the sequence groups, which its first row block skips:
+    their per-slot loss sums (forward) or db, and their used slots' dW rows (the first
+    ``n_seq_slots`` of the program's)."""
+    slots = tl.arange(0, BLOCK_C)
+    for group in range(0, n_seq_groups):
+        part_slots = (pid * n_groups + group) * BLOCK_C + slots
+        if BACKWARD:
+            tl.store(db_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
+        else:
+            tl.store(loss_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
+    if BACKWARD:
+        ks = tl.arange(0, BLOCK_K)
+        for slot0 in range(0, n_seq_slots, BLOCK_C):
+            rows = (pid * n_used_slots + slot0 + slots).to(tl.int64)
+            for k0 in range(0, D, BLOCK_K):
+                tl.store(dw_ptr + rows[:, None] * D + (k0 + ks)[None, :], tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32),
+                         mask=((slot0 + slots) < n_seq_slots)[:, None] & ((k0 + ks) < D)[None, :])  # fmt: skip
+
+
+@triton.jit
 def small_heads_kernel(
     h_ptr, p_ptr, w_ptr, b_ptr, target_table_ptr, mask_ptr,
     task_scale_ptr, grad_out_ptr, loss_ptr, count_ptr,
     dh_ptr, dp_ptr, dh_acc_ptr, dw_ptr, db_ptr,
     slot_int_ptr, slot_flt_ptr, group_segments_ptr,
     stride_hn, stride_hd, n_hidden_rows, stride_pn, stride_pd, n_pooled_rows, seq_stride,
-    stride_wc, stride_wd, D, n_groups, n_used_slots, stride_dhn, stride_dpn,
+    stride_wc, stride_wd, D, n_groups, n_seq_groups, n_seq_slots, n_used_slots, stride_dhn, stride_dpn,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_LOGITS: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
-    HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr,
+    SPLIT_LEVELS: tl.constexpr, DH_ACC_BY_SEQ_ROW: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and kept-row
@@ -98,10 +140,13 @@ def small_heads_kernel(
     used slot (U = ``n_used_slots``: the used slots of all groups, numbered in order), and
     ``loss_ptr``, ``db_ptr`` ``[programs, G * BLOCK_C]`` with an entry per slot, padding
     included (stored unmasked: masks there cost registers), stores them at its first row block
-    and adds with plain loads and stores after that, so they need no zeroing; otherwise float atomics
+    (or zeroes them first, for the groups that block skips) and adds with plain loads and stores
+    after that, so they need no zeroing beforehand; otherwise float atomics
     add into ``[T]``, ``[sum C, D]`` and ``[sum C]``. Either way a slot adds to dW only in
     blocks with a row that counts for it. Without ``WRITE_DH`` backward skips dH (no gradient
-    is needed for the rows: a frozen encoder).
+    is needed for the rows: a frozen encoder). With ``USE_DH_ACC`` the fp32 scratch
+    ``dh_acc_ptr`` has a row per row (hidden rows, then pooled ones), or with
+    ``DH_ACC_BY_SEQ_ROW`` one per sequence row and one more.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -109,6 +154,10 @@ def small_heads_kernel(
     n_blocks_total = n_blocks_hidden + tl.cdiv(n_pooled_rows, BLOCK_M)
     # At least one (fully masked) block, so that partials are stored even with no rows.
     n_blocks_total += (n_blocks_total == 0).to(tl.int32)
+    if SPLIT_LEVELS and PARTIALS:
+        if _skips_sequence_groups(pid, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups, BLOCK_M):
+            _zero_sequence_partials(loss_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots, n_seq_slots, D,
+                                    BACKWARD, BLOCK_C, BLOCK_K)  # fmt: skip
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
@@ -135,12 +184,34 @@ def small_heads_kernel(
         h_row_ptrs = tl.where(from_pooled, p_ptr, h_ptr) + rows64 * tl.where(from_pooled, stride_pn, stride_hn)
         stride_k = tl.where(from_pooled, stride_pd, stride_hd)
         out_row_ptrs = tl.where(from_pooled, dp_ptr, dh_ptr) + rows64 * tl.where(from_pooled, stride_dpn, stride_dhn)
-        acc_row = rows64 + tl.where(from_pooled, n_hidden_rows, 0)
         seq_row64 = seq_row.to(tl.int64)
-
-        group_first_slot = pid * 0  # the number of the group's first slot among the used slots
-        for group in range(0, n_groups):
+        # The fp32 dH scratch's row of each row: its own, or with DH_ACC_BY_SEQ_ROW its sequence
+        # row's. There, with sequence groups first and at most one token group after them, only
+        # sequence rows have several groups' dH to sum: the other rows share one row past the
+        # sequence rows', where only zeros are written (their dH from sequence groups), and read
+        # back, with no mask of their own (a mask there made some candidates spill).
+        if DH_ACC_BY_SEQ_ROW:
+            n_seq_rows = tl.where(seq_stride > 0, tl.cdiv(n_hidden_rows, tl.maximum(seq_stride, 1)), n_pooled_rows)
+            acc_row = tl.where(is_seq_row, seq_row64, n_seq_rows)
+        else:
+            acc_row = rows64 + tl.where(from_pooled, n_hidden_rows, 0)
+        # The block walks the groups from g_begin on. With SPLIT_LEVELS the sequence groups come
+        # first and the token groups after, and a hidden block without a sequence row walks the
+        # token groups alone (the partials of the sequence groups its program's first block skips
+        # were zeroed above). group_first_slot: the number of the group's first slot among the
+        # used slots.
+        if SPLIT_LEVELS:
+            skips = _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups,
+                                           BLOCK_M)  # fmt: skip
+            g_begin = tl.where(skips, n_seq_groups, 0)
+            group_first_slot = tl.where(skips, n_seq_slots, 0)
+        else:
+            g_begin = 0
+            group_first_slot = pid * 0
+        for group in range(g_begin, n_groups):
             w_rows = _slot_field(slot_int_ptr, group, 0, slots, BLOCK_C, SLOT_FIELDS)
+            slot_ok = w_rows >= 0
+            part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's per-slot partials
             task = _slot_field(slot_int_ptr, group, 1, slots, BLOCK_C, SLOT_FIELDS)
             kind = _slot_field(slot_int_ptr, group, 2, slots, BLOCK_C, SLOT_FIELDS)
             level = _slot_field(slot_int_ptr, group, 3, slots, BLOCK_C, SLOT_FIELDS)
@@ -155,8 +226,6 @@ def small_heads_kernel(
             smoothing = tl.load(flt_row)
             inv_classes = tl.load(flt_row + BLOCK_C)
             col_weight = tl.load(flt_row + 2 * BLOCK_C)
-            slot_ok = w_rows >= 0
-            part_slots = (pid * n_groups + group) * BLOCK_C + slots  # this program's per-slot partials
             is_ce = (kind == 0) & slot_ok
             is_dense = (kind != 0) & slot_ok
             is_bce = (kind == 1)[None, :]
@@ -262,7 +331,7 @@ def small_heads_kernel(
                         if HAS_DH_INIT:
                             dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
                         elif USE_DH_ACC:
-                            if group > 0:
+                            if group > g_begin:
                                 dh += tl.load(acc_ptrs, mask=out_mask, other=0.0)
                         if is_last:
                             tl.store(out_row_ptrs[:, None] + (k0 + ks)[None, :], dh.to(dh_ptr.dtype.element_ty),
@@ -364,10 +433,14 @@ def small_heads_reduce_kernel(
 # logits loop (all of the forward, half of the backward) 4 to 8 times wider than their dH/dW
 # loop, whose dW and dH tiles cannot widen without spilling; at D = 768 that loop takes 3 to 6
 # steps instead of 24 (48 at width 128). As launched on sm_90, (32, 32, 8, 2, 128) at width 64
-# takes 175 registers in backward, fewer than the width's first. Not yet timed.
+# takes 175 registers in backward, fewer than the width's first. Not yet timed. Width 32 is
+# bert-base-4task's since its sequence tasks' group is kept apart from ner's: there the
+# 64-row (64, 16, 8, 2) holds twice the rows of the width's first in backward, one program
+# per SM each (as launched on sm_90: 225 registers against 174). Not yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2, 128)],
-    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256)],
+    32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256),
+         (64, 16, 8, 2)],
     64: [(32, 32, 8, 2), (16, 16, 8, 2), (16, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 4), (16, 64, 8, 3), (32, 16, 4, 2),
          (32, 32, 8, 2, 128), (16, 32, 8, 2, 256)],
     128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4), (16, 16, 4, 2), (16, 16, 8, 2, 64)],
@@ -420,7 +493,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 # BLOCK_C picks the candidate set, so a result tuned at one width must not serve another.
-_KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "BLOCK_C"]
+_KEY = ["ROWS_BUCKET", "n_pooled_rows", "D", "n_groups", "n_seq_groups", "BLOCK_C"]
 # Where triton can (3.6 and 3.8; not 3.2), tuning results are kept in its cache
 # (TRITON_CACHE_DIR) beside the compiled kernels: a later process with the same triton, GPU
 # architecture, kernel source and key takes the pick without compiling and timing every
@@ -457,6 +530,8 @@ class SmallHeadsLaunch:
     slot_flt: torch.Tensor  # fp32 [G, SLOT_FLT_FIELDS, BLOCK_C]
     group_segments: torch.Tensor  # int32 [G]: tasks per group
     n_used_slots: int
+    n_seq_groups: int  # the first groups, holding sequence tasks; the token tasks' groups follow
+    n_seq_slots: int  # the used slots of those groups
     seq_stride: int
     compute_dtype: torch.dtype  # of the matrix products: hidden's, or 16-bit for fp32 hidden
     class_weights: bool  # some cross-entropy task has class weights (the plan's column weights)
@@ -527,7 +602,8 @@ def launch_small_heads(
     trailing = (
         launch.slot_int, launch.slot_flt, launch.group_segments,
         hidden.stride(0), hidden.stride(1), n_hidden, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
-        launch.seq_stride, weight.stride(0), weight.stride(1), hidden_size, n_groups, launch.n_used_slots,
+        launch.seq_stride, weight.stride(0), weight.stride(1), hidden_size, n_groups, launch.n_seq_groups,
+        launch.n_seq_slots, launch.n_used_slots,
         grad_hidden.stride(0), grad_pooled.stride(0), rows_bucket(n_hidden),
     )  # fmt: skip
     args = tensors + trailing
@@ -535,15 +611,17 @@ def launch_small_heads(
     # The rows bucket, then the rest of the autotuner's key and everything else that selects a
     # compiled variant (the constexprs by what they are made from: torch dtypes hash faster
     # than triton's).
-    variant = (trailing[-1], (n_pooled, hidden_size, n_groups, hidden.device, hidden.dtype, weight.dtype, bias.dtype,
-                              block_c, backward, partials, token_mask is not None, write_dh, launch.has_dh_init,
-                              launch.compute_dtype, launch.class_weights, launch.softcap, launch.z_loss))  # fmt: skip
+    variant = (trailing[-1], (n_pooled, hidden_size, n_groups, launch.n_seq_groups, hidden.device, hidden.dtype,
+                              weight.dtype, bias.dtype, block_c, backward, partials, token_mask is not None, write_dh,
+                              launch.has_dh_init, launch.compute_dtype, launch.class_weights, launch.softcap,
+                              launch.z_loss))  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
             BLOCK_C=block_c, SLOT_FIELDS=SLOT_FIELDS, SLOT_FLT_FIELDS=SLOT_FLT_FIELDS, BACKWARD=backward,
             PARTIALS=partials, HAS_MASK=token_mask is not None, WRITE_DH=write_dh,
             HAS_DH_INIT=write_dh and launch.has_dh_init, USE_DH_ACC=write_dh and (launch.has_dh_init or n_groups > 1),
+            SPLIT_LEVELS=splits_levels(launch), DH_ACC_BY_SEQ_ROW=dh_acc_by_seq_row(launch),
             DOT=DOT_DTYPES[launch.compute_dtype], PRECISION="tf32x3" if launch.compute_dtype == torch.float32 else "ieee",
             CLASS_WEIGHTS=launch.class_weights, SOFTCAP=launch.softcap, Z_LOSS=launch.z_loss,
         )  # fmt: skip
@@ -566,6 +644,30 @@ def launch_small_heads(
         raise AssertionError("a small-heads launch was called with tensors of other shapes, strides or dtypes")
     _launch_small_heads((programs,), args, options, launch, fixed=True)
     return programs
+
+
+def splits_levels(launch: SmallHeadsLaunch) -> bool:
+    """Whether the plan keeps the levels apart: sequence groups first, then token groups."""
+    return 0 < launch.n_seq_groups < launch.slot_int.shape[0]
+
+
+def dh_acc_by_seq_row(launch: SmallHeadsLaunch) -> bool:
+    """Whether backward's fp32 dH scratch has a row per sequence row rather than per row: with
+    the levels apart, no dH from other paths to start from and one token group, only sequence
+    rows have several groups' dH to sum (sequence groups come first)."""
+    return (launch.write_dh and not launch.has_dh_init and splits_levels(launch)
+            and launch.slot_int.shape[0] - launch.n_seq_groups == 1)  # fmt: skip
+
+
+def dh_acc_rows(launch: SmallHeadsLaunch, n_hidden: int, n_pooled: int) -> int:
+    """Rows of the fp32 dH scratch a backward launch needs (0: none): without dH from other
+    paths (``has_dh_init``, which brings its own), a row per row, or per sequence row and one
+    more (see :func:`dh_acc_by_seq_row`), when the plan has several groups."""
+    if not launch.write_dh or launch.has_dh_init or launch.slot_int.shape[0] == 1:
+        return 0
+    if not dh_acc_by_seq_row(launch):
+        return n_hidden + n_pooled
+    return (cdiv(n_hidden, launch.seq_stride) if launch.seq_stride else n_pooled) + 1
 
 
 def tuned_shapes() -> list[tuple[str, int, int, tuple[int, ...]]]:

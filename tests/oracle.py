@@ -154,18 +154,27 @@ def random_case(
     return case
 
 
-def small_tasks_of_width(block_c: int, rng: random.Random) -> list[Task]:
+def small_tasks_of_width(block_c: int, rng: random.Random, split_levels: bool = False) -> list[Task]:
     """Random small-path tasks (each at most 60 outputs, both levels, every loss) whose outputs
     add up to a total the triton backend packs into groups of ``block_c`` slots: at most 16 for
-    16, more than half of ``block_c`` otherwise, and up to 200 for 128 (one or two groups)."""
+    16, more than half of ``block_c`` otherwise, and up to 200 for 128 (one or two groups).
+    With ``split_levels`` (the groups of each level apart) that total is one level's, and the
+    other level's tasks add up to at most ``block_c``."""
     low = 2 if block_c == 16 else block_c // 2 + 1
-    left = rng.randint(low, 200 if block_c == 128 else block_c)
-    tasks = []
-    while left:
-        classes = rng.randint(1, min(left, 60))
-        loss = rng.choice(("cross_entropy", "bce", "mse")) if classes > 1 else rng.choice(("bce", "mse"))
-        tasks.append(_random_task(rng, f"t{len(tasks)}", classes, loss, rng.choice(("sequence", "token"))))
-        left -= classes
+    tasks: list[Task] = []
+
+    def add(left: int, levels: tuple[str, ...]) -> None:
+        while left:
+            classes = rng.randint(1, min(left, 60))
+            loss = rng.choice(("cross_entropy", "bce", "mse")) if classes > 1 else rng.choice(("bce", "mse"))
+            tasks.append(_random_task(rng, f"t{len(tasks)}", classes, loss, rng.choice(levels)))
+            left -= classes
+
+    levels = ("sequence", "token")
+    wide = rng.choice(levels) if split_levels else None
+    add(rng.randint(low, 200 if block_c == 128 else block_c), (wide,) if wide else levels)
+    if wide:
+        add(rng.randint(1, block_c), tuple(level for level in levels if level != wide))
     return tasks
 
 
@@ -192,7 +201,8 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
     in the configuration ``shape`` alone, in both directions (a forward-only one too: which
     direction takes a shape is a matter of spills, not of results; untuned, and every kept
     launch and step forgotten),
-    its dW/db through float atomics (``atomics``) or deterministic partials; returns the case and
+    its dW/db through float atomics (``atomics``) or deterministic partials, the groups of each
+    level apart or together (at random; see ``triton_fused._splits_levels``); returns the case and
     :func:`run_heads`' outputs."""
     from mtlfast.kernels import small_heads
 
@@ -208,13 +218,16 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
     seed = fresh_seed()
     rng = random.Random(seed)
+    split_levels = rng.random() < 0.5  # the groups of each level apart, or not, whatever would save work
+    monkeypatch.setattr(triton_fused, "_splits_levels", lambda heads, seq_stride: split_levels)
     # rows for several blocks of every BLOCK_M with a partial last one; D odd, so a multiple of
     # neither K step, and above the wider one: both K-loops take several steps, the last partial
     widest_k = max(small_heads._config(shape).kwargs[name] for name in ("BLOCK_K", "BLOCK_K_LOGITS"))
     hidden_size = rng.randrange(widest_k + 1, 2 * widest_k, 2)
-    case = random_case(seed, tasks=small_tasks_of_width(block_c, rng), shape=(3, rng.randint(23, 41), hidden_size),
-                       all_present=True)  # fmt: skip
-    case.notes.append(f"BLOCK_C={block_c} shape={shape} {'atomics' if atomics else 'deterministic'}")
+    case = random_case(seed, tasks=small_tasks_of_width(block_c, rng, split_levels),
+                       shape=(3, rng.randint(23, 41), hidden_size), all_present=True)  # fmt: skip
+    case.notes.append(f"BLOCK_C={block_c} shape={shape} {'atomics' if atomics else 'deterministic'}"
+                      f"{' levels apart' if split_levels else ''}")  # fmt: skip
     out, grads = run_heads(case, "triton", dtype, device=device, autocast=autocast, deterministic=not atomics)
     launched = {(direction, width, config) for direction, width, _, config in small_heads.tuned_shapes()}
     assert launched == {("forward", block_c, shape), ("backward", block_c, shape)}, (launched, case.describe())

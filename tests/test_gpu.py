@@ -334,7 +334,7 @@ def test_launch_count_does_not_grow_with_tasks():
     assert four == forty <= 4, (four, forty)
 
 
-# One tuned forward at width 16 (4 candidates) in a fresh process; prints the pick.
+# One tuned forward at width 16 (5 candidates) in a fresh process; prints the pick.
 _TUNE_ONE_FORWARD = """
 import torch
 from mtlfast import MultiTaskHeads, Task

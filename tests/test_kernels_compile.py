@@ -57,7 +57,7 @@ def _variants():
 
 # The kernel variants of each small-heads candidate that test_small_heads_variants_compile checks.
 VARIANT_FLAGS = {"fp32-rows": {"rows": "*fp32"}, "class-weights": {"class_weights": True},
-                 "softcap-z-loss": {"capped": True}}  # fmt: skip
+                 "softcap-z-loss": {"capped": True}, "levels-apart": {"levels_apart": True}}  # fmt: skip
 
 
 def _variant_jobs(target: str, block_c: int, backward: bool, variant: str) -> list[dict]:
@@ -172,13 +172,15 @@ def test_small_heads_backward_without_dh_compiles(target, block_c):
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("block_c", sorted(small_heads.SHAPES_BY_BLOCK_C))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("variant", ["fp32-rows", "class-weights", "softcap-z-loss"])
+@pytest.mark.parametrize("variant", list(VARIANT_FLAGS))
 def test_small_heads_variants_compile(candidates_compiled_on_every_core, target, block_c, backward, variant):
     """fp32 rows with bf16 products (an encoder output under autocast; dH written in fp32),
-    class-weighted cross-entropy (one more segment pass), and cross-entropy with a softcap and a
-    z-loss (two more tiles held into backward): every candidate compiles, the untuned
-    one fits the shared memory, and at least one keeps its tiles in registers for the
-    autotuner to pick (some of the others spill a little)."""
+    class-weighted cross-entropy (one more segment pass), cross-entropy with a softcap and a
+    z-loss (two more tiles held into backward), and the sequence tasks' groups apart from the
+    token tasks' (bert-base-4task's plan: blocks skip groups, dH sums wait in a scratch row per
+    sequence row): every candidate compiles, the untuned one fits the shared memory, and at
+    least one keeps its tiles in registers for the autotuner to pick (some of the others spill
+    a little)."""
     if variant == "fp32-rows" and not READS_FP32_ROWS["triton"]:
         pytest.skip(f"triton {triton.__version__} gets 16-bit rows (its compiler aborts on this variant)")
     stacks = [resource_usage(small_heads_candidate(**job))[1] for job in _variant_jobs(target, block_c, backward, variant)]

@@ -127,6 +127,8 @@ class _SmallPlan:
     slot_row: Tensor  # int32 [U]: the packed weight row of each used slot, groups in order
     slot_index: Tensor  # int32 [U]: the index of each used slot among all G * BLOCK_C
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]: 1 where a slot belongs to a task
+    n_seq_groups: int  # the first groups, of sequence tasks alone; the others may hold either level
+    n_seq_slots: int  # the used slots of those groups
     class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
     softcap: bool  # some task has a softcap
     z_loss: bool  # some task has a z-loss
@@ -144,22 +146,74 @@ class _SmallPlan:
         """U: the slots that hold a weight row (the partial buffers' rows)."""
         return self.slot_row.shape[0]
 
+    @property
+    def launch_fields(self) -> dict:
+        """What the plan fixes of a ``small_heads.SmallHeadsLaunch``."""
+        return dict(slot_int=self.slot_int, slot_flt=self.slot_flt, group_segments=self.group_segments,
+                    n_used_slots=self.n_used_slots, n_seq_groups=self.n_seq_groups, n_seq_slots=self.n_seq_slots,
+                    class_weights=bool(self.class_weighted), softcap=self.softcap, z_loss=self.z_loss)  # fmt: skip
 
-@cache
-def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan:
-    """Packs the small tasks into groups of slots, one slot per row of the packed weight."""
-    small_heads = _kernels().small_heads
-    small = sorted(_small_tasks(heads), key=lambda i: heads[i].col_start)
-    total = sum(heads[i].num_cols for i in small)
-    block_c = min(MAX_BLOCK_C, max(16, 1 << (max(total, 1) - 1).bit_length()))
-    groups: list[list[int]] = [[]]
-    used = 0
-    for i in small:
+
+def _group_width(columns: int) -> int:
+    return min(MAX_BLOCK_C, max(16, 1 << (max(columns, 1) - 1).bit_length()))
+
+
+def _packed(tasks: list[int], heads: tuple[HeadSpec, ...], block_c: int) -> list[list[int]]:
+    """The tasks in groups of at most ``block_c`` columns, in order."""
+    groups: list[list[int]] = []
+    used = block_c
+    for i in tasks:
         if used + heads[i].num_cols > block_c:
             groups.append([])
             used = 0
         groups[-1].append(i)
         used += heads[i].num_cols
+    return groups
+
+
+def _small_levels(heads: tuple[HeadSpec, ...]) -> tuple[list[int], list[int]]:
+    """The small tasks of sequence level and of token level, each in packed weight order."""
+    small = sorted(_small_tasks(heads), key=lambda i: heads[i].col_start)
+    return [i for i in small if not heads[i].is_token], [i for i in small if heads[i].is_token]
+
+
+def _columns(tasks: list[int], heads: tuple[HeadSpec, ...]) -> int:
+    return sum(heads[i].num_cols for i in tasks)
+
+
+def _splits_levels(heads: tuple[HeadSpec, ...], seq_stride: int) -> bool:
+    """Whether the small tasks' groups keep the two levels apart, sequence groups first. A token
+    row block then walks the token groups alone, unless it holds a sequence row (every
+    ``seq_stride``-th row; 0: the sequence rows are pooled rows, in blocks of their own). Kept
+    apart when that saves work, counted as groups times width, for blocks of up to 64 rows."""
+    sequence, token = _small_levels(heads)
+    if not sequence or not token:
+        return False
+    block_c = _group_width(_columns(sequence + token, heads))
+    together = len(_packed(sorted(sequence + token, key=lambda i: heads[i].col_start), heads, block_c)) * block_c
+    split_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
+    blocks_with_sequence_rows = min(1.0, 64 / seq_stride) if seq_stride else 0.0
+    split = len(_packed(token, heads, split_c)) + blocks_with_sequence_rows * len(_packed(sequence, heads, split_c))
+    return split * split_c < together
+
+
+@cache
+def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device, split_levels: bool) -> _SmallPlan:
+    """Packs the small tasks into groups of slots, one slot per row of the packed weight; with
+    ``split_levels`` (see :func:`_splits_levels`) the sequence tasks' groups first, then the
+    token tasks'."""
+    small_heads = _kernels().small_heads
+    sequence, token = _small_levels(heads)
+    small = sorted(sequence + token, key=lambda i: heads[i].col_start)
+    if split_levels:
+        block_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
+        seq_groups = _packed(sequence, heads, block_c)
+        groups = seq_groups + _packed(token, heads, block_c)
+        n_seq_groups = len(seq_groups)
+    else:
+        block_c = _group_width(_columns(small, heads))
+        groups = _packed(small, heads, block_c)
+        n_seq_groups = 0 if token else len(groups)
     slot_int = torch.full((len(groups), small_heads.SLOT_FIELDS, block_c), -1, dtype=torch.int32)
     slot_flt = torch.zeros((len(groups), small_heads.SLOT_FLT_FIELDS, block_c), dtype=torch.float32)
     slot_to_task = torch.zeros(len(groups) * block_c, len(heads), dtype=torch.float64)
@@ -199,6 +253,8 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device) -> _SmallPlan
         slot_row=slot_cols[used].to(device),
         slot_index=used.to(device, torch.int32),
         slot_to_task=slot_to_task.to(device),
+        n_seq_groups=n_seq_groups,
+        n_seq_slots=sum(heads[i].num_cols for members in groups[:n_seq_groups] for i in members),
         class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
         softcap=any(heads[i].softcap for i in small),
         z_loss=any(heads[i].z_loss for i in small),
@@ -422,6 +478,7 @@ class _Step:
     # partial loss sums in forward (deterministic) and partial dW/db in backward, 0 for atomics.
     forward_launch: SmallHeadsLaunch | None
     backward_launch: SmallHeadsLaunch | None
+    dh_acc_rows: int = 0  # rows of the backward launch's own fp32 dH scratch (small_heads.dh_acc_rows)
 
 
 # Steps by signature, the oldest dropped past STEPS_KEPT (a loop over many shapes).
@@ -452,23 +509,22 @@ def _new_step(problem: HeadProblem) -> _Step:
     """Works a problem's :class:`_Step` out: its paths, its small plan and launches, its rows to zero."""
     heads, device = problem.heads, problem.hidden.device
     large, wide = _large_tasks(heads), _wide_tasks(heads)
-    plan = _small_plan(heads, device) if _small_tasks(heads) else None
+    plan = _small_plan(heads, device, _splits_levels(heads, problem.seq_stride)) if _small_tasks(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
-    launches = [None, None]
+    launches, dh_acc_rows = [None, None], 0
     if plan is not None:
         small_heads = _kernels().small_heads
-        fixed = dict(slot_int=plan.slot_int, slot_flt=plan.slot_flt, group_segments=plan.group_segments,
-                     n_used_slots=plan.n_used_slots, seq_stride=problem.seq_stride,
-                     compute_dtype=problem.compute_dtype, class_weights=bool(plan.class_weighted),
-                     softcap=plan.softcap, z_loss=plan.z_loss)  # fmt: skip
+        fixed = dict(plan.launch_fields, seq_stride=problem.seq_stride, compute_dtype=problem.compute_dtype)
         launches = [
             small_heads.SmallHeadsLaunch(backward=False, partial_programs=programs if problem.deterministic else 0,
                                          **fixed),
             small_heads.SmallHeadsLaunch(backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
                                          has_dh_init=problem.hidden_grad and bool(large or wide), **fixed),
         ]  # fmt: skip
+        n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
+        dh_acc_rows = small_heads.dh_acc_rows(launches[1], problem.hidden.shape[0], n_pooled)
     return _Step(plan, large, wide, _count_scale(heads, device),
-                 _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches)  # fmt: skip
+                 _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches, dh_acc_rows)  # fmt: skip
 
 
 # Zeroed fp32 [2, T] buffers for the forward's per-task loss sums and kept-row counts, with
@@ -614,8 +670,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
             grad_pooled = alloc_output((n_pooled, hidden_size), rows_dtype, device) if n_pooled else None
             if dh_large is not None:
                 dh_acc = dh_large
-            elif plan.n_groups > 1:
-                dh_acc = torch.empty((n_hidden + n_pooled, hidden_size), dtype=torch.float32, device=device)
+            elif step.dh_acc_rows:
+                dh_acc = torch.empty((step.dh_acc_rows, hidden_size), dtype=torch.float32, device=device)
         programs = step.backward_launch.partial_programs
         if programs:
             dw_target = alloc_output((programs, plan.n_used_slots, hidden_size), torch.float32, device)

@@ -101,11 +101,74 @@ def test_many_groups(deterministic):
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/40 tasks")
 
 
+def _level_tasks(rng: random.Random, level: str, columns: int) -> list[Task]:
+    """Tasks of one level with at least ``columns`` outputs in all."""
+    tasks: list[Task] = []
+    while sum(t.num_outputs for t in tasks) < columns:
+        loss = rng.choice(["cross_entropy", "bce", "mse"])
+        tasks.append(Task(f"{level[0]}{len(tasks)}", rng.randint(2, 12), loss, level=level))
+    return tasks
+
+
+# (sequence columns, token columns) of the level-split cases: one group each (the fp32 dH
+# scratch holds a row per sequence row), several sequence groups and one token group (still per
+# sequence row), several token groups (a row per row).
+LEVEL_SPLITS = {"one-each": (18, 7), "sequence-groups": (140, 9), "token-groups": (11, 140)}
+
+
+@pytest.mark.parametrize("columns", LEVEL_SPLITS.values(), ids=LEVEL_SPLITS.keys())
+@pytest.mark.parametrize("rows", ["cls", "pooled"])
+@pytest.mark.parametrize("extra", ["atomics", "deterministic", "vocabulary"])
+def test_levels_in_groups_of_their_own(monkeypatch, columns, rows, extra):
+    """The sequence tasks' groups kept apart from the token tasks' and walked first (forced
+    here; the backend does it where that saves work), so that a token row block skips them
+    unless it holds a sequence row: the sequence rows every 40th token row (some row blocks
+    hold one, others none) or pooled (blocks of their own), the partials of the groups a
+    program's first block skips started at zero (deterministic), and dH from a vocabulary
+    head to start from (the fp32 scratch of every row)."""
+    monkeypatch.setattr(triton_fused, "_splits_levels", lambda heads, seq_stride: True)
+    rng = random.Random(fresh_seed())
+    tasks = _level_tasks(rng, "sequence", columns[0]) + _level_tasks(rng, "token", columns[1])
+    if extra == "vocabulary":
+        tasks.append(Task("vocab", rng.randint(129, 200), "cross_entropy", level="token"))
+    case = random_case(tasks=tasks, shape=(3, 40, 13), all_present=True)
+    case.pooled = torch.randn(3, 13) if rows == "pooled" else None
+    out, grads = run_heads(case, "triton", torch.float32, deterministic=extra == "deterministic")
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"triton/levels {case.describe()}")
+
+
+def test_levels_kept_apart_where_that_saves_work():
+    """A token task beside narrow sequence tasks over long sequences (bert-base-4task): token
+    blocks walk a 32-wide group instead of a 64-wide one. Short sequences put a sequence row in
+    nearly every block, where two groups would cost more than one; pooled rows never do."""
+    from mtlfast.task import TaskLayout
+
+    bert = TaskLayout((Task("sentiment", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
+                       Task("similarity", 1, "mse"), Task("topics", 20, "bce"))).heads  # fmt: skip
+    assert triton_fused._splits_levels(bert, 512) and triton_fused._splits_levels(bert, 0)
+    assert not triton_fused._splits_levels(bert, 8)
+    plan = triton_fused._small_plan(bert, torch.device("cpu"), True)
+    assert (plan.block_c, plan.n_groups, plan.n_seq_groups) == (32, 2, 1)
+    from mtlfast.kernels import small_heads
+
+    launch = small_heads.SmallHeadsLaunch(backward=True, seq_stride=512, compute_dtype=torch.bfloat16, write_dh=True,
+                                          **plan.launch_fields)  # fmt: skip
+    # the fp32 dH scratch: a row per sequence row (CLS or pooled) and the other rows' one, none
+    # with a vocabulary head's dH to add to
+    assert small_heads.dh_acc_rows(launch, 32 * 512, 0) == 33
+    assert small_heads.dh_acc_rows(dataclasses.replace(launch, seq_stride=0), 32 * 512, 32) == 33
+    assert small_heads.dh_acc_rows(dataclasses.replace(launch, has_dh_init=True), 32 * 512, 0) == 0
+    token_only = TaskLayout((Task("ner", 9, "cross_entropy", level="token"),)).heads
+    assert not triton_fused._splits_levels(token_only, 512)
+    wide_sequence = TaskLayout((Task("cls", 100, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"))).heads
+    assert not triton_fused._splits_levels(wide_sequence, 512)  # the token group would be as wide
+
+
 def test_partials_hold_only_used_slots(monkeypatch):
-    """The deterministic partial dW rows: one per used slot (the 18 columns of a 32-slot
-    group; padding slots have none), all written by each launched program (its first block
-    starts them, sequence slots included though that block holds no sequence row); the
-    gradients match."""
+    """The deterministic partial dW rows: one per used slot (the 18 columns of two 16-slot
+    groups, the sequence tasks' apart from the token tasks'; padding slots have none), all
+    written by each launched program (its first block starts them: the sequence group's at
+    zero where that block holds no sequence row and skips the group); the gradients match."""
     buffers = []
 
     def poisoned(shape, dtype, device):
@@ -116,7 +179,10 @@ def test_partials_hold_only_used_slots(monkeypatch):
     monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
     tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
              Task("score", 1, "mse"), Task("tags", 5, "bce", level="token")]  # fmt: skip
-    case = case_for(tasks, (3, 120, 24), nan_rate=0.0)  # 12 row blocks for 8 programs
+    from mtlfast.task import TaskLayout
+
+    assert triton_fused._splits_levels(TaskLayout(tuple(tasks)).heads, 120)
+    case = case_for(tasks, (3, 120, 24), nan_rate=0.0)  # 23 row blocks for 8 programs
     out, grads = run_heads(case, "triton", torch.float32, deterministic=True)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/partials")
     (partial_dw,) = [b for b in buffers if b.dim() == 3]
@@ -719,12 +785,9 @@ def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
     from mtlfast.task import TaskLayout
 
     heads = TaskLayout((Task("a", 3, "cross_entropy", level="token"),)).heads
-    plan = triton_fused._small_plan(heads, torch.device("cpu"))
-    launch = small_heads.SmallHeadsLaunch(
-        backward=False, slot_int=plan.slot_int, slot_flt=plan.slot_flt, group_segments=plan.group_segments,
-        n_used_slots=plan.n_used_slots, seq_stride=1, compute_dtype=torch.float32, class_weights=False,
-        softcap=False, z_loss=False,
-    )  # fmt: skip
+    plan = triton_fused._small_plan(heads, torch.device("cpu"), split_levels=False)
+    launch = small_heads.SmallHeadsLaunch(backward=False, seq_stride=1, compute_dtype=torch.float32,
+                                          **plan.launch_fields)  # fmt: skip
     weight, bias = torch.randn(3, 16), torch.randn(3)
     sums = torch.zeros(2, 1)
 
