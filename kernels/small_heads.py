@@ -76,15 +76,14 @@ def _add_per_slot(partial_ptrs, atomic_ptrs, value, atomic_mask, revisit, PARTIA
 
 
 @triton.jit
-def _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups,
-                           BLOCK_M: tl.constexpr):  # fmt: skip
-    """Whether row ``block`` skips the sequence groups (the plan's first ``n_seq_groups``): a
-    hidden block that holds no sequence row (one every ``seq_stride`` rows, none for 0), when
-    token groups follow them. A pooled block walks every group."""
+def _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M: tl.constexpr):
+    """Whether row ``block`` skips the sequence groups (with the levels apart): a hidden block
+    that holds no sequence row (one every ``seq_stride`` rows, none for 0). A pooled block walks
+    every group."""
     first_row = block * BLOCK_M
     next_seq_row = tl.cdiv(first_row, tl.maximum(seq_stride, 1)) * seq_stride
     no_seq_row = (seq_stride == 0) | (next_seq_row >= tl.minimum(first_row + BLOCK_M, n_hidden_rows))
-    return (block < n_blocks_hidden) & no_seq_row & (n_seq_groups < n_groups)
+    return (block < n_blocks_hidden) & no_seq_row
 
 
 @triton.jit
@@ -155,7 +154,7 @@ def small_heads_kernel(
     # At least one (fully masked) block, so that partials are stored even with no rows.
     n_blocks_total += (n_blocks_total == 0).to(tl.int32)
     if SPLIT_LEVELS and PARTIALS:
-        if _skips_sequence_groups(pid, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups, BLOCK_M):
+        if _skips_sequence_groups(pid, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M):
             _zero_sequence_partials(loss_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots, n_seq_slots, D,
                                     BACKWARD, BLOCK_C, BLOCK_K)  # fmt: skip
     slots = tl.arange(0, BLOCK_C)
@@ -201,8 +200,7 @@ def small_heads_kernel(
         # were zeroed above). group_first_slot: the number of the group's first slot among the
         # used slots.
         if SPLIT_LEVELS:
-            skips = _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, n_seq_groups, n_groups,
-                                           BLOCK_M)  # fmt: skip
+            skips = _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M)
             g_begin = tl.where(skips, n_seq_groups, 0)
             group_first_slot = tl.where(skips, n_seq_slots, 0)
         else:
@@ -530,7 +528,7 @@ class SmallHeadsLaunch:
     slot_flt: torch.Tensor  # fp32 [G, SLOT_FLT_FIELDS, BLOCK_C]
     group_segments: torch.Tensor  # int32 [G]: tasks per group
     n_used_slots: int
-    n_seq_groups: int  # the first groups, holding sequence tasks; the token tasks' groups follow
+    n_seq_groups: int  # > 0: the levels apart, these first groups the sequence tasks', token tasks' after
     n_seq_slots: int  # the used slots of those groups
     seq_stride: int
     compute_dtype: torch.dtype  # of the matrix products: hidden's, or 16-bit for fp32 hidden
@@ -648,7 +646,7 @@ def launch_small_heads(
 
 def splits_levels(launch: SmallHeadsLaunch) -> bool:
     """Whether the plan keeps the levels apart: sequence groups first, then token groups."""
-    return 0 < launch.n_seq_groups < launch.slot_int.shape[0]
+    return launch.n_seq_groups > 0
 
 
 def dh_acc_by_seq_row(launch: SmallHeadsLaunch) -> bool:

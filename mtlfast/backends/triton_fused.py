@@ -127,7 +127,7 @@ class _SmallPlan:
     slot_row: Tensor  # int32 [U]: the packed weight row of each used slot, groups in order
     slot_index: Tensor  # int32 [U]: the index of each used slot among all G * BLOCK_C
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]: 1 where a slot belongs to a task
-    n_seq_groups: int  # the first groups, of sequence tasks alone; the others may hold either level
+    n_seq_groups: int  # with the levels apart, the first groups (sequence tasks'); 0 otherwise
     n_seq_slots: int  # the used slots of those groups
     class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
     softcap: bool  # some task has a softcap
@@ -181,39 +181,41 @@ def _columns(tasks: list[int], heads: tuple[HeadSpec, ...]) -> int:
     return sum(heads[i].num_cols for i in tasks)
 
 
+def _grouping(heads: tuple[HeadSpec, ...], split_levels: bool) -> tuple[int, list[list[int]], int]:
+    """``(BLOCK_C, groups, sequence groups)``: the small tasks packed into groups of at most
+    BLOCK_C columns, in packed weight order, or with ``split_levels`` the sequence tasks' groups
+    first, then the token tasks'."""
+    sequence, token = _small_levels(heads)
+    if split_levels:
+        block_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
+        seq_groups = _packed(sequence, heads, block_c)
+        return block_c, seq_groups + _packed(token, heads, block_c), len(seq_groups)
+    small = sorted(sequence + token, key=lambda i: heads[i].col_start)
+    block_c = _group_width(_columns(small, heads))
+    return block_c, _packed(small, heads, block_c), 0
+
+
 def _splits_levels(heads: tuple[HeadSpec, ...], seq_stride: int) -> bool:
-    """Whether the small tasks' groups keep the two levels apart, sequence groups first. A token
+    """Whether the small tasks' groups keep the two levels apart (see :func:`_grouping`). A token
     row block then walks the token groups alone, unless it holds a sequence row (every
     ``seq_stride``-th row; 0: the sequence rows are pooled rows, in blocks of their own). Kept
     apart when that saves work, counted as groups times width, for blocks of up to 64 rows."""
-    sequence, token = _small_levels(heads)
-    if not sequence or not token:
+    if not all(_small_levels(heads)):
         return False
-    block_c = _group_width(_columns(sequence + token, heads))
-    together = len(_packed(sorted(sequence + token, key=lambda i: heads[i].col_start), heads, block_c)) * block_c
-    split_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
+    together_c, together, _ = _grouping(heads, False)
+    split_c, groups, n_seq_groups = _grouping(heads, True)
     blocks_with_sequence_rows = min(1.0, 64 / seq_stride) if seq_stride else 0.0
-    split = len(_packed(token, heads, split_c)) + blocks_with_sequence_rows * len(_packed(sequence, heads, split_c))
-    return split * split_c < together
+    walked = len(groups) - n_seq_groups + blocks_with_sequence_rows * n_seq_groups
+    return walked * split_c < len(together) * together_c
 
 
 @cache
 def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device, split_levels: bool) -> _SmallPlan:
-    """Packs the small tasks into groups of slots, one slot per row of the packed weight; with
-    ``split_levels`` (see :func:`_splits_levels`) the sequence tasks' groups first, then the
-    token tasks'."""
+    """Packs the small tasks into groups of slots (:func:`_grouping`), one slot per row of the
+    packed weight."""
     small_heads = _kernels().small_heads
-    sequence, token = _small_levels(heads)
-    small = sorted(sequence + token, key=lambda i: heads[i].col_start)
-    if split_levels:
-        block_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
-        seq_groups = _packed(sequence, heads, block_c)
-        groups = seq_groups + _packed(token, heads, block_c)
-        n_seq_groups = len(seq_groups)
-    else:
-        block_c = _group_width(_columns(small, heads))
-        groups = _packed(small, heads, block_c)
-        n_seq_groups = 0 if token else len(groups)
+    small = _small_tasks(heads)
+    block_c, groups, n_seq_groups = _grouping(heads, split_levels)
     slot_int = torch.full((len(groups), small_heads.SLOT_FIELDS, block_c), -1, dtype=torch.int32)
     slot_flt = torch.zeros((len(groups), small_heads.SLOT_FLT_FIELDS, block_c), dtype=torch.float32)
     slot_to_task = torch.zeros(len(groups) * block_c, len(heads), dtype=torch.float64)
