@@ -129,7 +129,7 @@ class _SmallPlan:
     slot_to_task: Tensor  # fp64 [G * BLOCK_C, T]: 1 where a slot belongs to a task
     n_seq_groups: int  # with the levels apart, the first groups (sequence tasks'); 0 otherwise
     n_seq_slots: int  # the used slots of those groups
-    class_weighted: tuple[int, ...]  # the cross-entropy tasks with class weights
+    class_weights: bool  # some cross-entropy task has class weights
     softcap: bool  # some task has a softcap
     z_loss: bool  # some task has a z-loss
 
@@ -151,7 +151,7 @@ class _SmallPlan:
         """What the plan fixes of a ``small_heads.SmallHeadsLaunch``."""
         return dict(slot_int=self.slot_int, slot_flt=self.slot_flt, group_segments=self.group_segments,
                     n_used_slots=self.n_used_slots, n_seq_groups=self.n_seq_groups, n_seq_slots=self.n_seq_slots,
-                    class_weights=bool(self.class_weighted), softcap=self.softcap, z_loss=self.z_loss)  # fmt: skip
+                    class_weights=self.class_weights, softcap=self.softcap, z_loss=self.z_loss)  # fmt: skip
 
 
 def _group_width(columns: int) -> int:
@@ -257,7 +257,7 @@ def _small_plan(heads: tuple[HeadSpec, ...], device: torch.device, split_levels:
         slot_to_task=slot_to_task.to(device),
         n_seq_groups=n_seq_groups,
         n_seq_slots=sum(heads[i].num_cols for members in groups[:n_seq_groups] for i in members),
-        class_weighted=tuple(i for i in small if heads[i].is_ce and heads[i].column_weights),
+        class_weights=any(heads[i].is_ce and heads[i].column_weights for i in small),
         softcap=any(heads[i].softcap for i in small),
         z_loss=any(heads[i].z_loss for i in small),
     )
@@ -585,15 +585,18 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     plan = step.small
     if plan is not None:
         programs = step.forward_launch.partial_programs
-        loss = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device) if programs else sums
+        if programs:  # per-slot partial loss sums and counts, summed here in a fixed order
+            partials = alloc_output((2, programs, plan.n_groups * plan.block_c), torch.float32, device)
+            loss, count = partials.unbind(0)
+        else:
+            loss, count = sums, counts
         launched = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
-            table, loss=loss, count=counts,
+            table, loss=loss, count=count,
         )  # fmt: skip
-        if programs:
-            sums = sums + (loss[:launched].sum(dim=0, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
-        for i in plan.class_weighted:  # the kernel counted their rows, not their class weights
-            counts[i] = problem.class_weight_count(i)
+        if programs:  # the kept sums and counts stay zero
+            sums, counts = (partials[:, :launched].sum(dim=1, dtype=torch.float64) @ plan.slot_to_task).to(
+                torch.float32).unbind(0)  # fmt: skip
     saved_large = []
     for i in large:
         head = heads[i]

@@ -168,7 +168,8 @@ def test_partials_hold_only_used_slots(monkeypatch):
     """The deterministic partial dW rows: one per used slot (the 18 columns of two 16-slot
     groups, the sequence tasks' apart from the token tasks'; padding slots have none), all
     written by each launched program (its first block starts them: the sequence group's at
-    zero where that block holds no sequence row and skips the group); the gradients match."""
+    zero where that block holds no sequence row and skips the group), and so are forward's
+    partial loss sums and counts; the gradients match."""
     buffers = []
 
     def poisoned(shape, dtype, device):
@@ -185,13 +186,17 @@ def test_partials_hold_only_used_slots(monkeypatch):
     case = case_for(tasks, (3, 120, 24), nan_rate=0.0)  # 23 row blocks for 8 programs
     out, grads = run_heads(case, "triton", torch.float32, deterministic=True)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/partials")
-    (partial_dw,) = [b for b in buffers if b.dim() == 3]
+    used, padded = sum(t.num_outputs for t in tasks), 2 * 16
+    (partial_dw,) = [b for b in buffers if b.shape[1:] == (used, 24)]
     written = ~partial_dw.isnan().all(dim=2)  # [programs, slots]
     launched = written.any(dim=1)
-    used = sum(t.num_outputs for t in tasks)
-    assert launched.sum() > 1 and partial_dw.shape[1] == used
+    assert launched.sum() > 1
     assert (written[launched].sum(dim=1) == used).all(), written.sum(dim=1)
     assert not partial_dw[written].isnan().any()
+    # forward's loss sums and counts [2, programs, padded slots]: every slot of the launched
+    # programs (the same count) is written, the sequence group's at zero where skipped
+    (partial_loss,) = [b for b in buffers if b.shape == (2, partial_dw.shape[0], padded)]
+    assert not partial_loss[:, launched].isnan().any() and partial_loss[:, ~launched].isnan().all()
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["store", "accumulate"])
@@ -590,6 +595,62 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch):
 
     four, forty = count(4), count(40)
     assert 0 < four == forty <= 4, (four, forty)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
+    """Beside its Triton kernels, a training step whose plan is made runs the same torch ops
+    (views and allocations aside) for 4 and 40 small heads, all of them class-weighted cross-entropy of
+    both levels: the kernel sums their weighted counts itself, in partials when deterministic."""
+    from mtlfast.kernels import launcher
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops, counting = [], [False]
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counting[0] and not func.is_view and func.__name__.split(".")[0] not in ("empty", "empty_strided"):
+                ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launch = launcher.DirectLauncher.__call__
+
+    def uncounted_launch(self, *args, **kwargs):  # the interpreter's own tensor work is not the step's
+        counting[0] = False
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            counting[0] = True
+
+    monkeypatch.setattr(launcher.DirectLauncher, "__call__", uncounted_launch)
+
+    def step_ops(num_tasks: int) -> list[str]:
+        rng = random.Random(fresh_seed())
+        tasks = [Task(f"t{k}", classes, "cross_entropy", level=rng.choice(["sequence", "token"]),
+                      class_weights=tuple(rng.uniform(0.1, 3.0) for _ in range(classes)))
+                 for k, classes in enumerate(rng.choices(range(2, 9), k=num_tasks))]  # fmt: skip
+        case = random_case(tasks=tasks, shape=(2, 5, 12), allow_extras=False)
+        heads = make_heads(case, "triton", validate=False, deterministic=deterministic)
+        hidden = case.hidden.clone().requires_grad_(True)
+
+        def step():
+            heads.zero_grad(set_to_none=True)
+            hidden.grad = None
+            out = heads(hidden, case.labels)
+            out.loss.backward()
+            return out
+
+        step()  # plans the step
+        ops.clear()
+        with CountOps():
+            counting[0] = True
+            out = step()
+            counting[0] = False
+        grads = {"hidden": hidden.grad, "weight": heads.weight.grad, "bias": heads.bias.grad}
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"triton/{num_tasks} tasks")
+        return sorted(ops)
+
+    assert step_ops(4) == step_ops(40)
 
 
 @pytest.mark.parametrize("classes", [7, 300], ids=["small-head", "vocab-head"])
