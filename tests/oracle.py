@@ -79,7 +79,7 @@ def case_for(
     return Case(list(tasks), hidden, labels, weight, bias, seed=seed)
 
 
-def _random_task(rng: random.Random, name: str, classes: int, loss: str, level: str) -> Task:
+def random_task(rng: random.Random, name: str, classes: int, loss: str, level: str) -> Task:
     """A task with random options for its loss: label smoothing, ignore_index, class or positive
     weights, a softcap, a z-loss, a task weight."""
     smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
@@ -121,7 +121,7 @@ def random_case(
                 classes = rng.randint(*(ce_classes or (2, max_classes)))
             else:
                 classes = rng.randint(1, min(12, max_classes))
-            tasks.append(_random_task(rng, f"t{k}", classes, loss, level))
+            tasks.append(random_task(rng, f"t{k}", classes, loss, level))
     has_token = any(t.level == "token" for t in tasks)
     shape = shape or (rng.randint(1, 5), rng.randint(1, 9), rng.choice([3, 8, 13, 24, 37]))
     two_d = not has_token and rng.random() < 0.3
@@ -167,7 +167,7 @@ def small_tasks_of_width(block_c: int, rng: random.Random, split_levels: bool = 
         while left:
             classes = rng.randint(1, min(left, 60))
             loss = rng.choice(("cross_entropy", "bce", "mse")) if classes > 1 else rng.choice(("bce", "mse"))
-            tasks.append(_random_task(rng, f"t{len(tasks)}", classes, loss, rng.choice(levels)))
+            tasks.append(random_task(rng, f"t{len(tasks)}", classes, loss, rng.choice(levels)))
             left -= classes
 
     levels = ("sequence", "token")

@@ -27,6 +27,7 @@ from oracle import (
     fresh_seed,
     make_heads,
     random_case,
+    random_task,
     rel_error,
     run_heads,
     run_small_heads_candidate,
@@ -600,8 +601,10 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
     """Beside its Triton kernels, a training step whose plan is made runs the same torch ops
-    (views and allocations aside) for 4 and 40 small heads, all of them class-weighted cross-entropy of
-    both levels: the kernel sums their weighted counts itself, in partials when deterministic."""
+    (views and allocations aside) for 4 and 40 small heads of random losses, levels and options
+    (class and positive weights, smoothing, softcaps, z-losses), with an attention mask and
+    uncertainty weighting: nothing is worked out per task, not even class-weighted divisors
+    (the kernel sums them, in partials when deterministic)."""
     from mtlfast.kernels import launcher
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -626,17 +629,21 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
 
     def step_ops(num_tasks: int) -> list[str]:
         rng = random.Random(fresh_seed())
-        tasks = [Task(f"t{k}", classes, "cross_entropy", level=rng.choice(["sequence", "token"]),
-                      class_weights=tuple(rng.uniform(0.1, 3.0) for _ in range(classes)))
-                 for k, classes in enumerate(rng.choices(range(2, 9), k=num_tasks))]  # fmt: skip
+        tasks = [random_task(rng, f"t{k}", rng.randint(2, 9), rng.choice(["cross_entropy", "bce", "mse"]),
+                             rng.choice(["sequence", "token"]))
+                 for k in range(1, num_tasks)]  # fmt: skip
+        tasks.append(Task("t0", 5, "cross_entropy", class_weights=(0.5, 2.0, 1.0, 0.0, 3.0)))
         case = random_case(tasks=tasks, shape=(2, 5, 12), allow_extras=False)
+        case.weighting = "uncertainty"
+        case.log_vars = torch.randn(num_tasks) * 0.5
+        mask = (torch.rand(2, 5) > 0.3).long()
         heads = make_heads(case, "triton", validate=False, deterministic=deterministic)
         hidden = case.hidden.clone().requires_grad_(True)
 
         def step():
             heads.zero_grad(set_to_none=True)
             hidden.grad = None
-            out = heads(hidden, case.labels)
+            out = heads(hidden, case.labels, attention_mask=mask)
             out.loss.backward()
             return out
 
@@ -646,7 +653,9 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
             counting[0] = True
             out = step()
             counting[0] = False
-        grads = {"hidden": hidden.grad, "weight": heads.weight.grad, "bias": heads.bias.grad}
+        case.attention_mask = mask
+        grads = {"hidden": hidden.grad, "weight": heads.weight.grad, "bias": heads.bias.grad,
+                 "log_vars": heads.log_vars.grad}  # fmt: skip
         assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"triton/{num_tasks} tasks")
         return sorted(ops)
 
