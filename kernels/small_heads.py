@@ -88,10 +88,11 @@ def _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, BL
 
 @triton.jit
 def _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots, n_seq_slots,
-                            D, BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                            D, BACKWARD: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_K: tl.constexpr):  # fmt: skip
     """Zeroes this program's partials of the sequence groups, which its first row block skips:
-    their per-slot loss sums and counts (forward) or db, and their used slots' dW rows (the
-    first ``n_seq_slots`` of the program's)."""
+    their per-slot loss sums and, with ``CLASS_WEIGHTS``, counts (forward) or db, and their used
+    slots' dW rows (the first ``n_seq_slots`` of the program's)."""
     slots = tl.arange(0, BLOCK_C)
     for group in range(0, n_seq_groups):
         part_slots = (pid * n_groups + group) * BLOCK_C + slots
@@ -99,7 +100,8 @@ def _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, 
             tl.store(db_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
         else:
             tl.store(loss_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
-            tl.store(count_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
+            if CLASS_WEIGHTS:
+                tl.store(count_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
     if BACKWARD:
         ks = tl.arange(0, BLOCK_K)
         for slot0 in range(0, n_seq_slots, BLOCK_C):
@@ -139,15 +141,17 @@ def small_heads_kernel(
 
     ``PARTIALS``: each program owns partial rows, ``dw_ptr`` ``[programs, U, D]`` with a row per
     used slot (U = ``n_used_slots``: the used slots of all groups, numbered in order), and
-    ``loss_ptr``, ``count_ptr`` (a task's count at its first slot, 0 at the others), ``db_ptr``
-    ``[programs, G * BLOCK_C]`` with an entry per slot, padding included (stored unmasked: masks
-    there cost registers), stores them at its first row block (or zeroes them first, for the
-    groups that block skips) and adds with plain loads and stores after that, so they need no
-    zeroing beforehand; otherwise float atomics add into ``[T]``, ``[sum C, D]`` and ``[sum C]``.
-    Either way a slot adds to dW only in blocks with a row that counts for it. Without
-    ``WRITE_DH`` backward skips dH (no gradient is needed for the rows: a frozen encoder). With
-    ``USE_DH_ACC`` the fp32 scratch ``dh_acc_ptr`` has a row per row (hidden rows, then pooled
-    ones), or with ``DH_ACC_BY_SEQ_ROW`` one per sequence row and one more.
+    ``loss_ptr``, ``db_ptr`` and with ``CLASS_WEIGHTS`` ``count_ptr`` (a task's count at its first
+    slot, 0 at the others) ``[programs, G * BLOCK_C]`` with an entry per slot, padding included
+    (stored unmasked: masks there cost registers), stores them at its first row block (or zeroes
+    them first, for the groups that block skips) and adds with plain loads and stores after that,
+    so they need no zeroing beforehand; otherwise float atomics add into ``[T]``, ``[sum C, D]``
+    and ``[sum C]``. Counts of rows are whole numbers, exact in any order: without
+    ``CLASS_WEIGHTS`` atomics add them into ``[T]`` in either mode. Either way a slot adds to dW
+    only in blocks with a row that counts for it. Without ``WRITE_DH`` backward skips dH (no
+    gradient is needed for the rows: a frozen encoder). With ``USE_DH_ACC`` the fp32 scratch
+    ``dh_acc_ptr`` has a row per row (hidden rows, then pooled ones), or with
+    ``DH_ACC_BY_SEQ_ROW`` one per sequence row and one more.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -158,7 +162,7 @@ def small_heads_kernel(
     if SPLIT_LEVELS and PARTIALS:
         if _skips_sequence_groups(pid, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M):
             _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots,
-                                    n_seq_slots, D, BACKWARD, BLOCK_C, BLOCK_K)  # fmt: skip
+                                    n_seq_slots, D, BACKWARD, CLASS_WEIGHTS, BLOCK_C, BLOCK_K)  # fmt: skip
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
@@ -367,12 +371,16 @@ def small_heads_kernel(
                 diff = x - y
                 term = tl.where(is_ce[None, :], ce_term, tl.where(is_bce, softplus, diff * diff))
                 slot_loss = tl.sum(tl.where(active, term, 0.0), axis=0)
-                row_count = active.to(tl.float32)
                 if CLASS_WEIGHTS:
-                    # the divisor of a weighted mean: the class weights of the kept rows' targets
-                    row_count *= tl.where(is_ce[None, :], w_target, 1.0)
-                kept = tl.where(first == 1, tl.sum(row_count, axis=0), 0.0)  # a task's count, at its first slot
-                _add_per_slot(count_ptr + part_slots, count_ptr + task, kept, slot_ok & (first == 1), revisit, PARTIALS)
+                    # the divisor of a weighted mean: the class weights of the kept rows' targets, at
+                    # the task's first slot (in partials: a sum in any order need not be exact)
+                    row_weight = tl.where(active, tl.where(is_ce[None, :], w_target, 1.0), 0.0)
+                    kept = tl.where(first == 1, tl.sum(row_weight, axis=0), 0.0)
+                    _add_per_slot(count_ptr + part_slots, count_ptr + task, kept, slot_ok & (first == 1), revisit,
+                                  PARTIALS)  # fmt: skip
+                else:  # whole numbers, exact in fp32 in any order: atomics keep it deterministic
+                    kept = tl.sum(active.to(tl.float32), axis=0)
+                    tl.atomic_add(count_ptr + task, kept, mask=slot_ok & (first == 1), sem="relaxed")
                 _add_per_slot(loss_ptr + part_slots, loss_ptr + task, slot_loss, slot_ok, revisit, PARTIALS)
             group_first_slot += tl.sum(slot_ok.to(tl.int32), axis=0)
         if PARTIALS:
@@ -576,9 +584,9 @@ def launch_small_heads(
     ``launch.partial_programs > 0`` at most that many persistent programs run, each owning
     partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the first
     rows of those, one per program launched, are written. Forward passes ``loss`` and
-    ``count`` (both partials then); backward the rest (``grad_*`` and ``dh_acc`` only with
-    ``write_dh``; ``dh_acc`` only with several groups or ``has_dh_init``); a buffer a launch does
-    not use is None.
+    ``count`` (partials then, ``count`` only with class weights); backward the rest (``grad_*``
+    and ``dh_acc`` only with ``write_dh``; ``dh_acc`` only with several groups or
+    ``has_dh_init``); a buffer a launch does not use is None.
 
     The launch's first call works out its variant, options and program count and keeps them
     with the ints it passes (strides, sizes): later calls with ``launch`` only gather the

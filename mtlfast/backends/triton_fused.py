@@ -585,18 +585,20 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     plan = step.small
     if plan is not None:
         programs = step.forward_launch.partial_programs
-        if programs:  # per-slot partial loss sums and counts, summed here in a fixed order
-            partials = alloc_output((2, programs, plan.n_groups * plan.block_c), torch.float32, device)
-            loss, count = partials.unbind(0)
-        else:
-            loss, count = sums, counts
+        loss, count = sums, counts
+        if programs:  # per-slot partial loss sums and class-weighted counts, summed here in a fixed order
+            partials = alloc_output((1 + plan.class_weights, programs, plan.n_groups * plan.block_c), torch.float32,
+                                    device)  # fmt: skip
+            loss, count = partials[0], partials[-1] if plan.class_weights else counts
         launched = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, loss=loss, count=count,
         )  # fmt: skip
-        if programs:  # the kept sums and counts stay zero
-            sums, counts = (partials[:, :launched].sum(dim=1, dtype=torch.float64) @ plan.slot_to_task).to(
-                torch.float32).unbind(0)  # fmt: skip
+        if programs:  # the kept sums (and with class weights counts) stay zero
+            totals = (partials[:, :launched].sum(dim=1, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
+            sums = totals[0]
+            if plan.class_weights:
+                counts = totals[1]
     saved_large = []
     for i in large:
         head = heads[i]

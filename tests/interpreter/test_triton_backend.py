@@ -165,12 +165,14 @@ def test_levels_kept_apart_where_that_saves_work():
     assert not triton_fused._splits_levels(wide_sequence, 512)  # the token group would be as wide
 
 
-def test_partials_hold_only_used_slots(monkeypatch):
+@pytest.mark.parametrize("class_weights", [None, (0.5, 2.0, 1.5)], ids=["counts", "class-weights"])
+def test_partials_hold_only_used_slots(monkeypatch, class_weights):
     """The deterministic partial dW rows: one per used slot (the 18 columns of two 16-slot
     groups, the sequence tasks' apart from the token tasks'; padding slots have none), all
     written by each launched program (its first block starts them: the sequence group's at
     zero where that block holds no sequence row and skips the group), and so are forward's
-    partial loss sums and counts; the gradients match."""
+    partial loss sums and, with class weights (weighted divisors: not exact in any order),
+    counts; the gradients match."""
     buffers = []
 
     def poisoned(shape, dtype, device):
@@ -179,7 +181,7 @@ def test_partials_hold_only_used_slots(monkeypatch):
         return buffer
 
     monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
-    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
+    tasks = [Task("cls", 3, "cross_entropy", class_weights=class_weights), Task("ner", 9, "cross_entropy", level="token"),
              Task("score", 1, "mse"), Task("tags", 5, "bce", level="token")]  # fmt: skip
     from mtlfast.task import TaskLayout
 
@@ -194,9 +196,10 @@ def test_partials_hold_only_used_slots(monkeypatch):
     assert launched.sum() > 1
     assert (written[launched].sum(dim=1) == used).all(), written.sum(dim=1)
     assert not partial_dw[written].isnan().any()
-    # forward's loss sums and counts [2, programs, padded slots]: every slot of the launched
-    # programs (the same count) is written, the sequence group's at zero where skipped
-    (partial_loss,) = [b for b in buffers if b.shape == (2, partial_dw.shape[0], padded)]
+    # forward's loss sums (and counts) [1 or 2, programs, padded slots]: every slot of the
+    # launched programs (the same count) is written, the sequence group's at zero where skipped
+    rows = 1 if class_weights is None else 2
+    (partial_loss,) = [b for b in buffers if b.shape == (rows, partial_dw.shape[0], padded)]
     assert not partial_loss[:, launched].isnan().any() and partial_loss[:, ~launched].isnan().all()
 
 
