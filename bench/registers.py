@@ -1,12 +1,13 @@
-"""``python -m mtlfast.bench.registers [--target sm90] [--compute bf16] [--generic] [--levels-apart]``: the
-registers, stack (register spills) and shared memory a thread block of the small-heads kernel
-takes with each autotuning candidate, in each direction, and how many such programs, so how
-many rows, an SM holds at once. Compiled ahead of time (no GPU needed) as the launcher
-specializes a workload with bf16 rows, D and row strides multiples of 16 (``--generic``: as
-tests/test_kernels_compile.py checks spills, with nothing known to be aligned), and read from
-the cubin with the cuobjdump that ships with triton. The candidates were chosen with triton
-3.6 and 3.8; older versions allocate registers differently. The compile helpers serve
-tests/test_kernels_compile.py too.
+"""``python -m mtlfast.bench.registers [--target sm90] [--compute bf16] [--generic] [--atomics]
+[--levels-apart] [--every-candidate]``: the registers, stack (register spills) and shared
+memory a thread block of the small-heads kernel takes with each autotuning candidate, in each
+direction, and how many such programs, so how many rows, an SM holds at once. Compiled ahead
+of time (no GPU needed) as the launcher specializes a workload with bf16 rows, D and row
+strides multiples of 16 (``--generic``: as tests/test_kernels_compile.py checks spills, with
+nothing known to be aligned), and read from the cubin with the cuobjdump that ships with
+triton. The candidates were chosen with triton 3.6 and 3.8 (3.6 leaves out those it spills
+with; ``--every-candidate`` shows them); older versions allocate registers differently. The
+compile helpers serve tests/test_kernels_compile.py too.
 """
 
 from __future__ import annotations
@@ -171,21 +172,25 @@ def main() -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), action="append", help="default: sm80 and sm90")
     parser.add_argument("--compute", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--generic", action="store_true", help="nothing known to be aligned, as the spill tests compile")
+    parser.add_argument("--atomics", action="store_true", help="float atomics, not deterministic partials")
+    parser.add_argument("--every-candidate", action="store_true",
+                        help="those this triton leaves out for spilling too (small_heads.SPILL_BEFORE_TRITON_3_8)")
     parser.add_argument("--levels-apart", action="store_true",
                         help="the variant of a plan that keeps the sequence tasks' groups apart (bert-base-4task's); "
                              "by default backward starts from other paths' dH (a vocabulary head's)")  # fmt: skip
     args = parser.parse_args()
     compute = "*" + args.compute
-    print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}"
-          f"{', levels apart' if args.levels_apart else ''}")  # fmt: skip
+    print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}, "
+          f"{'atomics' if args.atomics else 'partials'}{', levels apart' if args.levels_apart else ''}"
+          f"{', every candidate' if args.every_candidate else ''}")  # fmt: skip
     print("target width direction (BLOCK_M, BLOCK_K, warps, stages[, BLOCK_K_LOGITS]) registers stack shared programs/SM "
           "rows/SM")
     for target in args.target or sorted(TARGETS):
         for block_c in small_heads.SHAPES_BY_BLOCK_C:
             for backward in (False, True):
-                for config in small_heads.configs_for(block_c, backward):
+                for config in small_heads.configs_for(block_c, backward, args.every_candidate):
                     kernel = small_heads_as_launched(target, compute, block_c, config, backward, fits=False,
-                                                     aligned=not args.generic,
+                                                     aligned=not args.generic, partials=not args.atomics,
                                                      levels_apart=args.levels_apart)  # fmt: skip
                     registers, stack = resource_usage(kernel)
                     shared = kernel.metadata.shared

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import TRITON_VERSION
 from .launcher import DirectLauncher, cdiv
 from .tiling import KEEP_TUNING, TUNING, logits_tile, rows_bucket, softcapped
 
@@ -457,6 +458,17 @@ SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
          (32, 32, 8, 2, 128), (16, 32, 8, 2, 256)],
     128: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 8, 4), (16, 16, 4, 2), (16, 16, 8, 2, 64)],
 }
+# Candidates that triton before 3.8 compiles with spills, left out there, by (BLOCK_C,
+# backward). Triton 3.6 (torch 2.11's, the GPU hosts') gives them 40-240 bytes of stack a
+# thread on sm_80 or sm_90 in either mode, in the generic compile of the spill checks, where
+# 3.8 keeps every candidate within 32 bytes (bench/results/cpu-2core_2026-12-06_small-heads-
+# stack-triton3.6-vs-3.8.txt). The checks run on the installed triton's list.
+SPILL_BEFORE_TRITON_3_8: dict[tuple[int, bool], tuple[tuple[int, ...], ...]] = {
+    (64, False): ((32, 16, 4, 2), (16, 32, 8, 2, 256), (64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)),
+    (64, True): ((16, 64, 8, 3), (32, 16, 4, 2), (32, 32, 8, 2, 128), (16, 32, 8, 2, 256)),
+    (128, False): ((32, 32, 8, 2),),
+    (128, True): ((16, 32, 8, 4), (16, 16, 8, 2, 64)),
+}
 # Candidates for the forward alone, which holds no dlogits, dH or dW tiles: twice the rows of
 # the width's first candidate in one program, or at width 64 in two 4-warp programs per SM
 # ((32, 32, 4, 2): 232 registers as launched), where the backward spills (bf16, generic
@@ -476,15 +488,19 @@ def _config(shape: tuple[int, ...]) -> triton.Config:
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def shapes_for(block_c: int, backward: bool) -> list[tuple[int, ...]]:
+def shapes_for(block_c: int, backward: bool, every_triton: bool = False) -> list[tuple[int, ...]]:
     """The candidates of one head-group width and direction, the untuned one first: the
-    width's candidates, and in forward its forward-only ones after them."""
-    return SHAPES_BY_BLOCK_C[block_c] + ([] if backward else FORWARD_SHAPES_BY_BLOCK_C.get(block_c, []))
+    width's candidates, and in forward its forward-only ones after them; those the installed
+    triton spills with left out, unless ``every_triton``."""
+    shapes = SHAPES_BY_BLOCK_C[block_c] + ([] if backward else FORWARD_SHAPES_BY_BLOCK_C.get(block_c, []))
+    if every_triton or TRITON_VERSION >= (3, 8):
+        return shapes
+    return [shape for shape in shapes if shape not in SPILL_BEFORE_TRITON_3_8.get((block_c, backward), ())]
 
 
-def configs_for(block_c: int, backward: bool) -> list[triton.Config]:
+def configs_for(block_c: int, backward: bool, every_triton: bool = False) -> list[triton.Config]:
     """:func:`shapes_for` as autotuning configurations."""
-    return [_config(shape) for shape in shapes_for(block_c, backward)]
+    return [_config(shape) for shape in shapes_for(block_c, backward, every_triton)]
 
 
 def _shape_of(kwargs: dict, num_warps: int, num_stages: int) -> tuple[int, ...]:

@@ -198,9 +198,9 @@ def candidate_id(candidate: tuple[int, tuple[int, ...]]) -> str:
 def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...], device: str,
                               dtype: torch.dtype, atomics: bool, autocast: bool = False):  # fmt: skip
     """Runs a random case of width ``block_c`` on the triton backend with the small-heads kernel
-    in the configuration ``shape`` alone, in both directions (a forward-only one too: which
-    direction takes a shape is a matter of spills, not of results; untuned, and every kept
-    launch and step forgotten),
+    in the configuration ``shape`` alone, in both directions (a forward-only one too, and one
+    that an older triton leaves out of one direction: which direction takes a shape is a
+    matter of spills, not of results; untuned, and every kept launch and step forgotten),
     its dW/db through float atomics (``atomics``) or deterministic partials, the groups of each
     level apart or together (at random; see ``triton_fused._splits_levels``); returns the case and
     :func:`run_heads`' outputs."""
@@ -210,6 +210,7 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
 
     monkeypatch.setitem(small_heads.SHAPES_BY_BLOCK_C, block_c, [shape])
     monkeypatch.setitem(small_heads.FORWARD_SHAPES_BY_BLOCK_C, block_c, [])
+    monkeypatch.setattr(small_heads, "SPILL_BEFORE_TRITON_3_8", {})
     monkeypatch.setattr(small_heads, "TUNING", False)
     monkeypatch.setattr(small_heads, "_TUNED", {})
     monkeypatch.setattr(small_heads, "_PREPARED", {})

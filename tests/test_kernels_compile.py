@@ -92,6 +92,22 @@ def test_small_heads_candidates_compile_without_spills(candidates_compiled_on_ev
     assert stack <= (0 if n == 0 else 32), (registers, stack)
 
 
+def test_older_tritons_leave_out_the_candidates_they_spill_with(monkeypatch):
+    """Triton before 3.8 tunes over every candidate but those named in
+    ``SPILL_BEFORE_TRITON_3_8``, each a candidate of its width and direction and never the
+    untuned first one; 3.8 keeps them all."""
+    spilling = small_heads.SPILL_BEFORE_TRITON_3_8
+    for version, left_out in [((3, 6), spilling), ((3, 8), {})]:
+        monkeypatch.setattr(small_heads, "TRITON_VERSION", version)
+        for block_c in small_heads.SHAPES_BY_BLOCK_C:
+            for backward in (False, True):
+                every = small_heads.shapes_for(block_c, backward, every_triton=True)
+                named = left_out.get((block_c, backward), ())
+                assert set(named) <= set(every[1:]), (block_c, backward, named)
+                assert small_heads.shapes_for(block_c, backward) == [s for s in every if s not in named]
+    assert sum(map(len, spilling.values())) > 0
+
+
 def _compile_reduce(target: str, accumulate: bool):
     pointers = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "slot_row_ptr": "*i32", "slot_index_ptr": "*i32",
                 "dw_ptr": "*fp32", "db_ptr": "*fp32"}  # fmt: skip
