@@ -607,7 +607,8 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
     (views and allocations aside) for 4 and 40 small heads of random losses, levels and options
     (class and positive weights, smoothing, softcaps, z-losses), with an attention mask and
     uncertainty weighting: nothing is worked out per task, not even class-weighted divisors
-    (the kernel sums them, in partials when deterministic)."""
+    (the kernel sums them, in partials when deterministic). Both levels are always present
+    (a token task brings the mask's own ops), with a class-weighted head each."""
     from mtlfast.kernels import launcher
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -634,8 +635,9 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
         rng = random.Random(fresh_seed())
         tasks = [random_task(rng, f"t{k}", rng.randint(2, 9), rng.choice(["cross_entropy", "bce", "mse"]),
                              rng.choice(["sequence", "token"]))
-                 for k in range(1, num_tasks)]  # fmt: skip
-        tasks.append(Task("t0", 5, "cross_entropy", class_weights=(0.5, 2.0, 1.0, 0.0, 3.0)))
+                 for k in range(2, num_tasks)]  # fmt: skip
+        tasks += [Task("t0", 5, "cross_entropy", class_weights=(0.5, 2.0, 1.0, 0.0, 3.0)),
+                  Task("t1", 3, "cross_entropy", level="token", class_weights=(1.5, 0.25, 2.0))]  # fmt: skip
         case = random_case(tasks=tasks, shape=(2, 5, 12), allow_extras=False)
         case.weighting = "uncertainty"
         case.log_vars = torch.randn(num_tasks) * 0.5
