@@ -32,7 +32,8 @@ try:  # triton < 3.3 describes argument properties with a class, later ones with
 except ImportError:
     AttrsDescriptor = None
 
-# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI).
+# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI); 3.6
+# leaves out those it spills with (small_heads.SPILL_BEFORE_TRITON_3_8).
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 # Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
 # (sm_70) and T4 (sm_75).

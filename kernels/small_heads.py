@@ -424,32 +424,33 @@ def small_heads_reduce_kernel(
 
 
 # Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages[,
-# BLOCK_K_LOGITS]), the logits loop stepping BLOCK_K unless a fifth is given; the first
-# runs untuned (MTLFAST_AUTOTUNE=0, the interpreter). The kernel holds a dozen
-# [BLOCK_M, BLOCK_C] tiles at once, so wide heads take short row blocks over more warps: each
-# candidate compiles for sm_80 and sm_90 with (almost) no register spills, which
-# tests/test_kernels_compile.py checks. The untuned first ones spill nothing and fit sm_80's
-# shared memory. With fp32 rows (under autocast) or class weights some candidates spill a
-# little; each width keeps at least one that does not, for the autotuner to find (at 128,
-# without pipelining: triton 3.6 on sm_80 spills with class weights otherwise). At 64 (the
-# width of bert-base-4task's 33 outputs) the forward took 98 us on an H200 for ~4 waves of
-# 32-row blocks, ~1 us per step of its 24-step K-loop: a memory latency each, at one program
-# per SM (~210 registers a thread). The deeper-pipelined candidates keep more loads in flight,
-# or take fewer, wider K steps (added after that run; not yet timed). Widths 32 and 128 got
-# a 4-stage candidate each later, also not yet timed. What counts is rows in flight per SM:
-# as launched (bf16 rows, D a multiple of 16, sm_90, triton 3.8, cuobjdump) the 8-warp firsts
-# of widths 64 and 128 take 154-196 registers a thread in both directions, one program per SM
-# (of 65536 registers), so 32 and 16 rows. The 4-warp candidates ((32, 32, 4, 2) at 32,
-# (32, 16, 4, 2) at 64, (16, 16, 4, 2) at 128) take 168-245, two programs per SM or more:
-# twice the rows in flight in backward, and in forward 1.5x at 32 and 2x at 64 and 128. Not
-# yet timed. Or the same rows move more bytes per step: the five-element candidates step the
-# logits loop (all of the forward, half of the backward) 4 to 8 times wider than their dH/dW
-# loop, whose dW and dH tiles cannot widen without spilling; at D = 768 that loop takes 3 to 6
-# steps instead of 24 (48 at width 128). As launched on sm_90, (32, 32, 8, 2, 128) at width 64
-# takes 175 registers in backward, fewer than the width's first. Not yet timed. Width 32 is
-# bert-base-4task's since its sequence tasks' group is kept apart from ner's: there the
-# 64-row (64, 16, 8, 2) holds twice the rows of the width's first in backward, one program
-# per SM each (as launched on sm_90: 225 registers against 174). Not yet timed.
+# BLOCK_K_LOGITS]), the logits loop stepping BLOCK_K unless a fifth is given; the first runs
+# untuned (MTLFAST_AUTOTUNE=0, the interpreter). The kernel holds a dozen [BLOCK_M, BLOCK_C]
+# tiles at once, so wide heads take short row blocks over more warps: each candidate compiles
+# for sm_80 and sm_90 with (almost) no register spills (with triton 3.8; older ones leave out
+# SPILL_BEFORE_TRITON_3_8), which tests/test_kernels_compile.py checks. The untuned first
+# ones spill nothing and fit sm_80's shared memory. With fp32 rows (under autocast) or class
+# weights some candidates spill a little; each width keeps at least one that does not, for
+# the autotuner to find (at 128, without pipelining: triton 3.6 on sm_80 spills with class
+# weights otherwise). At 64 (the width of bert-base-4task's 33 outputs) the forward took 98
+# us on an H200 for ~4 waves of 32-row blocks, ~1 us per step of its 24-step K-loop: a memory
+# latency each, at one program per SM (~210 registers a thread). The deeper-pipelined
+# candidates keep more loads in flight, or take fewer, wider K steps (added after that run;
+# not yet timed). Widths 32 and 128 got a 4-stage candidate each later, also not yet timed.
+# What counts is rows in flight per SM: as launched (bf16 rows, D a multiple of 16, sm_90,
+# triton 3.8, cuobjdump) the 8-warp firsts of widths 64 and 128 take 154-196 registers a
+# thread in both directions, one program per SM (of 65536 registers), so 32 and 16 rows. The
+# 4-warp candidates ((32, 32, 4, 2) at 32, (32, 16, 4, 2) at 64, (16, 16, 4, 2) at 128) take
+# 168-245, two programs per SM or more: twice the rows in flight in backward, and in forward
+# 1.5x at 32 and 2x at 64 and 128. Not yet timed. Or the same rows move more bytes per step:
+# the five-element candidates step the logits loop (all of the forward, half of the backward)
+# 4 to 8 times wider than their dH/dW loop, whose dW and dH tiles cannot widen without
+# spilling; at D = 768 that loop takes 3 to 6 steps instead of 24 (48 at width 128). As
+# launched on sm_90, (32, 32, 8, 2, 128) at width 64 takes 175 registers in backward, fewer
+# than the width's first. Not yet timed. Width 32 is bert-base-4task's since its sequence
+# tasks' group is kept apart from ner's: there the 64-row (64, 16, 8, 2) holds twice the rows
+# of the width's first in backward, one program per SM each (as launched on sm_90: 225
+# registers against 174). Not yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2, 128)],
     32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256),

@@ -587,9 +587,11 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
         programs = step.forward_launch.partial_programs
         loss, count = sums, counts
         if programs:  # per-slot partial loss sums and class-weighted counts, summed here in a fixed order
-            partials = alloc_output((1 + plan.class_weights, programs, plan.n_groups * plan.block_c), torch.float32,
-                                    device)  # fmt: skip
-            loss, count = partials[0], partials[-1] if plan.class_weights else counts
+            rows = 2 if plan.class_weights else 1
+            partials = alloc_output((rows, programs, plan.n_groups * plan.block_c), torch.float32, device)
+            loss = partials[0]
+            if plan.class_weights:
+                count = partials[1]
         launched = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, loss=loss, count=count,

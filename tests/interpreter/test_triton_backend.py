@@ -641,14 +641,14 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
         case = random_case(tasks=tasks, shape=(2, 5, 12), allow_extras=False)
         case.weighting = "uncertainty"
         case.log_vars = torch.randn(num_tasks) * 0.5
-        mask = (torch.rand(2, 5) > 0.3).long()
+        case.attention_mask = (torch.rand(2, 5) > 0.3).long()
         heads = make_heads(case, "triton", validate=False, deterministic=deterministic)
         hidden = case.hidden.clone().requires_grad_(True)
 
         def step():
             heads.zero_grad(set_to_none=True)
             hidden.grad = None
-            out = heads(hidden, case.labels, attention_mask=mask)
+            out = heads(hidden, case.labels, attention_mask=case.attention_mask)
             out.loss.backward()
             return out
 
@@ -658,7 +658,6 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
             counting[0] = True
             out = step()
             counting[0] = False
-        case.attention_mask = mask
         grads = {"hidden": hidden.grad, "weight": heads.weight.grad, "bias": heads.bias.grad,
                  "log_vars": heads.log_vars.grad}  # fmt: skip
         assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"triton/{num_tasks} tasks")
