@@ -1,10 +1,14 @@
 """Quick smoke test of the benchmark CLI (part of ``make test``): one CPU workload, two
 providers, the JSON schema and the Markdown report."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from mtlfast.bench.__main__ import main, run_one
 from mtlfast.bench.providers import PROVIDERS, make_linears, skip_reason
@@ -204,3 +208,23 @@ def test_host_time_steps_through_stand_in_launches():
     us, direct = done.stdout.split()
     # 53 steps (50 to warm up), 4 launches each, all but the first step's direct
     assert float(us) > 0 and int(direct) == 52 * 4, done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("hub_first", [False, True])
+def test_transformers_imports_from_the_root(hub_first):
+    """From the checkout's root (``python -m`` there puts it first on sys.path), transformers
+    imports the Hugging Face ``kernels`` package where it is installed, and this checkout's
+    ``kernels/`` shadows it unless :func:`import_hub_kernels_first` ran before."""
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face kernels package is not installed: nothing to shadow")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = "from mtlfast.bench import import_hub_kernels_first; import_hub_kernels_first(); " if hub_first else ""
+    code = f"import sys; sys.path.insert(0, {root!r}); {first}import transformers.integrations.hub_kernels"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if hub_first:
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:  # the shadowing this guards against is still there: the check above can fail
+        assert done.returncode != 0 and "/kernels/__init__.py" in done.stderr, done.stderr[-2000:]
