@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -53,6 +54,20 @@ def _triton_version() -> str:
     except ImportError:
         return "not installed"
     return triton.__version__
+
+
+PEERS = ("liger-kernel", "cut-cross-entropy", "transformers")
+
+
+def peer_versions() -> dict[str, str | None]:
+    """The installed version of each peer distribution the providers compare with (None: absent)."""
+    versions = {}
+    for name in PEERS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def run_one(workload, provider: str, device: str, dtype: torch.dtype, quick: bool, eager_loss, ceilings,
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "triton": _triton_version(),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "peers": peer_versions(),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m mtlfast.bench " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -113,6 +113,7 @@ if ! timed 180 install "$PY" -m pip install --no-build-isolation --no-deps -e . 
     exit 1
 fi
 "$PY" -c "from mtlfast import cuda_ext; print('CUDA extension:', cuda_ext.available())" 2>&1 | tee -a "$SUMMARY"
+"$PY" -c "from mtlfast.bench.__main__ import peer_versions; print('peers:', peer_versions())" 2>&1 | tee -a "$SUMMARY"
 pack
 
 warm_pid=

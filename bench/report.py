@@ -38,6 +38,9 @@ def markdown(doc: dict) -> str:
         f"Command: `{doc['command']}`",
         "",
     ]
+    peers = [f"{name} {version}" for name, version in doc.get("peers", {}).items() if version]
+    if peers:
+        lines += [f"Peers installed: {', '.join(peers)}.", ""]
     ceilings = doc.get("ceilings")
     for c in [ceilings] if isinstance(ceilings, dict) else ceilings or []:
         where = f" ({', '.join(c['workloads'])} run)" if c.get("workloads") else ""

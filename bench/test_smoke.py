@@ -25,6 +25,7 @@ def test_cli_writes_results(tmp_path):
     assert saved == json.loads(json.dumps(doc))
     for key in ("device", "torch", "triton", "commit", "command", "results"):
         assert key in saved
+    assert saved["peers"]["transformers"] == importlib.metadata.version("transformers")
     rows = {r["provider"]: r for r in saved["results"]}
     for provider in ("eager", "mtlfast-torch"):
         row = rows[provider]
@@ -33,6 +34,7 @@ def test_cli_writes_results(tmp_path):
     assert rows["mtlfast-torch"]["loss_rel_diff_vs_eager"] < 1e-4
     report = (tmp_path / "results.md").read_text()
     assert "| bert-base-4task-cpu | mtlfast-torch |" in report
+    assert f"transformers {saved['peers']['transformers']}" in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert os.path.exists(tmp_path / "results.png")
 
