@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from mtlfast import MultiTaskHeads, Task
 from mtlfast.backends.triton_fused import MAX_BLOCK_C
 
-from . import import_hub_kernels_first
 from .workloads import Workload
 
 StepFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
@@ -73,7 +72,6 @@ def _ce_only_provider(workload: Workload, linears, ce_loss: Callable[[Task, nn.L
 
 
 def _liger(workload, linears, dtype):
-    import_hub_kernels_first()  # liger_kernel.transformers imports transformers (0.8.5: not its model modules yet)
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     losses = {t.name: LigerFusedLinearCrossEntropyLoss(ignore_index=t.ignore_index, accum_dtype=torch.float32)

@@ -213,20 +213,17 @@ def test_host_time_steps_through_stand_in_launches():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
-@pytest.mark.parametrize("hub_first", [False, True])
-def test_transformers_imports_from_the_root(hub_first):
-    """From the checkout's root (``python -m`` there puts it first on sys.path), transformers
-    imports the Hugging Face ``kernels`` package where it is installed, and this checkout's
-    ``kernels/`` shadows it unless :func:`import_hub_kernels_first` ran before."""
+def test_transformers_imports_from_the_root():
+    """From the checkout's root (``python -m`` there puts it first on sys.path), a top-level
+    ``import kernels`` finds this checkout's ``kernels/``, which hands over to the Hugging Face
+    ``kernels`` package that transformers imports, where it is installed."""
     try:
         importlib.metadata.version("kernels")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the Hugging Face kernels package is not installed: nothing to shadow")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    first = "from mtlfast.bench import import_hub_kernels_first; import_hub_kernels_first(); " if hub_first else ""
-    code = f"import sys; sys.path.insert(0, {root!r}); {first}import transformers.integrations.hub_kernels"
+    code = (f"import sys; sys.path.insert(0, {root!r}); import kernels; print(kernels.__file__); "
+            "import transformers.integrations.hub_kernels, mtlfast.kernels.small_heads")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
-    if hub_first:
-        assert done.returncode == 0, done.stderr[-2000:]
-    else:  # the shadowing this guards against is still there: the check above can fail
-        assert done.returncode != 0 and "/kernels/__init__.py" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not done.stdout.strip().startswith(os.path.join(root, "kernels")), done.stdout

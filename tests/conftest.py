@@ -5,10 +5,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-from mtlfast.bench import import_hub_kernels_first  # noqa: E402
-
-import_hub_kernels_first()
-
 # The Triton interpreter tests need TRITON_INTERPRET=1 set before triton is imported;
 # tests/test_triton_interpreter.py runs them in a process of their own.
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreter"]
