@@ -5,9 +5,9 @@ direction, and how many such programs, so how many rows, an SM holds at once. Co
 of time (no GPU needed) as the launcher specializes a workload with bf16 rows, D and row
 strides multiples of 16 (``--generic``: as tests/test_kernels_compile.py checks spills, with
 nothing known to be aligned), and read from the cubin with the cuobjdump that ships with
-triton. The candidates were chosen with triton 3.6 and 3.8 (3.6 leaves out those it spills
-with; ``--every-candidate`` shows them); older versions allocate registers differently. The
-compile helpers serve tests/test_kernels_compile.py too.
+triton. The newer candidates were chosen with triton 3.8; a triton before 3.8 leaves out
+those it spills with (``--every-candidate`` shows them), and older ones allocate registers
+differently. The compile helpers serve tests/test_kernels_compile.py too.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ try:  # triton < 3.3 describes argument properties with a class, later ones with
 except ImportError:
     AttrsDescriptor = None
 
-# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and 3.8 (CI); 3.6
-# leaves out those it spills with (small_heads.SPILL_BEFORE_TRITON_3_8).
+# The candidates were chosen with the compilers of triton 3.6 (GPU hosts) and, the newer ones,
+# 3.8 (CI); a triton before 3.8 leaves out those it spills with (SPILL_BEFORE_TRITON_3_8).
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 # Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
 # (sm_70) and T4 (sm_75).
