@@ -14,7 +14,8 @@ group, so every task is one segment of one group) and, per group:
    smoothing, a logit softcap and a z-loss, BCE, MSE), reduced over rows into per-task loss
    sums, and the per-task counts of kept rows;
 4. backward: ``dlogits`` scaled per task, then ``dH = dlogits @ W``,
-   ``dW += dlogits^T @ H`` (fp32, products of fp32 dlogits via 3xTF32) and
+   ``dW += dlogits^T @ H`` (fp32, products of fp32 dlogits: in 16-bit computation, whose rows
+   TF32 holds exactly, two TF32 products of the dlogits' big and small parts; 3xTF32 in fp32) and
    ``db += sum(dlogits)``.
 
 Logits and dlogits never leave the chip. dH rows belong to one program: with several
@@ -50,7 +51,7 @@ import triton.language as tl
 
 from ..backends import TRITON_VERSION
 from .launcher import DirectLauncher, cdiv
-from .tiling import KEEP_TUNING, TUNING, logits_tile, rows_bucket, softcapped
+from .tiling import KEEP_TUNING, TUNING, logits_tile, rows_bucket, softcapped, tf32_split
 
 SLOT_COL, SLOT_TASK, SLOT_KIND, SLOT_LEVEL, SLOT_CLASS, SLOT_SEGMENT, SLOT_FIRST, SLOT_CLASSES, SLOT_IGNORE = range(9)
 SLOT_FIELDS = 9
@@ -317,6 +318,10 @@ def small_heads_kernel(
                 scale = tl.load(task_scale_ptr + task, mask=slot_ok, other=0.0) * tl.load(grad_out_ptr)
                 grad = tl.where(active, grad * scale[None, :], 0.0)
                 grad_lo = grad.to(DOT)
+                if PRECISION != "tf32x3":
+                    # dW's fp32 products from tf32 ones: a 16-bit row is exact in tf32, so two
+                    # products (grad's big and small parts) do what tf32x3's three do for fp32 rows.
+                    grad_t_big, grad_t_small = tf32_split(tl.trans(grad))
                 _add_per_slot(db_ptr + part_slots, db_ptr + w_rows, tl.sum(grad, axis=0), slot_ok, revisit, PARTIALS)
                 # dW moves only for the slots some row of this block counts for (a sequence
                 # task's slots have none in most token blocks), and on a program's first block
@@ -344,7 +349,12 @@ def small_heads_kernel(
                         else:
                             tl.store(acc_ptrs, dh, mask=out_mask)
                     h = tl.load(h_row_ptrs[:, None] + (k0 + ks)[None, :] * stride_k, mask=out_mask, other=0.0)
-                    dw = tl.dot(tl.trans(grad), h.to(DOT).to(tl.float32), input_precision="tf32x3")
+                    if PRECISION == "tf32x3":
+                        dw = tl.dot(tl.trans(grad), h.to(tl.float32), input_precision="tf32x3")
+                    else:
+                        h_exact = h.to(DOT).to(tl.float32)
+                        dw = tl.dot(grad_t_small, h_exact, input_precision="tf32")
+                        dw = tl.dot(grad_t_big, h_exact, dw, input_precision="tf32")
                     dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
                         dw_rows = pid * n_used_slots + group_first_slot + slots  # padding: masked

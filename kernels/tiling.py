@@ -50,3 +50,14 @@ def softcapped(x, softcap):
     triton and its interpreter have)."""
     t = 2.0 * tl.sigmoid(x * (2.0 / softcap)) - 1.0
     return softcap * t, t
+
+
+@triton.jit
+def tf32_split(x):
+    """fp32 ``x`` as ``(big, small)``, both with their 13 low mantissa bits zero, so exact as
+    tf32 operands: ``big`` is ``x`` truncated, ``small`` the rest of it truncated; their sum is off
+    ``x`` by less than 2^-20 of ``|x|``, or 2^-136 where the rest is subnormal. An infinite ``x``
+    keeps ``small`` at 0 (not inf - inf)."""
+    big = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    small = ((x - big).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return big, tl.where(big == x, 0.0, small)

@@ -10,6 +10,9 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from mtlfast.kernels.tiling import tf32_split
 from oracle import (
     TOLERANCE,
     assert_matches_oracle,
@@ -237,6 +240,39 @@ def test_reduce_partials_sums_the_launched_programs_in_order(accumulate):
     others = torch.ones(packed_rows, dtype=torch.bool)
     others[rows] = False
     assert torch.equal(grad_weight[others], old_weight[others]) and torch.equal(grad_bias[others], old_bias[others])
+
+
+@triton.jit
+def _split_kernel(x_ptr, big_ptr, small_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    big, small = tf32_split(tl.load(x_ptr + offsets, mask=offsets < n, other=0.0))
+    tl.store(big_ptr + offsets, big, mask=offsets < n)
+    tl.store(small_ptr + offsets, small, mask=offsets < n)
+
+
+def test_tf32_split_pieces_are_exact_in_tf32():
+    """kernels.tiling.tf32_split against float64 on values over the whole fp32 range (zero,
+    subnormals, the largest, infinities, a NaN): both pieces have their 13 low mantissa bits
+    zero, and their sum is within 2^-20 of the value (2^-136 where the rest is subnormal); an
+    infinity splits into itself and 0."""
+    generator = torch.Generator().manual_seed(fresh_seed())
+    exponents = torch.randint(-149, 128, (200,), generator=generator).double()
+    values = torch.randn(200, generator=generator, dtype=torch.float64).sign() * torch.rand(200, generator=generator,
+                                                                                        dtype=torch.float64).add(1)
+    special = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-140), torch.finfo(torch.float32).max, float("inf"),
+                            -float("inf"), float("nan")], dtype=torch.float64)  # fmt: skip
+    x = torch.cat([(values * exponents.exp2()).float(), special.float()])
+    big, small = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    _split_kernel[(1,)](x, big, small, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+
+    finite = x.isfinite()
+    for piece in (big, small):
+        assert not (piece[finite].view(torch.int32) & 0x1FFF).any()
+    error = (big[finite].double() + small[finite].double() - x[finite].double()).abs()
+    assert (error <= (x[finite].double().abs() * 2.0**-20).clamp(min=2.0**-136)).all()
+    infinite = x.isinf()
+    assert torch.equal(big[infinite], x[infinite]) and not small[infinite].any()
+    assert big[x.isnan()].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
