@@ -448,19 +448,19 @@ def small_heads_reduce_kernel(
 # candidates keep more loads in flight, or take fewer, wider K steps (added after that run;
 # not yet timed). Widths 32 and 128 got a 4-stage candidate each later, also not yet timed.
 # What counts is rows in flight per SM: as launched (bf16 rows, D a multiple of 16, sm_90,
-# triton 3.8, cuobjdump) the 8-warp firsts of widths 64 and 128 take 154-196 registers a
+# triton 3.8, cuobjdump) the 8-warp firsts of widths 64 and 128 take 154-192 registers a
 # thread in both directions, one program per SM (of 65536 registers), so 32 and 16 rows. The
 # 4-warp candidates ((32, 32, 4, 2) at 32, (32, 16, 4, 2) at 64, (16, 16, 4, 2) at 128) take
-# 168-245, two programs per SM or more: twice the rows in flight in backward, and in forward
+# 168-230, two programs per SM or more: twice the rows in flight in backward, and in forward
 # 1.5x at 32 and 2x at 64 and 128. Not yet timed. Or the same rows move more bytes per step:
 # the five-element candidates step the logits loop (all of the forward, half of the backward)
 # 4 to 8 times wider than their dH/dW loop, whose dW and dH tiles cannot widen without
 # spilling; at D = 768 that loop takes 3 to 6 steps instead of 24 (48 at width 128). As
-# launched on sm_90, (32, 32, 8, 2, 128) at width 64 takes 175 registers in backward, fewer
+# launched on sm_90, (32, 32, 8, 2, 128) at width 64 takes 171 registers in backward, fewer
 # than the width's first. Not yet timed. Width 32 is bert-base-4task's since its sequence
 # tasks' group is kept apart from ner's: there the 64-row (64, 16, 8, 2) holds twice the rows
-# of the width's first in backward, one program per SM each (as launched on sm_90: 225
-# registers against 174). Not yet timed.
+# of the width's first in backward, one program per SM each (as launched on sm_90: 184
+# registers against 162). Not yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2, 128)],
     32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256),
