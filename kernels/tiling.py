@@ -1,4 +1,4 @@
-"""Shared pieces of the kernels: the logits tile, the logit softcap and when to autotune."""
+"""Shared pieces of the kernels: the logits tile, the logit softcap, the TF32 split and when to autotune."""
 
 from __future__ import annotations
 
