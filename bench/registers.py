@@ -87,12 +87,14 @@ def small_heads_constexprs(config, block_c: int, backward: bool, partials: bool,
                            levels_apart: bool = False) -> dict:  # fmt: skip
     """``capped``: some task has a softcap and some a z-loss. Backward writes dH with the fp32
     scratch, with partials starting from other paths' dH; with ``levels_apart`` (the sequence
-    tasks' groups apart, bert-base-4task's plan) from nothing, the scratch a row per sequence row."""
+    tasks' groups apart, bert-base-4task's plan) from nothing, the scratch a row per sequence row,
+    and with partials the sequence groups' dW rows by row block."""
     write_dh = backward and write_dh
     return dict(config.kwargs, BLOCK_C=block_c, SLOT_FIELDS=small_heads.SLOT_FIELDS,
                 SLOT_FLT_FIELDS=small_heads.SLOT_FLT_FIELDS, BACKWARD=backward,
                 PARTIALS=partials, HAS_MASK=True, WRITE_DH=write_dh, HAS_DH_INIT=write_dh and partials and not levels_apart,
                 USE_DH_ACC=write_dh, SPLIT_LEVELS=levels_apart, DH_ACC_BY_SEQ_ROW=write_dh and levels_apart,
+                SEQ_DW_BY_BLOCK=backward and partials and levels_apart,
                 DOT=DOT_TYPES[compute], PRECISION="tf32x3" if compute == "*fp32" else "ieee",
                 CLASS_WEIGHTS=class_weights, SOFTCAP=capped, Z_LOSS=capped)  # fmt: skip
 

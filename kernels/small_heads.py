@@ -27,7 +27,9 @@ sequence row and one the other rows share, which only ever holds zeros.
 Where the plan keeps the levels apart (``SPLIT_LEVELS``: the sequence tasks' groups first,
 the token tasks' after), a hidden row block without a sequence row skips the sequence
 groups (pooled blocks, few, walk every group): with a few narrow sequence heads beside a
-token head, most blocks walk one narrow group instead of one wide one.
+token head, most blocks walk one narrow group instead of one wide one. In backward the
+sequence groups' partial dW rows are then the blocks' that walk them, where there are fewer
+such blocks than programs (``SEQ_DW_BY_BLOCK``), not every program's.
 
 Slot table: int32 ``[G, SLOT_FIELDS, BLOCK_C]``, one column per slot (``SLOT_COL`` -1
 marks padding; a group's used slots come first, and the used slots of all groups, numbered
@@ -44,6 +46,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -89,12 +92,23 @@ def _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, BL
 
 
 @triton.jit
+def _sequence_block(block, n_blocks_hidden, seq_stride, BLOCK_M: tl.constexpr):
+    """The number of a row block that walks the sequence groups (with the levels apart) among
+    those that do, in order (:func:`sequence_blocks` counts them): with sequence rows every
+    ``seq_stride`` hidden rows, the sequence rows before the block where no block holds two
+    (``seq_stride >= BLOCK_M``), else the block's own (every block before it holds one); a
+    pooled block's number among the pooled ones (the hidden rows then hold none)."""
+    hidden_number = tl.where(seq_stride >= BLOCK_M, tl.cdiv(block * BLOCK_M, tl.maximum(seq_stride, 1)), block)
+    return tl.where(block >= n_blocks_hidden, block - n_blocks_hidden, hidden_number)
+
+
+@triton.jit
 def _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots, n_seq_slots,
-                            D, BACKWARD: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_K: tl.constexpr):  # fmt: skip
+                            D, BACKWARD: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, SEQ_DW_BY_BLOCK: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Zeroes this program's partials of the sequence groups, which its first row block skips:
-    their per-slot loss sums and, with ``CLASS_WEIGHTS``, counts (forward) or db, and their used
-    slots' dW rows (the first ``n_seq_slots`` of the program's)."""
+    their per-slot loss sums and, with ``CLASS_WEIGHTS``, counts (forward) or db, and unless
+    ``SEQ_DW_BY_BLOCK`` their used slots' dW rows (the first ``n_seq_slots`` of the program's)."""
     slots = tl.arange(0, BLOCK_C)
     for group in range(0, n_seq_groups):
         part_slots = (pid * n_groups + group) * BLOCK_C + slots
@@ -104,7 +118,7 @@ def _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, 
             tl.store(loss_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
             if CLASS_WEIGHTS:
                 tl.store(count_ptr + part_slots, tl.zeros((BLOCK_C,), dtype=tl.float32))
-    if BACKWARD:
+    if BACKWARD and not SEQ_DW_BY_BLOCK:
         ks = tl.arange(0, BLOCK_K)
         for slot0 in range(0, n_seq_slots, BLOCK_C):
             rows = (pid * n_used_slots + slot0 + slots).to(tl.int64)
@@ -120,12 +134,12 @@ def small_heads_kernel(
     dh_ptr, dp_ptr, dh_acc_ptr, dw_ptr, db_ptr,
     slot_int_ptr, slot_flt_ptr, group_segments_ptr,
     stride_hn, stride_hd, n_hidden_rows, stride_pn, stride_pd, n_pooled_rows, seq_stride,
-    stride_wc, stride_wd, D, n_groups, n_seq_groups, n_seq_slots, n_used_slots, stride_dhn, stride_dpn,
+    stride_wc, stride_wd, D, n_groups, n_seq_groups, n_seq_slots, n_used_slots, n_seq_dw_rows, stride_dhn, stride_dpn,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_LOGITS: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
     HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr,
-    SPLIT_LEVELS: tl.constexpr, DH_ACC_BY_SEQ_ROW: tl.constexpr, DOT: tl.constexpr,
+    SPLIT_LEVELS: tl.constexpr, DH_ACC_BY_SEQ_ROW: tl.constexpr, SEQ_DW_BY_BLOCK: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
 ):  # fmt: skip
     """Forward (``BACKWARD=False``): adds per-task loss sums into ``loss_ptr`` and the divisors
@@ -148,7 +162,11 @@ def small_heads_kernel(
     (stored unmasked: masks there cost registers), stores them at its first row block (or zeroes
     them first, for the groups that block skips) and adds with plain loads and stores after that,
     so they need no zeroing beforehand; otherwise float atomics add into ``[T]``, ``[sum C, D]``
-    and ``[sum C]``. Counts of rows are whole numbers, exact in any order: without
+    and ``[sum C]``. With ``SEQ_DW_BY_BLOCK`` (the levels apart) the sequence groups' dW rows
+    are the row blocks' instead of the programs': ``dw_ptr`` is ``[n_seq_dw_rows + programs * (U
+    - n_seq_slots), D]``, first ``n_seq_slots`` rows for each block that walks the sequence groups
+    (numbered by :func:`_sequence_block`; each stores its rows once), then the programs' rows of
+    the other slots. Counts of rows are whole numbers, exact in any order: without
     ``CLASS_WEIGHTS`` atomics add them into ``[T]`` in either mode. Either way a slot adds to dW
     only in blocks with a row that counts for it. Without ``WRITE_DH`` backward skips dH (no
     gradient is needed for the rows: a frozen encoder). With ``USE_DH_ACC`` the fp32 scratch
@@ -164,7 +182,8 @@ def small_heads_kernel(
     if SPLIT_LEVELS and PARTIALS:
         if _skips_sequence_groups(pid, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M):
             _zero_sequence_partials(loss_ptr, count_ptr, db_ptr, dw_ptr, pid, n_groups, n_seq_groups, n_used_slots,
-                                    n_seq_slots, D, BACKWARD, CLASS_WEIGHTS, BLOCK_C, BLOCK_K)  # fmt: skip
+                                    n_seq_slots, D, BACKWARD, CLASS_WEIGHTS, SEQ_DW_BY_BLOCK, BLOCK_C,
+                                    BLOCK_K)  # fmt: skip
     slots = tl.arange(0, BLOCK_C)
     ks = tl.arange(0, BLOCK_K)
     for block in range(pid, n_blocks_total, programs):
@@ -205,8 +224,8 @@ def small_heads_kernel(
         # The block walks the groups from g_begin on. With SPLIT_LEVELS the sequence groups come
         # first and the token groups after, and a hidden block without a sequence row walks the
         # token groups alone (the partials of the sequence groups its program's first block skips
-        # were zeroed above). group_first_slot: the number of the group's first slot among the
-        # used slots.
+        # were zeroed above, and their dW rows unless those are the blocks'). group_first_slot: the
+        # number of the group's first slot among the used slots.
         if SPLIT_LEVELS:
             skips = _skips_sequence_groups(block, n_blocks_hidden, n_hidden_rows, seq_stride, BLOCK_M)
             g_begin = tl.where(skips, n_seq_groups, 0)
@@ -327,7 +346,19 @@ def small_heads_kernel(
                 # task's slots have none in most token blocks), and on a program's first block
                 # for every slot, to start its partial rows; padding slots never move.
                 slot_live = slot_ok & (tl.max(active.to(tl.int32), axis=0) > 0)
-                dw_slots = slot_live | (slot_ok & (block == pid)) if PARTIALS else slot_live
+                dw_slots = slot_live
+                if PARTIALS:
+                    dw_first_row = pid * n_used_slots + group_first_slot
+                    dw_revisit = revisit
+                    dw_slots = slot_live | (slot_ok & (block == pid))
+                    if SEQ_DW_BY_BLOCK:
+                        # a sequence group's rows are the block's own, stored once, every used slot
+                        by_block = group < n_seq_groups
+                        dw_first_row = tl.where(
+                            by_block, _sequence_block(block, n_blocks_hidden, seq_stride, BLOCK_M) * n_seq_slots,
+                            n_seq_dw_rows + pid * (n_used_slots - n_seq_slots) - n_seq_slots) + group_first_slot
+                        dw_revisit = revisit & (group >= n_seq_groups)
+                        dw_slots = tl.where(by_block, slot_ok, dw_slots)
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
                 for k0 in range(0, D, BLOCK_K):
@@ -357,9 +388,9 @@ def small_heads_kernel(
                         dw = tl.dot(grad_t_big, h_exact, dw, input_precision="tf32")
                     dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
-                        dw_rows = pid * n_used_slots + group_first_slot + slots  # padding: masked
+                        dw_rows = dw_first_row + slots  # padding: masked
                         dw_ptrs = dw_ptr + dw_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
-                        if revisit:
+                        if dw_revisit:
                             dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                         tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
@@ -402,34 +433,43 @@ def small_heads_kernel(
 @triton.jit
 def small_heads_reduce_kernel(
     dw_part_ptr, db_part_ptr, slot_row_ptr, slot_index_ptr, dw_ptr, db_ptr, n_programs, n_slots, n_padded_slots, D,
+    n_block_slots, n_blocks, n_block_rows,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    """Sums the partials ``[programs, slots, D]`` (used slots) and ``[programs, padded slots]``
-    over the programs, in a fixed order, and stores each used slot's sums in its packed
-    weight row of ``dw_ptr`` [sum C, D] (``ACCUMULATE``: adds them to it) and ``db_ptr`` [sum C]
-    (fp32). ``slot_row_ptr`` and ``slot_index_ptr`` [slots] int32 hold each used slot's row
-    and its index among the padded slots. The grid is (slots, blocks of D)."""
+    """Sums the partials over the programs (or row blocks), in a fixed order, and stores each
+    used slot's sums in its packed weight row of ``dw_ptr`` [sum C, D] (``ACCUMULATE``: adds
+    them to it) and ``db_ptr`` [sum C] (fp32). ``dw_part_ptr`` holds ``[n_blocks,
+    n_block_slots, D]`` (the first slots' rows by row block, ``n_block_rows`` rows in all, of
+    which the first ``n_blocks * n_block_slots`` were written) then ``[programs, n_slots -
+    n_block_slots, D]`` (the other slots'); ``db_part_ptr`` ``[programs, padded slots]``.
+    ``slot_row_ptr`` and ``slot_index_ptr`` [slots] int32 hold each used slot's row and its index
+    among the padded slots. The grid is (slots, blocks of D)."""
     slot = tl.program_id(0)
     pid_d = tl.program_id(1)
     row = tl.load(slot_row_ptr + slot)
-    padded = tl.load(slot_index_ptr + slot)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     ps = tl.arange(0, BLOCK_P)
+    by_block = slot < n_block_slots
+    n_parts = tl.where(by_block, n_blocks, n_programs)
+    part_step = tl.where(by_block, n_block_slots, n_slots - n_block_slots)
+    first_row = tl.where(by_block, slot, n_block_rows + slot - n_block_slots)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p0 in range(0, n_programs, BLOCK_P):
-        p_ok = (p0 + ps) < n_programs
-        program = (p0 + ps).to(tl.int64)
-        dw_rows = program * n_slots + slot
+    for p0 in range(0, n_parts, BLOCK_P):
+        p_ok = (p0 + ps) < n_parts
+        dw_rows = first_row + (p0 + ps).to(tl.int64) * part_step
         dw += tl.sum(tl.load(dw_part_ptr + dw_rows[:, None] * D + ds[None, :], mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0), axis=0)  # fmt: skip
-        db += tl.load(db_part_ptr + program * n_padded_slots + padded, mask=p_ok, other=0.0)
     dw_ptrs = dw_ptr + row.to(tl.int64) * D + ds
     if ACCUMULATE:
         dw += tl.load(dw_ptrs, mask=d_ok, other=0.0)
     tl.store(dw_ptrs, dw, mask=d_ok)
     if pid_d == 0:
+        padded = tl.load(slot_index_ptr + slot)
+        db = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for p0 in range(0, n_programs, BLOCK_P):
+            program = (p0 + ps).to(tl.int64)
+            db += tl.load(db_part_ptr + program * n_padded_slots + padded, mask=(p0 + ps) < n_programs, other=0.0)
         tl.store(db_ptr + row, tl.sum(db, axis=0))
 
 
@@ -580,6 +620,21 @@ class SmallHeadsLaunch:
     partial_programs: int = 0  # > 0: at most that many persistent programs owning partials; 0: float atomics
     write_dh: bool = False  # backward writes dH
     has_dh_init: bool = False  # backward adds dH to the fp32 dh_acc's contents (other paths' dH)
+    # > 0 (backward, partials, the levels apart): the sequence groups' partial dW rows are the row
+    # blocks' that walk them, at most this many (sequence_block_bound), not the programs'
+    seq_dw_blocks: int = 0
+
+    @property
+    def seq_dw_rows(self) -> int:
+        """The partial dW rows of the sequence slots, by row block (0 without ``seq_dw_blocks``)."""
+        return self.seq_dw_blocks * self.n_seq_slots
+
+
+class Launched(NamedTuple):
+    """What :func:`launch_small_heads` launched: its programs and the height of their row blocks."""
+
+    programs: int
+    block_m: int
 
 
 # Options, programs and the trailing arguments by launch.
@@ -607,8 +662,9 @@ def launch_small_heads(
     dh_acc: torch.Tensor | None = None,
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
-) -> int:
-    """One launch of :func:`small_heads_kernel`; returns the number of programs launched. With
+) -> Launched:
+    """One launch of :func:`small_heads_kernel`; returns the programs launched and their row
+    block's height. With
     ``launch.partial_programs > 0`` at most that many persistent programs run, each owning
     partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the first
     rows of those, one per program launched, are written. Forward passes ``loss`` and
@@ -636,7 +692,7 @@ def launch_small_heads(
     if prepared is not None and not _launch_small_heads.check_fixed:
         options, programs, trailing = prepared
         _launch_small_heads((programs,), tensors + trailing, options, launch, fixed=True)
-        return programs
+        return Launched(programs, options["BLOCK_M"])
     n_groups, _, block_c = launch.slot_int.shape
     n_hidden, hidden_size = hidden.shape
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -644,7 +700,7 @@ def launch_small_heads(
         launch.slot_int, launch.slot_flt, launch.group_segments,
         hidden.stride(0), hidden.stride(1), n_hidden, pooled_rows.stride(0), pooled_rows.stride(1), n_pooled,
         launch.seq_stride, weight.stride(0), weight.stride(1), hidden_size, n_groups, launch.n_seq_groups,
-        launch.n_seq_slots, launch.n_used_slots,
+        launch.n_seq_slots, launch.n_used_slots, launch.seq_dw_rows,
         grad_hidden.stride(0), grad_pooled.stride(0), rows_bucket(n_hidden),
     )  # fmt: skip
     args = tensors + trailing
@@ -655,7 +711,7 @@ def launch_small_heads(
     variant = (trailing[-1], (n_pooled, hidden_size, n_groups, launch.n_seq_groups, hidden.device, hidden.dtype,
                               weight.dtype, bias.dtype, block_c, backward, partials, token_mask is not None, write_dh,
                               launch.has_dh_init, launch.compute_dtype, launch.class_weights, launch.softcap,
-                              launch.z_loss))  # fmt: skip
+                              launch.z_loss, launch.seq_dw_blocks > 0))  # fmt: skip
     options = _TUNED.get(variant)
     if options is None:
         constexprs = dict(
@@ -663,6 +719,7 @@ def launch_small_heads(
             PARTIALS=partials, HAS_MASK=token_mask is not None, WRITE_DH=write_dh,
             HAS_DH_INIT=write_dh and launch.has_dh_init, USE_DH_ACC=write_dh and (launch.has_dh_init or n_groups > 1),
             SPLIT_LEVELS=splits_levels(launch), DH_ACC_BY_SEQ_ROW=dh_acc_by_seq_row(launch),
+            SEQ_DW_BY_BLOCK=launch.seq_dw_blocks > 0,
             DOT=DOT_DTYPES[launch.compute_dtype], PRECISION="tf32x3" if launch.compute_dtype == torch.float32 else "ieee",
             CLASS_WEIGHTS=launch.class_weights, SOFTCAP=launch.softcap, Z_LOSS=launch.z_loss,
         )  # fmt: skip
@@ -671,7 +728,8 @@ def launch_small_heads(
             kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], launch.partial_programs),)](
                 *args, **constexprs)
             _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
-            return _programs(n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"], launch.partial_programs)
+            block_m = kernel.best_config.kwargs["BLOCK_M"]
+            return Launched(_programs(n_hidden, n_pooled, block_m, launch.partial_programs), block_m)
         # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c, backward)[0]
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
@@ -684,7 +742,7 @@ def launch_small_heads(
     elif prepared != (options, programs, trailing):  # checking: what was kept must be what is worked out
         raise AssertionError("a small-heads launch was called with tensors of other shapes, strides or dtypes")
     _launch_small_heads((programs,), args, options, launch, fixed=True)
-    return programs
+    return Launched(programs, options["BLOCK_M"])
 
 
 def splits_levels(launch: SmallHeadsLaunch) -> bool:
@@ -698,6 +756,27 @@ def dh_acc_by_seq_row(launch: SmallHeadsLaunch) -> bool:
     rows have several groups' dH to sum (sequence groups come first)."""
     return (launch.write_dh and not launch.has_dh_init and splits_levels(launch)
             and launch.slot_int.shape[0] - launch.n_seq_groups == 1)  # fmt: skip
+
+
+def sequence_block_bound(n_hidden: int, n_pooled: int, seq_stride: int) -> int:
+    """The most row blocks that walk the sequence groups, whatever their height: one per
+    sequence row (every ``seq_stride``-th hidden row, or with 0 the pooled rows)."""
+    return cdiv(n_hidden, seq_stride) if seq_stride else n_pooled
+
+
+def sequence_blocks(n_hidden: int, n_pooled: int, seq_stride: int, block_m: int) -> int:
+    """The row blocks of ``block_m`` rows that walk the sequence groups (the levels apart): the
+    hidden blocks that hold a sequence row, and every pooled block; the kernel numbers them in
+    order (``_sequence_block``)."""
+    pooled = cdiv(n_pooled, block_m)
+    if not seq_stride or not n_hidden:
+        return pooled
+    if seq_stride >= block_m:  # no block holds two sequence rows
+        return cdiv(n_hidden, seq_stride) + pooled
+    # every whole block holds one; the last, shorter one may not
+    hidden_blocks = cdiv(n_hidden, block_m)
+    last_start = (hidden_blocks - 1) * block_m
+    return hidden_blocks - (cdiv(last_start, seq_stride) * seq_stride >= n_hidden) + pooled
 
 
 def dh_acc_rows(launch: SmallHeadsLaunch, n_hidden: int, n_pooled: int) -> int:
@@ -737,15 +816,19 @@ _REDUCE_OPTIONS = {accumulate: {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_D": REDUCE_BLO
 
 def reduce_partials(
     dw_part: torch.Tensor, db_part: torch.Tensor, n_programs: int, slot_row: torch.Tensor, slot_index: torch.Tensor,
-    grad_weight: torch.Tensor, grad_bias: torch.Tensor, accumulate: bool = False,
+    grad_weight: torch.Tensor, grad_bias: torch.Tensor, accumulate: bool = False, block_slots: int = 0,
+    n_blocks: int = 0, block_rows: int = 0,
 ) -> None:
-    """``grad_weight[row] = dw_part[:n_programs, slot].sum(0)`` (``accumulate``: ``+=``) and
-    ``grad_bias[row] = db_part[:n_programs, index].sum(0)`` for every used slot, its packed row
-    and its index among the padded slots (see :func:`small_heads_reduce_kernel`); other rows
-    are left alone. The partials are ``[programs, used slots, D]`` and ``[programs, padded
-    slots]``, of which the first ``n_programs`` were written."""
-    _, slots, hidden_size = dw_part.shape
+    """``grad_weight[row]`` = the sum of a used slot's partial dW rows (``accumulate``: ``+=``)
+    and ``grad_bias[row] = db_part[:n_programs, index].sum(0)`` for every used slot, its packed
+    row and its index among the padded slots (see :func:`small_heads_reduce_kernel`); other rows
+    are left alone. ``dw_part`` is ``[block_rows + programs * (U - block_slots), D]``: the first
+    ``block_slots`` used slots' rows by row block (``n_blocks`` of them written, ``block_rows``
+    rows reserved), then the other slots' by program; ``db_part`` ``[programs, padded slots]``.
+    Of the programs' rows the first ``n_programs`` were written."""
+    hidden_size = dw_part.shape[1]
+    slots = slot_row.shape[0]
     grid = (slots, cdiv(hidden_size, REDUCE_BLOCK_D))
-    ints = (n_programs, slots, db_part.shape[1], hidden_size)
+    ints = (n_programs, slots, db_part.shape[1], hidden_size, block_slots, n_blocks, block_rows)
     _launch_reduce(grid, (dw_part, db_part, slot_row, slot_index, grad_weight, grad_bias, *ints),
                    _REDUCE_OPTIONS[accumulate], (accumulate, ints, grad_weight.dtype), fixed=True)  # fmt: skip

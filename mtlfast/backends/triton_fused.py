@@ -517,13 +517,19 @@ def _new_step(problem: HeadProblem) -> _Step:
     if plan is not None:
         small_heads = _kernels().small_heads
         fixed = dict(plan.launch_fields, seq_stride=problem.seq_stride, compute_dtype=problem.compute_dtype)
+        n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
+        # With the levels apart and fewer blocks that walk the sequence groups than programs, those
+        # groups' partial dW rows are the blocks' own: fewer rows to write and reduce.
+        seq_dw_blocks = small_heads.sequence_block_bound(problem.hidden.shape[0], n_pooled, problem.seq_stride)
+        if not (plan.n_seq_groups and 0 < seq_dw_blocks <= programs):
+            seq_dw_blocks = 0
         launches = [
             small_heads.SmallHeadsLaunch(backward=False, partial_programs=programs if problem.deterministic else 0,
                                          **fixed),
             small_heads.SmallHeadsLaunch(backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
-                                         has_dh_init=problem.hidden_grad and bool(large or wide), **fixed),
+                                         has_dh_init=problem.hidden_grad and bool(large or wide),
+                                         seq_dw_blocks=seq_dw_blocks, **fixed),
         ]  # fmt: skip
-        n_pooled = problem.pooled.shape[0] if problem.pooled is not None else 0
         dh_acc_rows = small_heads.dh_acc_rows(launches[1], problem.hidden.shape[0], n_pooled)
     return _Step(plan, large, wide, _count_scale(heads, device),
                  _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches, dh_acc_rows)  # fmt: skip
@@ -592,7 +598,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
             loss = partials[0]
             if plan.class_weights:
                 count = partials[1]
-        launched = _kernels().small_heads.launch_small_heads(
+        launched, _ = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, loss=loss, count=count,
         )  # fmt: skip
@@ -681,20 +687,25 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
                 dh_acc = dh_large
             elif step.dh_acc_rows:
                 dh_acc = torch.empty((step.dh_acc_rows, hidden_size), dtype=torch.float32, device=device)
-        programs = step.backward_launch.partial_programs
+        launch = step.backward_launch
+        programs = launch.partial_programs
+        # by row block where the launch says so, the sequence slots' partial dW rows come first
+        block_slots = plan.n_seq_slots if launch.seq_dw_blocks else 0
         if programs:
-            dw_target = alloc_output((programs, plan.n_used_slots, hidden_size), torch.float32, device)
+            dw_rows = launch.seq_dw_rows + programs * (plan.n_used_slots - block_slots)
+            dw_target = alloc_output((dw_rows, hidden_size), torch.float32, device)
             db_target = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device)
         else:
             dw_target, db_target = grad_weight, grad_bias
-        launched = small_heads.launch_small_heads(
-            step.backward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
+        launched, block_m = small_heads.launch_small_heads(
+            launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, task_scale=loss_scale, grad_out=grad_out, grad_hidden=grad_hidden, grad_pooled=grad_pooled,
             dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
         )  # fmt: skip
         if programs:
+            n_blocks = small_heads.sequence_blocks(n_hidden, n_pooled, problem.seq_stride, block_m) if block_slots else 0
             small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, plan.slot_index, grad_weight,
-                                        grad_bias, accumulate)  # fmt: skip
+                                        grad_bias, accumulate, block_slots, n_blocks, launch.seq_dw_rows)  # fmt: skip
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(rows_dtype)
         # a copy: the op's outputs must not alias each other

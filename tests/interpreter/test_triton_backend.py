@@ -168,14 +168,25 @@ def test_levels_kept_apart_where_that_saves_work():
     assert not triton_fused._splits_levels(wide_sequence, 512)  # the token group would be as wide
 
 
+# (batch, sequence length): CLS rows 120 rows apart (a block holds one or none), 10 apart (every
+# block but the last, shorter one holds some: 5 sequence rows for 3 blocks of 16 rows, 2 of 32),
+# or pooled rows (one block, 3 of them; then the token rows are 40 long).
+SEQUENCE_ROWS = {"cls-120": (3, 120), "cls-10": (5, 10), "pooled": (3, 40)}
+
+
+@pytest.mark.parametrize("rows", SEQUENCE_ROWS.keys())
 @pytest.mark.parametrize("class_weights", [None, (0.5, 2.0, 1.5)], ids=["counts", "class-weights"])
-def test_partials_hold_only_used_slots(monkeypatch, class_weights):
+def test_partials_hold_only_used_slots(monkeypatch, class_weights, rows):
     """The deterministic partial dW rows: one per used slot (the 18 columns of two 16-slot
-    groups, the sequence tasks' apart from the token tasks'; padding slots have none), all
-    written by each launched program (its first block starts them: the sequence group's at
-    zero where that block holds no sequence row and skips the group), and so are forward's
-    partial loss sums and, with class weights (weighted divisors: not exact in any order),
-    counts; the gradients match."""
+    groups, the sequence tasks' apart from the token tasks'; padding slots have none). The
+    sequence slots' rows are the row blocks' that walk their group, each block's written once,
+    and the rows reserved past those (a sequence row each) left alone; the token slots' rows are
+    the programs', all written by each launched program (its first block starts them). So are
+    forward's partial loss sums and, with class weights (weighted divisors: not exact in any
+    order), counts, the sequence group's at zero where a program's first block skips it. The
+    gradients match. 16 programs, more than the sequence rows."""
+    from mtlfast.kernels import small_heads
+
     buffers = []
 
     def poisoned(shape, dtype, device):
@@ -184,57 +195,97 @@ def test_partials_hold_only_used_slots(monkeypatch, class_weights):
         return buffer
 
     monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
+    monkeypatch.setattr(triton_fused, "_partial_programs", lambda problem, plan: 16)
+    monkeypatch.setattr(triton_fused, "_STEPS", {})  # steps worked out with other program counts
     tasks = [Task("cls", 3, "cross_entropy", class_weights=class_weights), Task("ner", 9, "cross_entropy", level="token"),
              Task("score", 1, "mse"), Task("tags", 5, "bce", level="token")]  # fmt: skip
-    from mtlfast.task import TaskLayout
-
-    assert triton_fused._splits_levels(TaskLayout(tuple(tasks)).heads, 120)
-    case = case_for(tasks, (3, 120, 24), nan_rate=0.0)  # 23 row blocks for 8 programs
+    monkeypatch.setattr(triton_fused, "_splits_levels", lambda heads, seq_stride: True)
+    batch, seq_len = SEQUENCE_ROWS[rows]
+    case = case_for(tasks, (batch, seq_len, 24), nan_rate=0.0)
+    if rows == "pooled":
+        case.pooled = torch.randn(batch, 24)
     out, grads = run_heads(case, "triton", torch.float32, deterministic=True)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton/partials")
-    used, padded = sum(t.num_outputs for t in tasks), 2 * 16
-    (partial_dw,) = [b for b in buffers if b.shape[1:] == (used, 24)]
-    written = ~partial_dw.isnan().all(dim=2)  # [programs, slots]
+    used, padded, seq_slots = sum(t.num_outputs for t in tasks), 2 * 16, 4
+    bound = batch  # a sequence row each
+    (partial_dw,) = [b for b in buffers if b.shape == (bound * seq_slots + 16 * (used - seq_slots), 24)]
+    block_m = small_heads.SHAPES_BY_BLOCK_C[16][0][0]  # untuned: the width's first candidate
+    n_hidden = batch * seq_len
+    walked = [b for b in range(-(-n_hidden // block_m)) if any(r % seq_len == 0 for r in
+              range(b * block_m, min(b * block_m + block_m, n_hidden)))] if rows != "pooled" else [0]  # fmt: skip
+    seq_stride = 0 if rows == "pooled" else seq_len
+    assert small_heads.sequence_blocks(n_hidden, batch if rows == "pooled" else 0, seq_stride, block_m) == len(walked)
+    by_block = partial_dw[: bound * seq_slots].view(bound, seq_slots, 24)
+    assert not by_block[: len(walked)].isnan().any() and by_block[len(walked) :].isnan().all()
+    by_program = partial_dw[bound * seq_slots :].view(16, used - seq_slots, 24)
+    written = ~by_program.isnan().all(dim=2)  # [programs, slots]
     launched = written.any(dim=1)
     assert launched.sum() > 1
-    assert (written[launched].sum(dim=1) == used).all(), written.sum(dim=1)
-    assert not partial_dw[written].isnan().any()
+    assert (written[launched].sum(dim=1) == used - seq_slots).all(), written.sum(dim=1)
+    assert not by_program[written].isnan().any()
     # forward's loss sums (and counts) [1 or 2, programs, padded slots]: every slot of the
     # launched programs (the same count) is written, the sequence group's at zero where skipped
-    rows = 1 if class_weights is None else 2
-    (partial_loss,) = [b for b in buffers if b.shape == (rows, partial_dw.shape[0], padded)]
+    rows_kept = 1 if class_weights is None else 2
+    (partial_loss,) = [b for b in buffers if b.shape == (rows_kept, 16, padded)]
     assert not partial_loss[:, launched].isnan().any() and partial_loss[:, ~launched].isnan().all()
 
 
+def test_sequence_blocks_count_the_blocks_that_walk_the_sequence_groups():
+    """``small_heads.sequence_blocks`` against a count of the row blocks holding a sequence row
+    (a hidden row every ``seq_stride``, with no pooled rows; pooled blocks only, with 0), for
+    sequences shorter and longer than a block, never more than ``sequence_block_bound``."""
+    from mtlfast.kernels import small_heads
+
+    rng = random.Random(fresh_seed())
+    for _ in range(300):
+        block_m, seq_stride = rng.choice([16, 32, 64]), rng.choice([0, rng.randint(1, 40), rng.randint(1, 200)])
+        n_hidden = rng.randint(0, 600)
+        n_pooled = rng.randint(0, 150) if seq_stride == 0 else 0
+        blocks = sum(any(r % seq_stride == 0 for r in range(b * block_m, min(b * block_m + block_m, n_hidden)))
+                     for b in range(-(-n_hidden // block_m))) if seq_stride else 0  # fmt: skip
+        blocks += -(-n_pooled // block_m)
+        assert small_heads.sequence_blocks(n_hidden, n_pooled, seq_stride, block_m) == blocks
+        assert blocks <= small_heads.sequence_block_bound(n_hidden, n_pooled, seq_stride)
+
+
+@pytest.mark.parametrize("by_block", [0, 2], ids=["by-program", "first-slots-by-block"])
 @pytest.mark.parametrize("accumulate", [False, True], ids=["store", "accumulate"])
-def test_reduce_partials_sums_the_launched_programs_in_order(accumulate):
+def test_reduce_partials_sums_the_launched_programs_in_order(accumulate, by_block):
     """The reduction of the partial dW/db buffers against a float64 sum: more launched
-    programs than a step of the reduction takes (several steps and a partial one), D not a
-    multiple of its block, used slots scattered among padded ones. The rows of programs not
-    launched are NaN, and so are the packed rows it writes (but for the weight's when it adds to
-    them: ``accumulate`` is for dW alone); the rows of other tasks must keep their values."""
+    programs (and row blocks) than a step of the reduction takes (several steps and a partial
+    one), D not a multiple of its block, used slots scattered among padded ones; with
+    ``by_block`` the first used slots' dW rows by row block, ahead of the programs' rows of the
+    others. The rows of programs and blocks not launched are NaN, and so are the packed rows it
+    writes (but for the weight's when it adds to them: ``accumulate`` is for dW alone); the rows
+    of other tasks must keep their values."""
     from mtlfast.kernels import small_heads
 
     generator = torch.Generator().manual_seed(fresh_seed())
-    launched = 2 * small_heads.REDUCE_BLOCK_P + 5
+    launched, blocks = 2 * small_heads.REDUCE_BLOCK_P + 5, small_heads.REDUCE_BLOCK_P + 7
     hidden_size, padded_slots, packed_rows = small_heads.REDUCE_BLOCK_D + 13, 16, 11
     slot_index = torch.tensor([0, 3, 4, 9, 15], dtype=torch.int32)
     slot_row = torch.tensor([7, 0, 2, 10, 5], dtype=torch.int32)
     rows = slot_row.long()
-    dw_part = torch.randn(launched + 3, len(rows), hidden_size, generator=generator)
+    by_program = len(rows) - by_block
+    block_part = torch.randn(blocks + 4, by_block, hidden_size, generator=generator)
+    program_part = torch.randn(launched + 3, by_program, hidden_size, generator=generator)
+    block_part[blocks:], program_part[launched:] = float("nan"), float("nan")
+    dw_part = torch.cat([block_part.flatten(0, 1), program_part.flatten(0, 1)])
     db_part = torch.randn(launched + 3, padded_slots, generator=generator)
-    dw_part[launched:], db_part[launched:] = float("nan"), float("nan")
+    db_part[launched:] = float("nan")
     old_weight = torch.randn(packed_rows, hidden_size, generator=generator)
     old_bias = torch.randn(packed_rows, generator=generator)
     grad_weight, grad_bias = old_weight.clone(), old_bias.clone()
     grad_bias[rows] = float("nan")
     if not accumulate:
         grad_weight[rows] = float("nan")
-    small_heads.reduce_partials(dw_part, db_part, launched, slot_row, slot_index, grad_weight, grad_bias, accumulate)
+    small_heads.reduce_partials(dw_part, db_part, launched, slot_row, slot_index, grad_weight, grad_bias, accumulate,
+                                by_block, blocks if by_block else 0, block_part.shape[0] * by_block)  # fmt: skip
 
     want_weight, want_bias = old_weight.double(), old_bias.double()
     kept = 1.0 if accumulate else 0.0
-    want_weight[rows] = dw_part[:launched].double().sum(dim=0) + kept * want_weight[rows]
+    sums = torch.cat([block_part[:blocks].double().sum(dim=0), program_part[:launched].double().sum(dim=0)])
+    want_weight[rows] = sums + kept * want_weight[rows]
     want_bias[rows] = db_part[:launched, slot_index.long()].double().sum(dim=0)
     assert rel_error(grad_weight, want_weight) < 1e-6 and rel_error(grad_bias, want_bias) < 1e-6
     others = torch.ones(packed_rows, dtype=torch.bool)
@@ -309,13 +360,16 @@ def test_fp16_parameters_accumulate_into_fp32_main_grad(monkeypatch, vocabulary,
     """``fuse_wgrad_accumulation``: the small-heads kernel (its partials' reduction, or its
     atomics) and a vocabulary head's GEMMs add fp32 dW straight into ``main_grad``, the weight
     gradient buffer never allocated; the vocabulary path's dW comes from fp16 dlogits."""
+    from mtlfast.kernels import small_heads
+
     if atomics:
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
-    weight_shaped = []
-    allocate = triton_fused.alloc_output
+    allocated, partials = [], []  # the small path's partial dW rows may have the weight's shape
+    allocate, reduce = triton_fused.alloc_output, small_heads.reduce_partials
     monkeypatch.setattr(triton_fused, "alloc_output",
-                        lambda shape, dtype, device: weight_shaped.append((tuple(shape), dtype))
-                        or allocate(shape, dtype, device))  # fmt: skip
+                        lambda shape, dtype, device: allocated.append(allocate(shape, dtype, device)) or allocated[-1])
+    monkeypatch.setattr(small_heads, "reduce_partials",
+                        lambda dw_part, *args: partials.append(dw_part) or reduce(dw_part, *args))  # fmt: skip
     rng = random.Random(fresh_seed())
     tasks = [Task("cls", rng.randint(2, 6), "cross_entropy"), Task("tags", rng.randint(2, 9), "cross_entropy", level="token"),
              Task("multi", rng.randint(1, 5), "bce")]  # fmt: skip
@@ -325,6 +379,7 @@ def test_fp16_parameters_accumulate_into_fp32_main_grad(monkeypatch, vocabulary,
     check_main_grad_accumulation(tasks, (2, rng.randint(2, 7), hidden_size), "triton", torch.float16, 4,
                                  tol=1e-3 if vocabulary else 1e-5)  # fmt: skip
     packed = ((sum(t.num_outputs for t in tasks), hidden_size), torch.float32)
+    weight_shaped = [(tuple(t.shape), t.dtype) for t in allocated if not any(t is p for p in partials)]
     assert weight_shaped.count(packed) == 4, "the unfused heads allocate a dW buffer per micro-batch, the fused none"
 
 
@@ -901,7 +956,7 @@ def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
     weight, bias = torch.randn(3, 16), torch.randn(3)
     sums = torch.zeros(2, 1)
 
-    def call(rows: int) -> int:
+    def call(rows: int) -> small_heads.Launched:
         target = torch.randint(0, 3, (rows,))
         table = torch.tensor([target.data_ptr()], dtype=torch.int64)
         return small_heads.launch_small_heads(launch, torch.randn(rows, 16), None, None, weight, bias, table,
