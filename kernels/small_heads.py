@@ -499,8 +499,10 @@ def small_heads_reduce_kernel(
 # launched on sm_90, (32, 32, 8, 2, 128) at width 64 takes 171 registers in backward, fewer
 # than the width's first. Not yet timed. Width 32 is bert-base-4task's since its sequence
 # tasks' group is kept apart from ner's: there the 64-row (64, 16, 8, 2) holds twice the rows
-# of the width's first in backward, one program per SM each (as launched on sm_90: 184
-# registers against 162). Not yet timed.
+# of the width's first in backward, one program per SM each as triton 3.6 (the GPU hosts')
+# launches them on sm_90 (220 registers against 216), while 3.8 gives the first 128 and 32
+# bytes of stack, two programs per SM (bench/results/cpu-2core_2026-12-07_small-heads-
+# registers-levels-apart-sm90-*). Not yet timed.
 SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2, 128)],
     32: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 4), (32, 32, 4, 2), (32, 32, 8, 2, 256),
