@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("providers", nargs="*", default=["eager", "mtlfast-triton"])
     parser.add_argument("--steps", type=int, help="run this many steps after the warm-up and print nothing: for an "
                         "instruction count under valgrind, whose difference between two step counts is the host work "
-                        "of those steps, free of the timing noise of a shared machine")  # fmt: skip
+                        "of those steps, free of the timing noise of a shared machine (with OPENBLAS_NUM_THREADS=1: "
+                        "valgrind counts the spinning of OpenBLAS's idle worker threads too)")  # fmt: skip
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("run with TRITON_INTERPRET=1 (set before triton is imported)")
