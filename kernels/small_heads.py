@@ -665,11 +665,12 @@ def launch_small_heads(
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
 ) -> Launched:
-    """One launch of :func:`small_heads_kernel`; returns the programs launched and their row
-    block's height. With
-    ``launch.partial_programs > 0`` at most that many persistent programs run, each owning
-    partial buffers (see :func:`small_heads_kernel`; reproducible bit for bit); only the first
-    rows of those, one per program launched, are written. Forward passes ``loss`` and
+    """One launch of :func:`small_heads_kernel`; returns the programs launched and the height
+    of their row blocks. With ``launch.partial_programs > 0`` at most that many persistent
+    programs run, each owning partial buffers (see :func:`small_heads_kernel`; reproducible bit
+    for bit); only the first rows of those, one per program launched, are written (and with
+    ``launch.seq_dw_blocks`` the sequence slots' dW rows of the blocks that walk them, counted by
+    :func:`sequence_blocks`). Forward passes ``loss`` and
     ``count`` (partials then, ``count`` only with class weights); backward the rest (``grad_*``
     and ``dh_acc`` only with ``write_dh``; ``dh_acc`` only with several groups or
     ``has_dh_init``); a buffer a launch does not use is None.
