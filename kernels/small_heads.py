@@ -627,20 +627,38 @@ class SmallHeadsLaunch:
     seq_dw_blocks: int = 0
 
     @property
+    def seq_dw_slots(self) -> int:
+        """The used slots whose partial dW rows are by row block: the sequence groups' with
+        ``seq_dw_blocks``, else none."""
+        return self.n_seq_slots if self.seq_dw_blocks else 0
+
+    @property
     def seq_dw_rows(self) -> int:
-        """The partial dW rows of the sequence slots, by row block (0 without ``seq_dw_blocks``)."""
-        return self.seq_dw_blocks * self.n_seq_slots
+        """The partial dW rows reserved for the row blocks, ahead of the programs' rows."""
+        return self.seq_dw_blocks * self.seq_dw_slots
+
+    @property
+    def dw_partial_rows(self) -> int:
+        """Rows of the partial dW buffer ``[rows, D]`` (fp32) a backward launch with partials
+        takes: the row blocks', then each program's of the other used slots."""
+        return self.seq_dw_rows + self.partial_programs * (self.n_used_slots - self.seq_dw_slots)
 
 
 class Launched(NamedTuple):
-    """What :func:`launch_small_heads` launched: its programs and the height of their row blocks."""
+    """What :func:`launch_small_heads` launched: its programs, and the row blocks whose
+    sequence dW rows it wrote (0 without ``launch.seq_dw_blocks``)."""
 
     programs: int
-    block_m: int
+    seq_dw_blocks: int
 
 
-# Options, programs and the trailing arguments by launch.
-_PREPARED: dict[SmallHeadsLaunch, tuple[dict, int, tuple]] = {}
+def _launched(launch: SmallHeadsLaunch, n_hidden: int, n_pooled: int, block_m: int) -> Launched:
+    seq_blocks = sequence_blocks(n_hidden, n_pooled, launch.seq_stride, block_m) if launch.seq_dw_blocks else 0
+    return Launched(_programs(n_hidden, n_pooled, block_m, launch.partial_programs), seq_blocks)
+
+
+# Options, what a launch launches and the trailing arguments by launch.
+_PREPARED: dict[SmallHeadsLaunch, tuple[dict, Launched, tuple]] = {}
 PREPARED_KEPT = 1024
 _launch_small_heads = DirectLauncher(small_heads_kernel)
 _launch_reduce = DirectLauncher(small_heads_reduce_kernel)
@@ -665,12 +683,12 @@ def launch_small_heads(
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
 ) -> Launched:
-    """One launch of :func:`small_heads_kernel`; returns the programs launched and the height
-    of their row blocks. With ``launch.partial_programs > 0`` at most that many persistent
+    """One launch of :func:`small_heads_kernel`; returns the programs launched and the row
+    blocks whose sequence dW rows were written. With ``launch.partial_programs > 0`` at most that many persistent
     programs run, each owning partial buffers (see :func:`small_heads_kernel`; reproducible bit
     for bit); only the first rows of those, one per program launched, are written (and with
-    ``launch.seq_dw_blocks`` the sequence slots' dW rows of the blocks that walk them, counted by
-    :func:`sequence_blocks`). Forward passes ``loss`` and
+    ``launch.seq_dw_blocks`` the sequence slots' dW rows of the blocks that walk them, ahead of
+    the programs': see ``SmallHeadsLaunch.dw_partial_rows``). Forward passes ``loss`` and
     ``count`` (partials then, ``count`` only with class weights); backward the rest (``grad_*``
     and ``dh_acc`` only with ``write_dh``; ``dh_acc`` only with several groups or
     ``has_dh_init``); a buffer a launch does not use is None.
@@ -693,9 +711,9 @@ def launch_small_heads(
     )  # fmt: skip
     prepared = _PREPARED.get(launch)
     if prepared is not None and not _launch_small_heads.check_fixed:
-        options, programs, trailing = prepared
-        _launch_small_heads((programs,), tensors + trailing, options, launch, fixed=True)
-        return Launched(programs, options["BLOCK_M"])
+        options, launched, trailing = prepared
+        _launch_small_heads((launched.programs,), tensors + trailing, options, launch, fixed=True)
+        return launched
     n_groups, _, block_c = launch.slot_int.shape
     n_hidden, hidden_size = hidden.shape
     n_pooled = pooled.shape[0] if pooled is not None else 0
@@ -731,21 +749,20 @@ def launch_small_heads(
             kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], launch.partial_programs),)](
                 *args, **constexprs)
             _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
-            block_m = kernel.best_config.kwargs["BLOCK_M"]
-            return Launched(_programs(n_hidden, n_pooled, block_m, launch.partial_programs), block_m)
+            return _launched(launch, n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"])
         # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c, backward)[0]
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,
                                      "num_stages": first.num_stages}  # fmt: skip
-    programs = _programs(n_hidden, n_pooled, options["BLOCK_M"], launch.partial_programs)
+    launched = _launched(launch, n_hidden, n_pooled, options["BLOCK_M"])
     if prepared is None:
         if len(_PREPARED) >= PREPARED_KEPT:
             _PREPARED.clear()
-        _PREPARED[launch] = (options, programs, trailing)
-    elif prepared != (options, programs, trailing):  # checking: what was kept must be what is worked out
+        _PREPARED[launch] = (options, launched, trailing)
+    elif prepared != (options, launched, trailing):  # checking: what was kept must be what is worked out
         raise AssertionError("a small-heads launch was called with tensors of other shapes, strides or dtypes")
-    _launch_small_heads((programs,), args, options, launch, fixed=True)
-    return Launched(programs, options["BLOCK_M"])
+    _launch_small_heads((launched.programs,), args, options, launch, fixed=True)
+    return launched
 
 
 def splits_levels(launch: SmallHeadsLaunch) -> bool:

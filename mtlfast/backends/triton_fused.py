@@ -598,10 +598,10 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
             loss = partials[0]
             if plan.class_weights:
                 count = partials[1]
-        launched, _ = _kernels().small_heads.launch_small_heads(
+        launched = _kernels().small_heads.launch_small_heads(
             step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, loss=loss, count=count,
-        )  # fmt: skip
+        ).programs  # fmt: skip
         if programs:  # the kept sums (and with class weights counts) stay zero
             totals = (partials[:, :launched].sum(dim=1, dtype=torch.float64) @ plan.slot_to_task).to(torch.float32)
             sums = totals[0]
@@ -689,23 +689,20 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
                 dh_acc = torch.empty((step.dh_acc_rows, hidden_size), dtype=torch.float32, device=device)
         launch = step.backward_launch
         programs = launch.partial_programs
-        # by row block where the launch says so, the sequence slots' partial dW rows come first
-        block_slots = plan.n_seq_slots if launch.seq_dw_blocks else 0
         if programs:
-            dw_rows = launch.seq_dw_rows + programs * (plan.n_used_slots - block_slots)
-            dw_target = alloc_output((dw_rows, hidden_size), torch.float32, device)
+            dw_target = alloc_output((launch.dw_partial_rows, hidden_size), torch.float32, device)
             db_target = alloc_output((programs, plan.n_groups * plan.block_c), torch.float32, device)
         else:
             dw_target, db_target = grad_weight, grad_bias
-        launched, block_m = small_heads.launch_small_heads(
+        launched = small_heads.launch_small_heads(
             launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, task_scale=loss_scale, grad_out=grad_out, grad_hidden=grad_hidden, grad_pooled=grad_pooled,
             dh_acc=dh_acc, grad_weight=dw_target, grad_bias=db_target,
         )  # fmt: skip
         if programs:
-            n_blocks = small_heads.sequence_blocks(n_hidden, n_pooled, problem.seq_stride, block_m) if block_slots else 0
-            small_heads.reduce_partials(dw_target, db_target, launched, plan.slot_row, plan.slot_index, grad_weight,
-                                        grad_bias, accumulate, block_slots, n_blocks, launch.seq_dw_rows)  # fmt: skip
+            small_heads.reduce_partials(dw_target, db_target, launched.programs, plan.slot_row, plan.slot_index,
+                                        grad_weight, grad_bias, accumulate, launch.seq_dw_slots, launched.seq_dw_blocks,
+                                        launch.seq_dw_rows)  # fmt: skip
     elif dh_large is not None:
         grad_hidden = dh_large[:n_hidden].to(rows_dtype)
         # a copy: the op's outputs must not alias each other

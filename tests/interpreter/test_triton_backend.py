@@ -210,13 +210,11 @@ def test_partials_hold_only_used_slots(monkeypatch, class_weights, rows):
     bound = batch  # a sequence row each
     (partial_dw,) = [b for b in buffers if b.shape == (bound * seq_slots + 16 * (used - seq_slots), 24)]
     block_m = small_heads.SHAPES_BY_BLOCK_C[16][0][0]  # untuned: the width's first candidate
-    n_hidden = batch * seq_len
-    walked = [b for b in range(-(-n_hidden // block_m)) if any(r % seq_len == 0 for r in
-              range(b * block_m, min(b * block_m + block_m, n_hidden)))] if rows != "pooled" else [0]  # fmt: skip
-    seq_stride = 0 if rows == "pooled" else seq_len
-    assert small_heads.sequence_blocks(n_hidden, batch if rows == "pooled" else 0, seq_stride, block_m) == len(walked)
+    walked = 1 if rows == "pooled" else _blocks_holding_sequence_rows(batch * seq_len, seq_len, block_m)
+    pooled_rows, seq_stride = (batch, 0) if rows == "pooled" else (0, seq_len)
+    assert small_heads.sequence_blocks(batch * seq_len, pooled_rows, seq_stride, block_m) == walked
     by_block = partial_dw[: bound * seq_slots].view(bound, seq_slots, 24)
-    assert not by_block[: len(walked)].isnan().any() and by_block[len(walked) :].isnan().all()
+    assert not by_block[:walked].isnan().any() and by_block[walked:].isnan().all()
     by_program = partial_dw[bound * seq_slots :].view(16, used - seq_slots, 24)
     written = ~by_program.isnan().all(dim=2)  # [programs, slots]
     launched = written.any(dim=1)
@@ -230,6 +228,12 @@ def test_partials_hold_only_used_slots(monkeypatch, class_weights, rows):
     assert not partial_loss[:, launched].isnan().any() and partial_loss[:, ~launched].isnan().all()
 
 
+def _blocks_holding_sequence_rows(n_hidden: int, seq_stride: int, block_m: int) -> int:
+    """The row blocks of ``block_m`` hidden rows holding a row every ``seq_stride``, counted row by row."""
+    return sum(any(r % seq_stride == 0 for r in range(start, min(start + block_m, n_hidden)))
+               for start in range(0, n_hidden, block_m))  # fmt: skip
+
+
 def test_sequence_blocks_count_the_blocks_that_walk_the_sequence_groups():
     """``small_heads.sequence_blocks`` against a count of the row blocks holding a sequence row
     (a hidden row every ``seq_stride``, with no pooled rows; pooled blocks only, with 0), for
@@ -241,8 +245,7 @@ def test_sequence_blocks_count_the_blocks_that_walk_the_sequence_groups():
         block_m, seq_stride = rng.choice([16, 32, 64]), rng.choice([0, rng.randint(1, 40), rng.randint(1, 200)])
         n_hidden = rng.randint(0, 600)
         n_pooled = rng.randint(0, 150) if seq_stride == 0 else 0
-        blocks = sum(any(r % seq_stride == 0 for r in range(b * block_m, min(b * block_m + block_m, n_hidden)))
-                     for b in range(-(-n_hidden // block_m))) if seq_stride else 0  # fmt: skip
+        blocks = _blocks_holding_sequence_rows(n_hidden, seq_stride, block_m) if seq_stride else 0
         blocks += -(-n_pooled // block_m)
         assert small_heads.sequence_blocks(n_hidden, n_pooled, seq_stride, block_m) == blocks
         assert blocks <= small_heads.sequence_block_bound(n_hidden, n_pooled, seq_stride)
