@@ -84,6 +84,28 @@ def test_bias_free_heads_convert_both_ways():
         MultiTaskHeads.from_linears(TASKS, linears, bias=False)
 
 
+def test_a_parametrized_weight_is_the_one_the_heads_use():
+    """A parametrization (weight norm, say) takes the weight out of the module's parameters: the
+    forward reads it as an attribute, and its gradient reaches the parametrization's own."""
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    plain = MultiTaskHeads(D, TASKS, backend="torch")
+    plain.load_state_dict(heads.state_dict())
+    with torch.no_grad():
+        plain.weight.mul_(2)
+    torch.nn.utils.parametrize.register_parametrization(heads, "weight", Doubled())
+    hidden, labels = torch.randn(B, S, D), _labels()
+    out, expected = heads(hidden, labels), plain(hidden, labels)
+    torch.testing.assert_close(out.loss, expected.loss)
+    out.loss.backward()
+    expected.loss.backward()
+    torch.testing.assert_close(heads.parametrizations.weight.original.grad, 2 * plain.weight.grad)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_bias_free_heads_match_the_oracle(backend):
     """``bias=False``: the oracle with a zero bias, and no bias parameter to receive a gradient."""
