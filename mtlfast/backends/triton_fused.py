@@ -187,6 +187,8 @@ def _grouping(heads: tuple[HeadSpec, ...], split_levels: bool) -> tuple[int, lis
     first, then the token tasks'."""
     sequence, token = _small_levels(heads)
     if split_levels:
+        # a hidden row block without a sequence row walks the token groups alone: there must be one
+        assert sequence and token, "the levels are kept apart only with small tasks of both"
         block_c = _group_width(max(_columns(sequence, heads), _columns(token, heads)))
         seq_groups = _packed(sequence, heads, block_c)
         return block_c, seq_groups + _packed(token, heads, block_c), len(seq_groups)
