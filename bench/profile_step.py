@@ -154,7 +154,7 @@ def main() -> None:
 
         for direction, block_c, rows, shape in small_heads.tuned_shapes():
             print(f"small_heads_kernel {direction}, BLOCK_C {block_c}, rows up to {rows}: "
-                  f"(BLOCK_M, BLOCK_K, num_warps, num_stages) = {shape}")  # fmt: skip
+                  f"(BLOCK_M, BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS[, 1: PREFETCH_DW]]) = {shape}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def main() -> None:
     print(f"triton {triton.__version__}, {args.compute}, {'generic' if args.generic else 'as launched (aligned)'}, "
           f"{'atomics' if args.atomics else 'partials'}{', levels apart' if args.levels_apart else ''}"
           f"{', every candidate' if args.every_candidate else ''}")  # fmt: skip
-    print("target width direction (BLOCK_M, BLOCK_K, warps, stages[, BLOCK_K_LOGITS]) registers stack shared programs/SM "
+    print("target width direction (BLOCK_M, BLOCK_K, warps, stages[, BLOCK_K_LOGITS[, 1]]) registers stack shared programs/SM "
           "rows/SM")
     for target in args.target or sorted(TARGETS):
         for block_c in small_heads.SHAPES_BY_BLOCK_C:

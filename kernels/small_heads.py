@@ -137,6 +137,7 @@ def small_heads_kernel(
     stride_wc, stride_wd, D, n_groups, n_seq_groups, n_seq_slots, n_used_slots, n_seq_dw_rows, stride_dhn, stride_dpn,
     ROWS_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_LOGITS: tl.constexpr,
+    PREFETCH_DW: tl.constexpr,
     SLOT_FIELDS: tl.constexpr, SLOT_FLT_FIELDS: tl.constexpr, BACKWARD: tl.constexpr, PARTIALS: tl.constexpr,
     HAS_MASK: tl.constexpr, WRITE_DH: tl.constexpr, HAS_DH_INIT: tl.constexpr, USE_DH_ACC: tl.constexpr,
     SPLIT_LEVELS: tl.constexpr, DH_ACC_BY_SEQ_ROW: tl.constexpr, SEQ_DW_BY_BLOCK: tl.constexpr, DOT: tl.constexpr,
@@ -153,7 +154,9 @@ def small_heads_kernel(
     ``c * tanh(logit / c)``; with ``Z_LOSS`` its task's rows add ``z * lse^2``. The logits loop
     steps ``BLOCK_K_LOGITS`` columns of D at a time, backward's dH/dW loop ``BLOCK_K``: that
     loop holds the dW and dH tiles, and a wider step there costs registers the logits loop does
-    not need.
+    not need. With ``PREFETCH_DW`` (``PARTIALS``) a row block that adds to its program's partial
+    dW rows loads their tile one K step ahead, carried in registers, instead of just before the
+    add: its latency overlaps a step's products, for an extra layout conversion a step.
 
     ``PARTIALS``: each program owns partial rows, ``dw_ptr`` ``[programs, U, D]`` with a row per
     used slot (U = ``n_used_slots``: the used slots of all groups, numbered in order), and
@@ -361,9 +364,21 @@ def small_heads_kernel(
                         dw_slots = tl.where(by_block, slot_ok, dw_slots)
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
+                if PARTIALS:
+                    dw_row_ptrs = dw_ptr + (dw_first_row + slots).to(tl.int64)[:, None] * D  # padding: masked
+                    if PREFETCH_DW:
+                        dw_adds = dw_slots[:, None] & dw_revisit
+                        dw_next = tl.load(dw_row_ptrs + ks[None, :], mask=dw_adds & (ks < D)[None, :], other=0.0)
                 for k0 in range(0, D, BLOCK_K):
                     k_ok = (k0 + ks) < D
                     out_mask = row_ok[:, None] & k_ok[None, :]
+                    dw_mask = dw_slots[:, None] & k_ok[None, :]
+                    if PARTIALS:
+                        dw_ptrs = dw_row_ptrs + (k0 + ks)[None, :]
+                        if PREFETCH_DW:
+                            dw_before = dw_next
+                            dw_next = tl.load(dw_ptrs + BLOCK_K, mask=dw_adds & ((k0 + BLOCK_K + ks) < D)[None, :],
+                                              other=0.0)  # fmt: skip
                     if WRITE_DH:
                         w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd,
                                     mask=slot_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
@@ -386,12 +401,12 @@ def small_heads_kernel(
                         h_exact = h.to(DOT).to(tl.float32)
                         dw = tl.dot(grad_t_small, h_exact, input_precision="tf32")
                         dw = tl.dot(grad_t_big, h_exact, dw, input_precision="tf32")
-                    dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
-                        dw_rows = dw_first_row + slots  # padding: masked
-                        dw_ptrs = dw_ptr + dw_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         if dw_revisit:
-                            dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+                            if PREFETCH_DW:
+                                dw += dw_before
+                            else:
+                                dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                         tl.store(dw_ptrs, dw, mask=dw_mask)
                     else:
                         dw_ptrs = dw_ptr + w_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
@@ -474,7 +489,8 @@ def small_heads_reduce_kernel(
 
 
 # Autotuning candidates per BLOCK_C as (BLOCK_M, BLOCK_K, num_warps, num_stages[,
-# BLOCK_K_LOGITS]), the logits loop stepping BLOCK_K unless a fifth is given; the first runs
+# BLOCK_K_LOGITS[, 1]]), the logits loop stepping BLOCK_K unless a fifth is given (a sixth, 1:
+# PREFETCH_DW; see BACKWARD_SHAPES_BY_BLOCK_C); the first runs
 # untuned (MTLFAST_AUTOTUNE=0, the interpreter). The kernel holds a dozen [BLOCK_M, BLOCK_C]
 # tiles at once, so wide heads take short row blocks over more warps: each candidate compiles
 # for sm_80 and sm_90 with (almost) no register spills (with triton 3.8; older ones leave out
@@ -534,19 +550,33 @@ FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     64: [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
     128: [(32, 32, 8, 2)],
 }
+# Candidates for the backward alone, a sixth element 1: the width's first with PREFETCH_DW, the
+# partial dW tile of a program's later row blocks loaded one K step ahead. As compiled on the CPU
+# (sm_90, bf16, levels apart, as launched), the plain first candidate's dH/dW loop at width 32
+# waits on that load (LDG) right before it adds, every K step of such a block: about half of
+# bert-base-4task's 512 token blocks at 264 programs. The variant takes more registers (width
+# 32: 230 against 216 with triton 3.6, 166 and no stack against 128 and 32 bytes with 3.8, so
+# one program per SM instead of two there), so the autotuner decides. Not yet timed.
+BACKWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
+    16: [(16, 32, 8, 2, 32, 1)],
+    32: [(32, 32, 8, 2, 32, 1)],
+    64: [(32, 32, 8, 2, 32, 1)],
+}
 
 
 def _config(shape: tuple[int, ...]) -> triton.Config:
-    block_m, block_k, warps, stages, *logits_k = shape
-    kwargs = {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_K_LOGITS": logits_k[0] if logits_k else block_k}
+    block_m, block_k, warps, stages, *extra = shape
+    kwargs = {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_K_LOGITS": extra[0] if extra else block_k,
+              "PREFETCH_DW": extra[1:] == [1]}  # fmt: skip
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 def shapes_for(block_c: int, backward: bool, every_triton: bool = False) -> list[tuple[int, ...]]:
     """The candidates of one head-group width and direction, the untuned one first: the
-    width's candidates, and in forward its forward-only ones after them; those the installed
+    width's candidates, then its forward-only or backward-only ones; those the installed
     triton spills with left out, unless ``every_triton``."""
-    shapes = SHAPES_BY_BLOCK_C[block_c] + ([] if backward else FORWARD_SHAPES_BY_BLOCK_C.get(block_c, []))
+    own = BACKWARD_SHAPES_BY_BLOCK_C if backward else FORWARD_SHAPES_BY_BLOCK_C
+    shapes = SHAPES_BY_BLOCK_C[block_c] + own.get(block_c, [])
     if every_triton or TRITON_VERSION >= (3, 8):
         return shapes
     return [shape for shape in shapes if shape not in SPILL_BEFORE_TRITON_3_8.get((block_c, backward), ())]
@@ -560,6 +590,8 @@ def configs_for(block_c: int, backward: bool, every_triton: bool = False) -> lis
 def _shape_of(kwargs: dict, num_warps: int, num_stages: int) -> tuple[int, ...]:
     """The candidate a configuration's keyword arguments and options make, as the tables write it."""
     shape = (kwargs["BLOCK_M"], kwargs["BLOCK_K"], num_warps, num_stages)
+    if kwargs["PREFETCH_DW"]:
+        return (*shape, kwargs["BLOCK_K_LOGITS"], 1)
     return shape if kwargs["BLOCK_K_LOGITS"] == kwargs["BLOCK_K"] else (*shape, kwargs["BLOCK_K_LOGITS"])
 
 
@@ -812,7 +844,7 @@ def dh_acc_rows(launch: SmallHeadsLaunch, n_hidden: int, n_pooled: int) -> int:
 
 def tuned_shapes() -> list[tuple[str, int, int, tuple[int, ...]]]:
     """The configurations launched so far, as ``(direction, BLOCK_C, rows bucket, (BLOCK_M,
-    BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS]))``: the autotuner's picks on a GPU, the
+    BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS[, 1]]))``: the autotuner's picks on a GPU, the
     untuned first candidates otherwise."""
     return [("backward" if options["BACKWARD"] else "forward", options["BLOCK_C"], rows,
              _shape_of(options, options["num_warps"], options["num_stages"]))

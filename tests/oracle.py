@@ -179,44 +179,54 @@ def small_tasks_of_width(block_c: int, rng: random.Random, split_levels: bool = 
 
 
 def small_heads_candidates() -> list[tuple[int, tuple[int, ...]]]:
-    """Every autotuning candidate of the small-heads kernel, the forward-only ones included, as
-    ``(BLOCK_C, (BLOCK_M, BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS]))``; none without triton."""
+    """Every autotuning candidate of the small-heads kernel, the forward-only and backward-only
+    ones included, as ``(BLOCK_C, (BLOCK_M, BLOCK_K, num_warps, num_stages[, BLOCK_K_LOGITS[,
+    1]]))``; none without triton."""
     try:
         from mtlfast.kernels import small_heads
     except ImportError:
         return []
     return [(block_c, shape) for block_c in small_heads.SHAPES_BY_BLOCK_C
-            for shape in small_heads.shapes_for(block_c, backward=False)]  # fmt: skip
+            for shape in dict.fromkeys(small_heads.shapes_for(block_c, backward=False)
+                                       + small_heads.shapes_for(block_c, backward=True))]  # fmt: skip
 
 
 def candidate_id(candidate: tuple[int, tuple[int, ...]]) -> str:
-    """A test id for a :func:`small_heads_candidates` entry, e.g. ``C64-32x32-w8-s2-kl128``."""
-    block_c, (block_m, block_k, warps, stages, *logits_k) = candidate
-    return f"C{block_c}-{block_m}x{block_k}-w{warps}-s{stages}" + "".join(f"-kl{k}" for k in logits_k)
+    """A test id for a :func:`small_heads_candidates` entry, e.g. ``C64-32x32-w8-s2-kl128``
+    (``-prefetch``: a sixth element)."""
+    block_c, (block_m, block_k, warps, stages, *extra) = candidate
+    return (f"C{block_c}-{block_m}x{block_k}-w{warps}-s{stages}" + "".join(f"-kl{k}" for k in extra[:1])
+            + "-prefetch" * (extra[1:] == [1]))  # fmt: skip
 
 
 def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...], device: str,
                               dtype: torch.dtype, atomics: bool, autocast: bool = False):  # fmt: skip
     """Runs a random case of width ``block_c`` on the triton backend with the small-heads kernel
-    in the configuration ``shape`` alone, in both directions (a forward-only one too, and one
-    that an older triton leaves out of one direction: which direction takes a shape is a
-    matter of spills, not of results; untuned, and every kept launch and step forgotten),
-    its dW/db through float atomics (``atomics``) or deterministic partials, the groups of each
-    level apart or together (at random; see ``triton_fused._splits_levels``); returns the case and
-    :func:`run_heads`' outputs."""
+    in the configuration ``shape`` alone, in both directions (a forward-only or backward-only
+    one too, and one that an older triton leaves out of one direction: which direction takes a
+    shape is a matter of spills, not of results; untuned, and every kept launch and step
+    forgotten), its dW/db through float atomics (``atomics``; never for a PREFETCH_DW shape,
+    which changes nothing there) or deterministic partials held by one program, which adds
+    every row block after its first into them (the rows make several blocks of any BLOCK_M),
+    the groups of each level apart or together (at random; see ``triton_fused._splits_levels``);
+    returns the case and :func:`run_heads`' outputs."""
     from mtlfast.kernels import small_heads
 
     from mtlfast.backends import triton_fused
 
     monkeypatch.setitem(small_heads.SHAPES_BY_BLOCK_C, block_c, [shape])
     monkeypatch.setitem(small_heads.FORWARD_SHAPES_BY_BLOCK_C, block_c, [])
+    monkeypatch.setitem(small_heads.BACKWARD_SHAPES_BY_BLOCK_C, block_c, [])
     monkeypatch.setattr(small_heads, "SPILL_BEFORE_TRITON_3_8", {})
     monkeypatch.setattr(small_heads, "TUNING", False)
     monkeypatch.setattr(small_heads, "_TUNED", {})
     monkeypatch.setattr(small_heads, "_PREPARED", {})
     monkeypatch.setattr(triton_fused, "_STEPS", {})
+    atomics = atomics and not small_heads._config(shape).kwargs["PREFETCH_DW"]
     if atomics:
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
+    else:
+        monkeypatch.setattr(triton_fused, "_partial_programs", lambda problem, plan: 1)
     seed = fresh_seed()
     rng = random.Random(seed)
     split_levels = rng.random() < 0.5  # the groups of each level apart, or not, whatever would save work

@@ -990,7 +990,7 @@ def test_tuned_shapes_name_the_launched_configurations():
 def test_autotuner_offers_each_direction_its_own_candidates(backward):
     """The autotuner's pruning (what a GPU launch tunes over) keeps, of every width's
     configurations, exactly that width's candidates for the launch's direction: the
-    forward-only ones in forward alone."""
+    forward-only ones in forward alone, the backward-only ones in backward alone."""
     from mtlfast.kernels import small_heads
 
     widths = small_heads.SHAPES_BY_BLOCK_C
@@ -1001,6 +1001,8 @@ def test_autotuner_offers_each_direction_its_own_candidates(backward):
         assert sorted(kept) == sorted(small_heads.shapes_for(block_c, backward)), block_c
         forward_only = set(small_heads.shapes_for(block_c, False)) - set(small_heads.shapes_for(block_c, True))
         assert forward_only & set(kept) == (set() if backward else forward_only), (block_c, kept)
+        backward_only = set(small_heads.shapes_for(block_c, True)) - set(small_heads.shapes_for(block_c, False))
+        assert backward_only & set(kept) == (backward_only if backward else set()), (block_c, kept)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
