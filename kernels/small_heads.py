@@ -555,8 +555,9 @@ FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
 # (sm_90, bf16, levels apart, as launched), the plain first candidate's dH/dW loop at width 32
 # waits on that load (LDG) right before it adds, every K step of such a block: about half of
 # bert-base-4task's 512 token blocks at 264 programs. The variant takes more registers (width
-# 32: 230 against 216 with triton 3.6, 166 and no stack against 128 and 32 bytes with 3.8, so
-# one program per SM instead of two there), so the autotuner decides. Not yet timed.
+# 32: 228 against 212 with triton 3.6, 164 and no stack against 128 and 32 bytes with 3.8, so
+# one program per SM instead of two there; bench/results/cpu-2core_2026-12-07_small-heads-
+# prefetch-dw-sass.txt), so the autotuner decides. Not yet timed.
 BACKWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2, 32, 1)],
     32: [(32, 32, 8, 2, 32, 1)],
