@@ -365,19 +365,18 @@ def small_heads_kernel(
                 is_last = group == n_groups - 1
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
                 if PARTIALS:
-                    dw_row_ptrs = dw_ptr + (dw_first_row + slots).to(tl.int64)[:, None] * D  # padding: masked
                     if PREFETCH_DW:
+                        dw_next_ptrs = dw_ptr + (dw_first_row + slots).to(tl.int64)[:, None] * D + ks[None, :]
                         dw_adds = dw_slots[:, None] & dw_revisit
-                        dw_next = tl.load(dw_row_ptrs + ks[None, :], mask=dw_adds & (ks < D)[None, :], other=0.0)
+                        dw_next = tl.load(dw_next_ptrs, mask=dw_adds & (ks < D)[None, :], other=0.0)
                 for k0 in range(0, D, BLOCK_K):
                     k_ok = (k0 + ks) < D
                     out_mask = row_ok[:, None] & k_ok[None, :]
-                    dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
-                        dw_ptrs = dw_row_ptrs + (k0 + ks)[None, :]
                         if PREFETCH_DW:
                             dw_before = dw_next
-                            dw_next = tl.load(dw_ptrs + BLOCK_K, mask=dw_adds & ((k0 + BLOCK_K + ks) < D)[None, :],
+                            dw_next_ptrs += BLOCK_K
+                            dw_next = tl.load(dw_next_ptrs, mask=dw_adds & ((k0 + BLOCK_K + ks) < D)[None, :],
                                               other=0.0)  # fmt: skip
                     if WRITE_DH:
                         w = tl.load(w_col_ptrs + (k0 + ks)[None, :] * stride_wd,
@@ -401,7 +400,10 @@ def small_heads_kernel(
                         h_exact = h.to(DOT).to(tl.float32)
                         dw = tl.dot(grad_t_small, h_exact, input_precision="tf32")
                         dw = tl.dot(grad_t_big, h_exact, dw, input_precision="tf32")
+                    dw_mask = dw_slots[:, None] & k_ok[None, :]
                     if PARTIALS:
+                        dw_rows = dw_first_row + slots  # padding: masked
+                        dw_ptrs = dw_ptr + dw_rows.to(tl.int64)[:, None] * D + (k0 + ks)[None, :]
                         if dw_revisit:
                             if PREFETCH_DW:
                                 dw += dw_before
@@ -555,9 +557,9 @@ FORWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
 # (sm_90, bf16, levels apart, as launched), the plain first candidate's dH/dW loop at width 32
 # waits on that load (LDG) right before it adds, every K step of such a block: about half of
 # bert-base-4task's 512 token blocks at 264 programs. The variant takes more registers (width
-# 32: 228 against 212 with triton 3.6, 164 and no stack against 128 and 32 bytes with 3.8, so
+# 32: 234 against 216 with triton 3.6, 166 and no stack against 128 and 32 bytes with 3.8, so
 # one program per SM instead of two there; bench/results/cpu-2core_2026-12-07_small-heads-
-# prefetch-dw-sass.txt), so the autotuner decides. Not yet timed.
+# prefetch-dw-sass-plain-as-before.txt), so the autotuner decides. Not yet timed.
 BACKWARD_SHAPES_BY_BLOCK_C: dict[int, list[tuple[int, ...]]] = {
     16: [(16, 32, 8, 2, 32, 1)],
     32: [(32, 32, 8, 2, 32, 1)],
