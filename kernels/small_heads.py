@@ -366,6 +366,8 @@ def small_heads_kernel(
                 w_col_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_wc
                 if PARTIALS:
                     if PREFETCH_DW:
+                        # pointers of its own: the plain path's made here, before the loop, cost
+                        # that path registers (a tile of pointers live across the loop)
                         dw_next_ptrs = dw_ptr + (dw_first_row + slots).to(tl.int64)[:, None] * D + ks[None, :]
                         dw_adds = dw_slots[:, None] & dw_revisit
                         dw_next = tl.load(dw_next_ptrs, mask=dw_adds & (ks < D)[None, :], other=0.0)

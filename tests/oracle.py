@@ -206,10 +206,11 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
     one too, and one that an older triton leaves out of one direction: which direction takes a
     shape is a matter of spills, not of results; untuned, and every kept launch and step
     forgotten), its dW/db through float atomics (``atomics``; never for a PREFETCH_DW shape,
-    which changes nothing there) or deterministic partials held by one program, which adds
-    every row block after its first into them (the rows make several blocks of any BLOCK_M),
-    the groups of each level apart or together (at random; see ``triton_fused._splits_levels``);
-    returns the case and :func:`run_heads`' outputs."""
+    which changes nothing there) or deterministic partials held by two programs, one of which
+    adds a later row block into its own (the rows make at least three blocks of any BLOCK_M),
+    and with the levels apart the sequence groups' dW rows by row block (two sequence rows,
+    no more than the programs), the groups of each level apart or together (at random; see
+    ``triton_fused._splits_levels``); returns the case and :func:`run_heads`' outputs."""
     from mtlfast.kernels import small_heads
 
     from mtlfast.backends import triton_fused
@@ -226,17 +227,17 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
     if atomics:
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
     else:
-        monkeypatch.setattr(triton_fused, "_partial_programs", lambda problem, plan: 1)
+        monkeypatch.setattr(triton_fused, "_partial_programs", lambda problem, plan: 2)
     seed = fresh_seed()
     rng = random.Random(seed)
     split_levels = rng.random() < 0.5  # the groups of each level apart, or not, whatever would save work
     monkeypatch.setattr(triton_fused, "_splits_levels", lambda heads, seq_stride: split_levels)
-    # rows for several blocks of every BLOCK_M with a partial last one; D odd, so a multiple of
-    # neither K step, and above the wider one: both K-loops take several steps, the last partial
+    # rows for at least three blocks of every BLOCK_M with a partial last one; D odd, so a multiple
+    # of neither K step, and above the wider one: both K-loops take several steps, the last partial
     widest_k = max(small_heads._config(shape).kwargs[name] for name in ("BLOCK_K", "BLOCK_K_LOGITS"))
     hidden_size = rng.randrange(widest_k + 1, 2 * widest_k, 2)
     case = random_case(seed, tasks=small_tasks_of_width(block_c, rng, split_levels),
-                       shape=(3, rng.randint(23, 41), hidden_size), all_present=True)  # fmt: skip
+                       shape=(2, rng.randint(65, 80), hidden_size), all_present=True)  # fmt: skip
     case.notes.append(f"BLOCK_C={block_c} shape={shape} {'atomics' if atomics else 'deterministic'}"
                       f"{' levels apart' if split_levels else ''}")  # fmt: skip
     out, grads = run_heads(case, "triton", dtype, device=device, autocast=autocast, deterministic=not atomics)
