@@ -376,11 +376,12 @@ def test_cross_entropy_class_weights_match_torch(backend):
     _assert_equals_torch_loss(heads(hidden, labels).loss, expected, hidden, heads, linears)
 
 
-@pytest.mark.parametrize("version, capability, compiles", [((3, 2), (7, 0), False), ((3, 2), (7, 5), True),
-                                                         ((3, 6), (7, 0), True)])  # fmt: skip
+@pytest.mark.parametrize("version, capability, compiles", [((3, 2), (7, 0), False), ((3, 2), (7, 5), False),
+                                                         ((3, 2), (8, 0), True), ((3, 6), (7, 0), True),
+                                                         ((3, 6), (7, 5), True)])  # fmt: skip
 def test_triton_backend_takes_the_torch_path_where_its_compiler_fails(monkeypatch, version, capability, compiles):
-    """triton before 3.6 aborts compiling the kernels for a V100: the backend runs the torch
-    path there instead of killing the process (and asks for no device elsewhere)."""
+    """triton before 3.6 fails compiling the kernels for a V100 (aborting the process) and a T4:
+    the backend runs the torch path there instead (and asks for no device elsewhere)."""
     from mtlfast.backends import triton_fused
 
     monkeypatch.setattr(triton_fused, "TRITON_VERSION", version)

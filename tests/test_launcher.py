@@ -6,7 +6,7 @@ every kernel test runs through the direct launcher from its second launch on."""
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from mtlfast.kernels import launcher  # noqa: E402
 
 
@@ -186,7 +186,9 @@ def test_key_is_at_least_as_fine_as_triton_specialization(monkeypatch):
     """Any two arguments the direct launcher's key cannot tell apart, triton's own specialization
     (``native_specialize_impl``, which ``JITFunction.run`` applies to each argument) cannot
     either: a kept kernel is always the one triton would have picked."""
-    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    native = getattr(pytest.importorskip("triton._C.libtriton"), "native_specialize_impl", None)
+    if native is None or launcher.knobs is None:
+        pytest.skip(f"triton {triton.__version__} launches through JITFunction.run alone (no direct launcher)")
     from triton.backends.compiler import BaseBackend
 
     monkeypatch.setattr(launcher, "_current_device", lambda: 0)
