@@ -38,9 +38,11 @@ TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 # Older GPUs the candidates are not chosen for, on which the kernels must still compile: V100
 # (sm_70) and T4 (sm_75).
 OLDER_TARGETS = {"sm70": GPUTarget("cuda", 70, 32), "sm75": GPUTarget("cuda", 75, 32)}
-ALL_TARGETS = {**TARGETS, **OLDER_TARGETS}
-# Opt-in shared memory per block: V100, T4, A100 (sm_80) and H100/H200 (sm_90).
-SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm90": 232448}
+# The A10, L4 and RTX 30/40 cards (sm_86, sm_89): an A100's instructions, less shared memory.
+SMALL_SHARED_TARGETS = {"sm86": GPUTarget("cuda", 86, 32)}
+ALL_TARGETS = {**TARGETS, **OLDER_TARGETS, **SMALL_SHARED_TARGETS}
+# Opt-in shared memory per block: V100, T4, A100 (sm_80), sm_86/sm_89 cards and H100/H200 (sm_90).
+SHARED_BYTES = {"sm70": 98304, "sm75": 65536, "sm80": 166912, "sm86": 101376, "sm90": 232448}
 # Per SM on sm_80 and sm_90: registers, threads, shared memory, and the 1 KB of it the driver
 # keeps per block.
 SM_REGISTERS = 65536

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (front end, LLVM and ptxas,
 no GPU needed), with each of its autotuning configurations and the variants the backend
-launches, and with its untuned configuration for sm_70 and sm_75 (V100, T4). The
+launches, and with its untuned configuration for sm_70, sm_75 and sm_86 (V100, T4, A10). The
 interpreter tests check what the kernels compute; this catches what only the real compiler
 rejects (unsupported constructs, register or shared-memory overflow)."""
 
@@ -296,6 +296,15 @@ def test_kernels_compile_for_older_gpus(target, compute):
         if "is not defined for option 'gpu-name'" in str(exc):
             pytest.skip(f"this host's ptxas does not target {target}")
         raise
+
+
+@pytest.mark.parametrize("compute", ["*bf16", "*fp16", "*fp32"])
+def test_untuned_kernels_fit_the_shared_memory_of_sm86_cards(compute):
+    """An A10, L4 or RTX 30/40 card (sm_86, sm_89) lets a block opt into 99 KB of shared memory
+    where an A100 lets it take 163 KB: every kernel's untuned configuration, the one that runs
+    with MTLFAST_AUTOTUNE=0 and always among the autotuner's (which skips the candidates that
+    do not fit), fits there too."""
+    _compile_every_kernel_untuned("sm86", compute)
 
 
 def _compile_every_kernel_untuned(target: str, compute: str) -> None:
