@@ -106,6 +106,40 @@ def test_a_parametrized_weight_is_the_one_the_heads_use():
     torch.testing.assert_close(heads.parametrizations.weight.original.grad, 2 * plain.weight.grad)
 
 
+def test_the_op_applies_its_function_as_a_python_function_apply_would(monkeypatch):
+    """Where Function.apply is Python (torch before 2.14) the op does its steps itself: each
+    tensor argument through functorch's unwrap_if_dead, then the C++ apply, for the same loss
+    and gradients; with a functorch transform active it calls Function.apply."""
+    from mtlfast import op
+
+    heads = MultiTaskHeads(D, TASKS, backend="torch")
+    hidden, labels = torch.randn(B, S, D, requires_grad=True), _labels()
+
+    def loss_and_grads():
+        hidden.grad = heads.weight.grad = heads.bias.grad = None
+        loss = heads(hidden, labels).loss
+        loss.backward()
+        return loss.detach(), hidden.grad, heads.weight.grad, heads.bias.grad
+
+    monkeypatch.setattr(op, "_PYTHON_APPLY", False)
+    expected = loss_and_grads()
+    unwrapped = []
+    monkeypatch.setattr(op, "_PYTHON_APPLY", True)
+    monkeypatch.setattr(op, "_unwrap_if_dead", lambda tensor: unwrapped.append(tensor) or tensor)
+    for got, want in zip(loss_and_grads(), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # hidden, weight, bias, the divisors, the task weights and one target per task (no pooled rows, no mask)
+    assert len(unwrapped) == 5 + len(TASKS) and all(isinstance(t, torch.Tensor) for t in unwrapped)
+    assert unwrapped[0] is hidden and unwrapped[1] is heads.weight and unwrapped[2] is heads.bias
+
+    through_function_apply = []  # a stand-in for it, which a real transform would reject
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    monkeypatch.setattr(op.FusedHeadsLoss, "apply", lambda *args: through_function_apply.append(1) or op._C_APPLY(*args))
+    unwrapped.clear()
+    torch.testing.assert_close(heads(hidden, labels).loss.detach(), expected[0], rtol=0, atol=0)
+    assert through_function_apply == [1] and not unwrapped
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_bias_free_heads_match_the_oracle(backend):
     """``bias=False``: the oracle with a zero bias, and no bias parameter to receive a gradient."""
