@@ -9,7 +9,8 @@
 # the benchmark of every workload (one process each), profiles of one bert-base-4task
 # step (mtlfast-triton's and eager's: issue against completion time, kernel times and the
 # small-heads kernel's tuned configurations; mtlfast-triton's host time by function, by
-# phase, and with the direct launcher off) and,
+# phase, and with the direct launcher off; the step's host work stood in on this host's CPU,
+# kernels stubbed) and,
 # with a minute to spare, bert-base-4task with fp32 hidden states (eager, mtlfast-triton).
 #
 # It finishes inside BUDGET_S seconds (default 540): the install, the tests (at most
@@ -156,7 +157,7 @@ if [[ $PART == bench || $PART == all ]]; then
     [[ -n ${PROVIDERS:-} ]] && read -ra providers <<<"--providers $PROVIDERS"
     read -ra workloads <<<"$WORKLOADS"
     profile_s=0
-    [[ $BENCH_DEVICE == cuda ]] && profile_s=120
+    [[ $BENCH_DEVICE == cuda ]] && profile_s=144
     # each workload's share of what is left, by weight: bert-base-4task's step is the issue's
     # yardstick and also gets the kernels-alone pass (54 s of 62 on an H200 once, where
     # many-tasks-64, whose peers loop over 64 heads, was cut short at its even share)
@@ -176,25 +177,30 @@ if [[ $PART == bench || $PART == all ]]; then
     # where a small step's time goes (host vs kernels), mtlfast's and eager's, for the issue notes
     if [[ $BENCH_DEVICE == cuda ]]; then
         for provider in mtlfast-triton eager; do
-            timed $((profile_s / 5)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+            timed $((profile_s / 6)) "profile $provider" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
                 "$provider" 25 >"$WORK/profile-bert-$provider.txt" 2>&1
             { head -1; grep "^small_heads_kernel "; } <"$WORK/profile-bert-$provider.txt" | tee -a "$SUMMARY"
         done
         # the host's share: mtlfast's Python by function (cProfile), and the step with every
         # kernel launched through triton's JITFunction.run instead of the direct launcher
-        timed $((profile_s / 5)) "profile mtlfast-triton --host" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
+        timed $((profile_s / 6)) "profile mtlfast-triton --host" "$PY" -m mtlfast.bench.profile_step bert-base-4task \
             mtlfast-triton 40 --host >"$WORK/profile-bert-mtlfast-triton-host.txt" 2>&1
         head -1 "$WORK/profile-bert-mtlfast-triton-host.txt" | tee -a "$SUMMARY"
-        MTLFAST_DIRECT_LAUNCH=0 timed $((profile_s / 5)) "profile mtlfast-triton, direct launch off" "$PY" \
+        MTLFAST_DIRECT_LAUNCH=0 timed $((profile_s / 6)) "profile mtlfast-triton, direct launch off" "$PY" \
             -m mtlfast.bench.profile_step bert-base-4task mtlfast-triton 25 \
             >"$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" 2>&1
         head -1 "$WORK/profile-bert-mtlfast-triton-no-direct-launch.txt" | sed "s/^/MTLFAST_DIRECT_LAUNCH=0: /" |
             tee -a "$SUMMARY"
         # the host's time to issue forward and backward, beside an allocation, an autograd round
         # trip and a launch on this host
-        timed $((profile_s / 5)) "profile mtlfast-triton --phases" "$PY" -m mtlfast.bench.profile_step \
+        timed $((profile_s / 6)) "profile mtlfast-triton --phases" "$PY" -m mtlfast.bench.profile_step \
             bert-base-4task mtlfast-triton --phases >"$WORK/profile-bert-mtlfast-triton-phases.txt" 2>&1
         tail -1 "$WORK/profile-bert-mtlfast-triton-phases.txt" | tee -a "$SUMMARY"
+        # the same steps' host work on this host's CPU with the kernels stubbed (bench/host_time.py,
+        # CPU tensors), beside the figures the dev host gives: this CPU's speed apart from the GPU's
+        OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 TRITON_INTERPRET=1 timed $((profile_s / 6)) "host time stand-in" \
+            "$PY" -m mtlfast.bench.host_time eager mtlfast-triton >"$WORK/host-time-stand-in.txt" 2>&1
+        grep " per step" "$WORK/host-time-stand-in.txt" | tee -a "$SUMMARY"
         # with time to spare: bert-base with fp32 hidden states, as a BERT under autocast gives them
         if (($(left) >= 60)); then
             timed $(($(left) - 20)) "bench bert-base-4task fp32 hidden" "$PY" -m mtlfast.bench --device cuda \
