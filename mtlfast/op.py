@@ -224,12 +224,10 @@ _PYTHON_APPLY = isinstance(torch.autograd.Function.__dict__.get("apply"), classm
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
-def _python_apply(call: HeadCall, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                  task_weights, targets) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``FusedHeadsLoss.apply`` with these arguments where Function.apply is Python."""
-    if torch._C._are_functorch_transforms_active():
-        return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                                    task_weights, *targets)  # fmt: skip
+def _apply_unwrapped(call: HeadCall, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
+                     task_weights, targets) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """What a Python ``FusedHeadsLoss.apply`` with these arguments does with no functorch
+    transform active."""
     return _C_APPLY(call, main_grad_params, _unwrap_if_dead(hidden), None if pooled is None else _unwrap_if_dead(pooled),
                     None if token_mask is None else _unwrap_if_dead(token_mask),
                     *map(_unwrap_if_dead, (weight, bias, divisor_override, task_weights, *targets)))  # fmt: skip
@@ -252,9 +250,9 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
             *call.flat(), call.compute_grad, SOURCE_DIGEST,
         )  # fmt: skip
         return outputs[0], outputs[1]
-    if _PYTHON_APPLY:
-        return _python_apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                             task_weights, targets)  # fmt: skip
+    if _PYTHON_APPLY and not torch._C._are_functorch_transforms_active():
+        return _apply_unwrapped(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
+                                task_weights, targets)  # fmt: skip
     return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
                                 task_weights, *targets)  # fmt: skip
 

@@ -106,14 +106,17 @@ def _wide_tasks(heads: tuple[HeadSpec, ...]) -> tuple[int, ...]:
     return tuple(i for i, h in enumerate(heads) if not _is_small(h) and i not in large)
 
 
+def kernels_compile_for(capability: tuple[int, int]) -> bool:
+    """Whether this triton compiles the kernels for a GPU of compute ``capability``: before 3.6
+    (seen with 3.2) the small-heads kernel aborts the process in LLVM for sm_70 (V100), and its
+    backward's TF32 products fail in LLVM (``IndexError: map::at``) for sm_75 (T4); 3.6 and 3.8
+    compile both."""
+    return TRITON_VERSION >= (3, 6) or capability >= (8, 0)
+
+
 @cache
 def _kernels_compile_on(device: torch.device) -> bool:
-    """Whether this triton compiles the kernels for ``device``: before 3.6 (seen with 3.2) the
-    small-heads kernel aborts the process in LLVM for sm_70 (V100), and its backward's TF32
-    products fail in LLVM (``IndexError: map::at``) for sm_75 (T4); 3.6 and 3.8 compile both."""
-    if device.type != "cuda" or TRITON_VERSION >= (3, 6):
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type != "cuda" or kernels_compile_for(torch.cuda.get_device_capability(device))
 
 
 def _delegates(problem: HeadProblem) -> bool:
