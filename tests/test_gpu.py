@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from bench_eager import eager_errors
+from bench_eager import assert_within_eager_bf16_error
 from oracle import (
     TOLERANCE,
     assert_matches_oracle,
@@ -69,12 +69,8 @@ def _wide_path_case():
 def test_triton_bf16_within_eager_error(trial):
     """Random cases, and (last trial) the wide path, under bf16 autocast."""
     case = _wide_path_case() if trial == 4 else random_case(shape=(4, 33, 96))
-    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
-    eager = eager_errors(case)
     out, grads = run_heads(case, "triton", torch.bfloat16, device=DEVICE, autocast=True)
-    assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
-    for name in ("hidden", "weight", "bias"):
-        assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
+    assert_within_eager_bf16_error(case, out, grads, DEVICE, "triton-gpu/bf16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -151,11 +147,7 @@ def test_triton_every_small_heads_candidate(monkeypatch, candidate, dtype):
     if not bf16:
         assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{case.describe()}")
         return
-    ref_total, _, ref_grads = oracle(case, torch.bfloat16)
-    eager = eager_errors(case)
-    assert rel_error(out.loss, ref_total) <= eager["loss"] + 1e-2, case.describe()
-    for name in ("hidden", "weight", "bias"):
-        assert rel_error(grads[name], ref_grads[name]) <= eager[name] + 1e-2, f"{name}: {case.describe()}"
+    assert_within_eager_bf16_error(case, out, grads, DEVICE, "triton-gpu/bf16")
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():
