@@ -125,17 +125,19 @@ def test_autocast_fp16(trial):
     assert_matches_oracle(case, out, grads, torch.float16, TOLERANCE[torch.float16], "triton/autocast")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16)], ids=str)
 @pytest.mark.parametrize("trial", range(4))
-def test_autocast_reads_fp32_hidden_states_as_cast_ones(trial):
-    """The kernels round fp32 rows to fp16 as they load them; with a vocabulary head (odd
-    trials) that path's rows are cast once; pooled rows (fp32 too) in some cases."""
+def test_autocast_reads_fp32_hidden_states_as_cast_ones(trial, dtype):
+    """The kernels round fp32 rows to 16 bits as they load them, bit for bit as a cast would; with
+    a vocabulary head (odd trials) that path's rows are cast once; pooled rows (fp32 too) in some
+    cases."""
     if trial % 2:
         case = random_case(max_classes=9)
         case.tasks.append(Task("vocab", random.Random(case.seed).randint(129, 300), "cross_entropy", level="token"))
         case = case_for(case.tasks, (2, 5, 13), case.seed)
     else:
         case = random_case()
-    check_autocast_reads_fp32_rows(case, "triton", torch.float16, deterministic=trial == 2)
+    check_autocast_reads_fp32_rows(case, "triton", dtype, deterministic=trial == 2)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
