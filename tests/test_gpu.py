@@ -385,21 +385,9 @@ def test_small_heads_weight_gradient_at_fp32_precision_at_any_scale(scale, dtype
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_k16_accumulation_on_gpu(backend):
     """fp32 parameters, bf16 compute, K=16 micro-batches: head gradients within 1e-5 of float64."""
-    from test_grad_accumulation import TASKS, K, _oracle_grads
+    from test_grad_accumulation import check_k16_accumulation
 
-    cases = [case_for(TASKS, (4, 33, 64), ignore_rate=0.0, nan_rate=0.0) for _ in range(K)]
-    for case in cases[1:]:
-        case.weight, case.bias = cases[0].weight, cases[0].bias
-    heads = MultiTaskHeads(64, TASKS, backend=backend).to(DEVICE)
-    with torch.no_grad():
-        heads.weight.copy_(cases[0].weight)
-        heads.bias.copy_(cases[0].bias)
-    for case in cases:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = heads(case.hidden.to(DEVICE), {k: v.to(DEVICE) for k, v in case.labels.items()})
-        (out.loss / K).backward()
-    ref_w, ref_b = _oracle_grads(cases, torch.bfloat16)
-    assert rel_error(heads.weight.grad, ref_w) <= 1e-5 and rel_error(heads.bias.grad, ref_b) <= 1e-5
+    check_k16_accumulation(backend, torch.bfloat16, DEVICE, (4, 33, 64))
 
 
 @pytest.mark.parametrize("vocabulary", [False, True], ids=["small", "vocabulary"])

@@ -45,22 +45,38 @@ def _eager_grads(cases, dtype):
     return (torch.cat([linears[t.name].weight.grad for t in TASKS]), torch.cat([linears[t.name].bias.grad for t in TASKS]))
 
 
+def k16_accumulation(backend: str, dtype: torch.dtype, device: str = "cpu", shape: tuple[int, int, int] = (4, 13, 40)):
+    """K fresh micro-batches through fp32 heads under autocast to ``dtype``, each loss divided by
+    K, gradients accumulated by autograd; returns ``(cases, heads)``."""
+    cases = [case_for(TASKS, shape, ignore_rate=0.0, nan_rate=0.0) for _ in range(K)]
+    for case in cases[1:]:
+        case.weight, case.bias = cases[0].weight, cases[0].bias
+    heads = MultiTaskHeads(shape[-1], TASKS, backend=backend).to(device)
+    with torch.no_grad():
+        heads.weight.copy_(cases[0].weight)
+        heads.bias.copy_(cases[0].bias)
+    for case in cases:
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            out = heads(case.hidden.to(device), {k: v.to(device) for k, v in case.labels.items()})
+        (out.loss / K).backward()
+    assert heads.weight.grad.dtype == torch.float32
+    return cases, heads
+
+
+def check_k16_accumulation(backend: str, dtype: torch.dtype, device: str = "cpu", shape: tuple[int, int, int] = (4, 13, 40),
+                           ) -> tuple[float, float]:  # fmt: skip
+    """:func:`k16_accumulation`'s head gradients within 1e-5 of float64; returns their errors (dW, db)."""
+    cases, heads = k16_accumulation(backend, dtype, device, shape)
+    ref_w, ref_b = _oracle_grads(cases, dtype)
+    err_w, err_b = rel_error(heads.weight.grad, ref_w), rel_error(heads.bias.grad, ref_b)
+    assert err_w <= 1e-5 and err_b <= 1e-5, f"{backend}/{dtype}: dW {err_w:.1e}, db {err_b:.1e}"
+    return err_w, err_b
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_k16_accumulation_within_1e5_of_float64(backend, dtype, capsys):
-    first = case_for(TASKS, (4, 13, 40), ignore_rate=0.0, nan_rate=0.0)
-    cases = [first] + [case_for(TASKS, (4, 13, 40), ignore_rate=0.0, nan_rate=0.0) for _ in range(K - 1)]
-    for case in cases[1:]:
-        case.weight, case.bias = first.weight, first.bias
-    heads = MultiTaskHeads(40, TASKS, backend=backend)
-    with torch.no_grad():
-        heads.weight.copy_(first.weight)
-        heads.bias.copy_(first.bias)
-    for case in cases:
-        with torch.autocast("cpu", dtype=dtype):
-            out = heads(case.hidden, case.labels)
-        (out.loss / K).backward()
-    assert heads.weight.grad.dtype == torch.float32
+    cases, heads = k16_accumulation(backend, dtype)
     ref_w, ref_b = _oracle_grads(cases, dtype)
     err_w, err_b = rel_error(heads.weight.grad, ref_w), rel_error(heads.bias.grad, ref_b)
     eager_w, eager_b = (rel_error(g, r) for g, r in zip(_eager_grads(cases, dtype), (ref_w, ref_b)))

@@ -432,6 +432,15 @@ def test_16_bit_parameters_accumulate_into_fp32_main_grad(monkeypatch, vocabular
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16)], ids=str)
+def test_k16_accumulation_within_1e5_of_float64(dtype):
+    """DESIGN's accumulation criterion on the triton backend: fp32 parameters, 16-bit compute,
+    K=16 micro-batches, head gradients within 1e-5 of float64."""
+    from test_grad_accumulation import check_k16_accumulation
+
+    check_k16_accumulation("triton", dtype, shape=(3, 7, 24))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16)], ids=str)
 @pytest.mark.parametrize("scale", [2.0**-20, 1.0, 2.0**10])
 def test_small_heads_weight_gradient_at_fp32_precision_at_any_scale(scale, dtype):
     check_small_heads_weight_gradient_precision(scale, dtype)
