@@ -222,6 +222,7 @@ class FusedHeadsLoss(torch.autograd.Function):
 # over its tensors alone: 22K fewer host instructions a bert-base-4task step with torch 2.11.
 _PYTHON_APPLY = isinstance(torch.autograd.Function.__dict__.get("apply"), classmethod)
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedHeadsLoss)
 
 
 def _apply_unwrapped(call: HeadCall, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
@@ -231,9 +232,6 @@ def _apply_unwrapped(call: HeadCall, main_grad_params, hidden, pooled, token_mas
     return _C_APPLY(call, main_grad_params, _unwrap_if_dead(hidden), None if pooled is None else _unwrap_if_dead(pooled),
                     None if token_mask is None else _unwrap_if_dead(token_mask),
                     *map(_unwrap_if_dead, (weight, bias, divisor_override, task_weights, *targets)))  # fmt: skip
-
-
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedHeadsLoss)
 
 
 def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,

@@ -1,7 +1,7 @@
 """Eager bf16 baseline errors for the bf16 criterion (eager's own error + 1e-2)."""
 
 import torch
-from oracle import Case, eager_total, make_heads, oracle, rel_error
+from oracle import TOLERANCE, Case, assert_matches_oracle, eager_total, grad_error, make_heads, oracle, rel_error
 
 BF16_MARGIN = 1e-2
 
@@ -26,13 +26,8 @@ def eager_errors(case: Case, device: str = "cuda") -> dict[str, float]:
     if pooled is not None:
         errors["pooled"] = rel_error(pooled.grad, ref_grads["pooled"])
     if case.log_vars is not None:
-        errors["log_vars"] = _grad_error("log_vars", heads.log_vars.grad, ref_grads["log_vars"])
+        errors["log_vars"] = grad_error("log_vars", heads.log_vars.grad, ref_grads["log_vars"])
     return errors
-
-
-def _grad_error(name: str, got, ref) -> float:
-    # d/ds_t = 0.5 - 0.5 exp(-s_t) L_t: measured on the loss term, as assert_matches_oracle does
-    return rel_error(got - 0.5, ref - 0.5) if name == "log_vars" and got is not None else rel_error(got, ref)
 
 
 def assert_within_eager_bf16_error(case: Case, out, grads: dict, device: str = "cuda", what: str = "",
@@ -50,7 +45,17 @@ def assert_within_eager_bf16_error(case: Case, out, grads: dict, device: str = "
         assert error <= bound, f"{context}: loss of {name} rel error {error:.3e}, eager's total {eager['loss']:.3e}"
     for name, eager_error in eager.items():
         if name != "loss" and name not in skip:
-            error = _grad_error(name, grads.get(name), ref_grads[name])
+            error = grad_error(name, grads.get(name), ref_grads[name])
             assert error <= eager_error + BF16_MARGIN, (
                 f"{context}: grad of {name} rel error {error:.3e}, eager's {eager_error:.3e}"
             )
+
+
+def assert_matches(case: Case, out, grads: dict, dtype: torch.dtype, what: str, device: str = "cpu",
+                   skip: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """fp32 and fp16 against the oracle within ``TOLERANCE``; bf16 within eager bf16's error plus
+    ``BF16_MARGIN`` (eager run on ``device``)."""
+    if dtype == torch.bfloat16:
+        assert_within_eager_bf16_error(case, out, grads, device, what, skip)
+    else:
+        assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], what, skip=skip)

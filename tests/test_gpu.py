@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from bench_eager import assert_within_eager_bf16_error
+from bench_eager import assert_matches, assert_within_eager_bf16_error
 from oracle import (
     TOLERANCE,
     assert_matches_oracle,
@@ -144,10 +144,7 @@ def test_triton_every_small_heads_candidate(monkeypatch, candidate, dtype):
                                                      autocast=bf16)  # fmt: skip
     except OutOfResources as error:
         pytest.skip(f"{shape} does not fit this GPU: {error}")
-    if not bf16:
-        assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{case.describe()}")
-        return
-    assert_within_eager_bf16_error(case, out, grads, DEVICE, "triton-gpu/bf16")
+    assert_matches(case, out, grads, dtype, f"triton-gpu/{dtype}", DEVICE)
 
 
 def test_triton_many_tasks_deterministic_and_repeatable():
