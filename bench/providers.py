@@ -115,8 +115,11 @@ def _torch_linear_ce(workload, linears, dtype):
 
 
 def _mtlfast(backend: str, **options):
+    """``MultiTaskHeads`` on ``backend``, built with ``validate=False`` unless ``options`` say otherwise."""
+    options = {"validate": False, **options}
+
     def build(workload, linears, dtype):
-        heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, validate=False, **options)
+        heads = MultiTaskHeads.from_linears(workload.tasks, linears, backend=backend, **options)
         if options.get("fuse_wgrad_accumulation"):  # held from the start, as Megatron holds it
             heads.weight.main_grad = torch.zeros_like(heads.weight, dtype=torch.float32)
 
@@ -171,6 +174,8 @@ PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
     "cce-exact": (_cce(exact=True), lambda d: _needs_module("cut_cross_entropy", d)),
     "liger": (_liger, lambda d: _needs_module("liger_kernel", d)),
     "mtlfast-triton-main-grad": (_mtlfast("triton", fuse_wgrad_accumulation=True), _triton_reason),
+    # the module's defaults: label values checked every step, in one launch and one host sync
+    "mtlfast-triton-validate": (_mtlfast("triton", validate=True), _triton_reason),
     "torch-linear-ce": (_torch_linear_ce, _linear_ce_reason),
     "mtlfast-torch": (_mtlfast("torch"), lambda d: None),
     "mtlfast-cuda": (None, _cuda_backend_reason),

@@ -18,7 +18,7 @@ from .backends import READS_FP32_ROWS, resolve_backend
 from .backends.base import HostValuesCache, device_type
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
-from .validation import check_call, check_values, grad_filter_threshold, main_grad_params
+from .validation import check_call, grad_filter_threshold, main_grad_params, raise_for_bad_values, start_value_checks
 
 
 @dataclass
@@ -174,8 +174,6 @@ def multitask_loss(
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if labels is not None and validate and not torch.compiler.is_compiling():
-        check_values(layout, labels, attention_mask, num_items_in_batch)
 
     logits = None
     if return_logits or labels is None:
@@ -208,6 +206,12 @@ def multitask_loss(
         op_pooled = None
     targets = [_flat_target(labels[task.name], shape, dtype)
                for task, shape, dtype in zip(plan.present_tasks, plan.target_shapes, plan.target_dtypes)]  # fmt: skip
+    # The checks' verdicts are read after the op's forward is issued: the GPU runs it while the
+    # host waits for them. A bad class id is skipped there until then, never read out of bounds.
+    value_checks = None
+    if validate and not torch.compiler.is_compiling():
+        value_checks = start_value_checks(plan.present_tasks, call.heads, targets, token_mask, num_items_in_batch,
+                                         call.backend)  # fmt: skip
     device = hidden.device
     divisor_override = plan.divisor_override
     if divisor_override is None:
@@ -226,6 +230,8 @@ def multitask_loss(
 
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
                                      weight_per_task, main_grad_targets)  # fmt: skip
+    if value_checks is not None:
+        raise_for_bad_values(value_checks)
     if weighting == "uncertainty" and plan.present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
     detached = losses.detach() if losses.requires_grad else losses  # the eager op marks them non-differentiable

@@ -1,20 +1,22 @@
 """Input checks. Each error names the task (or argument) and the problem.
 
-:func:`check_call` needs no host synchronisation and always runs. :func:`check_values`
-looks at label values, costs one host sync, and runs only with ``validate=True``
-outside ``torch.compile`` tracing.
+:func:`check_call` needs no host synchronisation and always runs. :func:`start_value_checks`
+and :func:`raise_for_bad_values` look at label values, cost one host sync, and run only with
+``validate=True`` outside ``torch.compile`` tracing.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .task import Task, TaskLayout
+from .backends import get_backend
+from .task import HeadSpec, Task, TaskLayout
 
 WEIGHTINGS = ("static", "uncertainty")
 
@@ -218,32 +220,67 @@ def _check_task_weights(
             raise ValueError(f"{where}: task weight must be finite, got {value}")
 
 
-def check_values(
-    layout: TaskLayout,
-    labels: Mapping[str, Tensor],
-    attention_mask: Tensor | None,
+class ValueChecks(NamedTuple):
+    """Checks of values under way on the device (:func:`start_value_checks`)."""
+
+    flags: Tensor  # [checks, P]: nonzero where a check found a value out of range
+    subjects: tuple[Task | str, ...]  # per check: the task whose targets it looks at, or the name of a tensor count
+
+
+def start_value_checks(
+    tasks: Sequence[Task],
+    heads: Sequence[HeadSpec],
+    targets: Sequence[Tensor],
+    token_mask: Tensor | None,
     num_items_in_batch: Mapping[str, int | Tensor] | None,
-) -> None:
-    """Label values: class ids in [0, C) or ignore_index, bce targets in [0, 1]. One host sync."""
-    flags: list[tuple[str, str, Tensor]] = []
-    for name, label in labels.items():
-        task = layout.tasks[layout.index[name]]
-        if task.loss == "cross_entropy":
-            bad = (label != task.ignore_index) & ((label < 0) | (label >= task.num_outputs))
-            if task.level == "token" and attention_mask is not None:
-                bad = bad & (attention_mask != 0)
-            flags.append((name, f"class ids must lie in [0, {task.num_outputs}) or equal ignore_index "
-                                f"{task.ignore_index}", bad.any()))  # fmt: skip
-        elif task.loss == "bce":
-            bad = (label < 0) | (label > 1)
-            flags.append((name, "bce targets must lie in [0, 1] (NaN marks a skipped row)", bad.any()))
-    for name, value in (num_items_in_batch or {}).items():
-        if isinstance(value, Tensor):
-            flags.append((name, "num_items_in_batch must be >= 0", value < 0))
-    if not flags:
-        return
-    device = flags[0][2].device
-    found = torch.stack([flag.reshape(()).to(device) for _, _, flag in flags]).tolist()
-    for (name, problem, _), bad in zip(flags, found):
-        if bad:
-            raise ValueError(f"task '{name}': {problem}")
+    backend: str,
+) -> ValueChecks | None:
+    """Starts the checks of target values: class ids in [0, C) or ignore_index (for token tasks,
+    where ``token_mask`` holds), bce targets in [0, 1]; tensors of ``num_items_in_batch`` >= 0.
+    Their flags stay on the device for :func:`raise_for_bad_values` to read in one host sync;
+    None when nothing needs checking.
+
+    ``tasks``, their ``heads`` and the op's ``targets`` (cross-entropy int64 [rows], bce/mse
+    float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. The ``triton``
+    backend checks every task's targets in one kernel launch; otherwise (and beside tensors of
+    ``num_items_in_batch``) torch ops check each task's."""
+    counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
+    checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
+    if not checked and not counts:
+        return None
+    if backend == "triton" and not counts:
+        flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask)
+        if flags is not None:
+            return ValueChecks(flags, tuple(tasks))
+    flags = [_bad_target_flag(task, target, token_mask) for task, target in checked]
+    flags += [(value < 0).reshape(()) for _, value in counts]
+    device = flags[0].device
+    subjects = (*(task for task, _ in checked), *(name for name, _ in counts))
+    return ValueChecks(torch.stack([flag.to(device) for flag in flags]).unsqueeze(1), subjects)
+
+
+def raise_for_bad_values(checks: ValueChecks) -> None:
+    """Reads the flags of :func:`start_value_checks` (one host sync) and raises a ``ValueError``
+    naming the first task whose values are out of range."""
+    for row, subject in zip(checks.flags.tolist(), checks.subjects):
+        if any(row):
+            if isinstance(subject, str):
+                raise ValueError(f"task '{subject}': num_items_in_batch must be >= 0")
+            raise ValueError(f"task '{subject.name}': {_range_problem(subject)}")
+
+
+def _bad_target_flag(task: Task, target: Tensor, token_mask: Tensor | None) -> Tensor:
+    """0-dim bool: whether ``target`` holds a value out of range for ``task``, a cross-entropy or
+    bce task (see :func:`start_value_checks`)."""
+    if task.loss == "cross_entropy":
+        bad = (target != task.ignore_index) & ((target < 0) | (target >= task.num_outputs))
+        if task.level == "token" and token_mask is not None:
+            bad = bad & token_mask
+        return bad.any()
+    return ((target < 0) | (target > 1)).any()
+
+
+def _range_problem(task: Task) -> str:
+    if task.loss == "cross_entropy":
+        return f"class ids must lie in [0, {task.num_outputs}) or equal ignore_index {task.ignore_index}"
+    return "bce targets must lie in [0, 1] (NaN marks a skipped row)"

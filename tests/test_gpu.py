@@ -456,6 +456,57 @@ def test_training_step_never_syncs(backend):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_validate_checks_values_in_one_sync(backend):
+    """validate=True on a GPU (the triton backend's label check kernel, the torch backend's ops):
+    a step syncs with the host once, gives the loss and gradients of validate=False,
+    and a value out of range is a ValueError naming its task (a class id of a small head and of a
+    vocabulary head, a bce target), also where the attention mask leaves it out on another task."""
+    import warnings
+
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"), Task("r", 1, "mse"),
+             Task("lm", 300, "cross_entropy", level="token"), Task("tags", 4, "bce")]  # fmt: skip
+    checked = MultiTaskHeads(64, tasks, backend=backend).to(DEVICE)
+    unchecked = MultiTaskHeads(64, tasks, backend=backend, validate=False).to(DEVICE)
+    unchecked.load_state_dict(checked.state_dict())
+    h = torch.randn(2, 17, 64, device=DEVICE)
+    mask = torch.ones(2, 17, dtype=torch.long, device=DEVICE)
+    mask[1, 9:] = 0
+    labels = {"cls": torch.randint(0, 3, (2,), device=DEVICE), "ner": torch.randint(0, 9, (2, 17), device=DEVICE),
+              "r": torch.randn(2, device=DEVICE), "lm": torch.randint(0, 300, (2, 17), device=DEVICE),
+              "tags": torch.rand(2, 4, device=DEVICE)}  # fmt: skip
+    labels["ner"][1, 12] = 99  # behind the mask
+
+    def step(heads, labels):
+        heads.zero_grad(set_to_none=True)
+        hidden = h.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = heads(hidden, labels, attention_mask=mask).loss
+        loss.backward()
+        return loss.detach(), hidden.grad, heads.weight.grad
+
+    step(checked, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = step(checked, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    for got, expected in zip(results, step(unchecked, labels)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name, position, value, match in [("cls", (0,), 3, "class ids must lie in \\[0, 3\\)"),
+                                         ("lm", (0, 4), 300, "class ids must lie in \\[0, 300\\)"),
+                                         ("tags", (1, 2), 1.5, "bce targets must lie in \\[0, 1\\]")]:  # fmt: skip
+        bad = {**labels, name: labels[name].clone()}
+        bad[name][position] = value
+        with pytest.raises(ValueError, match=f"task '{name}': {match}"):
+            step(checked, bad)
+
+
 def test_cuda_graph_replays_a_training_step():
     """A whole step (small and vocabulary heads, forward and backward) captured in a CUDA graph
     and replayed on new inputs copied into the captured tensors matches an eager step, also once

@@ -25,7 +25,7 @@ from mtlfast.bench.registers import (  # noqa: E402
     small_heads_candidate,
 )
 from mtlfast.bench.registers import resource_usage as cubin_resource_usage  # noqa: E402
-from mtlfast.kernels import filtered_matmul, large_ce, loss_finalize, small_heads  # noqa: E402
+from mtlfast.kernels import filtered_matmul, label_check, large_ce, loss_finalize, small_heads  # noqa: E402
 
 from mtlfast.backends import READS_FP32_ROWS, TRITON_VERSION, triton_fused  # noqa: E402
 
@@ -120,6 +120,13 @@ def _compile_loss_finalize(target: str):
     return compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
 
 
+def _compile_label_check(target: str, has_mask: bool):
+    pointers = {"target_table_ptr": "*i64", "spec_ptr": "*i64", "mask_ptr": "*i1" if has_mask else "*i64",
+                "flags_ptr": "*i32"}  # fmt: skip
+    constexprs = {"BLOCK": label_check.BLOCK, "HAS_MASK": has_mask}
+    return compile_for(target, label_check.label_check_kernel, pointers, constexprs, num_warps=4)
+
+
 def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple:
     """The vocabulary path's two streaming kernels: online LSE and dlogits (without and with
     the filter), then both with a softcap (dlogits with the filter and a z-loss); with ``aligned`` their
@@ -212,6 +219,13 @@ def test_reduce_kernel_compiles(target, accumulate):
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_loss_finalize_kernel_compiles(target):
     _compile_loss_finalize(target)
+
+
+@pytest.mark.parametrize("has_mask", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_label_check_kernel_compiles(target, has_mask):
+    registers, stack = resource_usage(_compile_label_check(target, has_mask))  # a streaming pass: no spills
+    assert registers <= 128 and stack == 0, (registers, stack)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -315,6 +329,8 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
     for accumulate in (False, True):
         _compile_reduce(target, accumulate)
     _compile_loss_finalize(target)
+    for has_mask in (False, True):
+        _compile_label_check(target, has_mask)
     _compile_large_ce(target, compute)
     _compile_filtered_matmul(target, compute)
 

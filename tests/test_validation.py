@@ -240,3 +240,22 @@ def test_numpy_numbers_are_numbers():
     got = heads(hidden, labels, task_weights={"ner": np.float32(0.5)}, num_items_in_batch={"ner": np.int64(7)})
     expected = heads(hidden, labels, task_weights={"ner": 0.5}, num_items_in_batch={"ner": 7})
     torch.testing.assert_close(got.loss, expected.loss)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bad_class_ids_are_a_value_error_whatever_the_head(backend):
+    """The op's forward is issued before the values' verdict is read, so it meets the bad ids
+    first: on every path (class weights, smoothing, a softcap, a vocabulary-sized head, both
+    levels) they are skipped, never indexed with, and the error is the ValueError naming the task."""
+    tasks = [Task("cls", 3, "cross_entropy", class_weights=[0.5, 1.0, 2.0], label_smoothing=0.1),
+             Task("ner", 5, "cross_entropy", level="token", softcap=2.0),
+             Task("tags", 4, "cross_entropy", level="token", class_weights=[1.0, 0.0, 3.0, 0.5]),
+             Task("vocab", 300, "cross_entropy", level="token", z_loss=1e-4)]  # fmt: skip
+    heads = MultiTaskHeads(D, tasks, backend=backend)
+    for name in ("cls", "ner", "tags", "vocab"):
+        for bad in (-(2**40), -7, 300, 2**40):
+            labels = {"cls": torch.tensor([0, 2]), "ner": torch.randint(0, 5, (B, S)),
+                      "tags": torch.randint(0, 4, (B, S)), "vocab": torch.randint(0, 300, (B, S))}  # fmt: skip
+            labels[name].view(-1)[-1] = bad
+            with pytest.raises(ValueError, match=f"task '{name}': class ids must lie in"):
+                heads(torch.randn(B, S, D), labels)

@@ -36,7 +36,7 @@ per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..task import BCE
 from . import TRITON_VERSION, torch_chunked
 from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
 
@@ -76,10 +77,10 @@ def alloc_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 @cache
 def _kernels() -> SimpleNamespace:
     """The kernel modules, imported on first use (this module imports without triton)."""
-    from ..kernels import filtered_matmul, large_ce, loss_finalize, small_heads
+    from ..kernels import filtered_matmul, label_check, large_ce, loss_finalize, small_heads
 
     return SimpleNamespace(small_heads=small_heads, large_ce=large_ce, loss_finalize=loss_finalize,
-                           filtered_matmul=filtered_matmul)  # fmt: skip
+                           filtered_matmul=filtered_matmul, label_check=label_check)  # fmt: skip
 
 
 def _is_small(head: HeadSpec) -> bool:
@@ -302,14 +303,44 @@ def _target_dtypes(heads: tuple[HeadSpec, ...]) -> tuple[torch.dtype, ...]:
     return tuple(torch.int64 if head.is_ce else torch.float32 for head in heads)
 
 
-def _target_table(problem: HeadProblem, capturing: bool) -> Tensor:
+def _target_table(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], device: torch.device,
+                  capturing: bool | None = None) -> Tensor:  # fmt: skip
     """int64 [T]: the address of each task's targets (int64 [rows] or fp32 [rows, C], contiguous)."""
-    for target, expected in zip(problem.targets, _target_dtypes(problem.heads)):
+    for target, expected in zip(targets, _target_dtypes(heads)):
         if target.dtype != expected or not target.is_contiguous():
             raise ValueError(f"triton backend: targets must be contiguous {expected}, got {target.dtype}")
-    device = problem.hidden.device
-    addresses = tuple(t.data_ptr() for t in problem.targets)
+    addresses = tuple(t.data_ptr() for t in targets)
     return _TABLES.get((device, *addresses), addresses, torch.int64, device, capturing)
+
+
+# The label check's spec tensors by (device, values): a loop's tasks and shapes recur.
+_CHECK_SPECS = HostValuesCache(kept=64)
+
+
+def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
+                     ) -> Tensor | None:  # fmt: skip
+    """int32 ``[T, P]``, nonzero where a task's targets hold a value out of range
+    (``validation.start_value_checks``), checked for every task in one launch of
+    ``label_check_kernel``; None where the kernels do not take these targets (fp64 ones, a GPU
+    they do not compile for)."""
+    device = targets[0].device
+    if any(t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))) or not _kernels_compile_on(device):
+        return None
+    label_check = _kernels().label_check
+    spec, max_elements = [], 0
+    for head, target in zip(heads, targets):
+        if head.is_ce:
+            kind = label_check.MASKED_CLASS_IDS if head.is_token and token_mask is not None else label_check.CLASS_IDS
+        else:
+            kind = label_check.UNIT_INTERVAL if head.kind == BCE else label_check.UNCHECKED
+        elements = target.numel() if kind != label_check.UNCHECKED else 0
+        spec += (elements, kind, head.num_cols, head.ignore_index)
+        max_elements = max(max_elements, elements)
+    spec = tuple(spec)
+    spec_tensor = _CHECK_SPECS.get((device, spec), spec, torch.int64, device)
+    flags = alloc_output((len(heads), label_check.flag_programs(max_elements)), torch.int32, device)
+    label_check.flag_bad_targets(_target_table(heads, targets, device), spec_tensor, token_mask, flags)
+    return flags
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
@@ -591,7 +622,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     device = problem.hidden.device
     heads = problem.heads
     n_tasks = len(heads)
-    table = _target_table(problem, capturing)
+    table = _target_table(problem.heads, problem.targets, problem.hidden.device, capturing)
     step = _step(problem)
     large = step.large
     plan = step.small

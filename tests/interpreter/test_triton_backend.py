@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from bench_eager import assert_matches
 from bf16_emulation import emulate_bf16
+from mtlfast.kernels import label_check
 from mtlfast.kernels.tiling import tf32_split
 from oracle import (
     TOLERANCE,
@@ -43,6 +44,7 @@ from oracle import (
 
 from mtlfast import MultiTaskHeads, Task
 from mtlfast.backends import triton_fused
+from mtlfast.task import TaskLayout
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,16 +52,18 @@ DTYPES = [torch.float32, torch.float16]
 # bf16 tests need the interpreter's bf16 dot and cast mended (bf16_emulation.py), here for this process
 needs_bf16 = pytest.mark.skipif(not emulate_bf16(), reason="this triton's interpreter lacks what the bf16 emulation mends")
 ALL_DTYPES = [*DTYPES, pytest.param(torch.bfloat16, marks=needs_bf16)]
+POISON_INT = -0x5A5A5A5B
+
+
+def poisoned_buffer(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A buffer of NaN (an integer one of ``POISON_INT``), where an element a kernel leaves unwritten shows."""
+    return torch.full(shape, float("nan") if dtype.is_floating_point else POISON_INT, dtype=dtype, device=device)
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels must overwrite starts as NaN: an unwritten element fails."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
+    """Every buffer the kernels must overwrite starts poisoned: an unwritten element fails."""
+    monkeypatch.setattr(triton_fused, "alloc_output", poisoned_buffer)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -223,7 +227,7 @@ def test_partials_hold_only_used_slots(monkeypatch, class_weights, rows):
     buffers = []
 
     def poisoned(shape, dtype, device):
-        buffer = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        buffer = poisoned_buffer(shape, dtype, device)
         buffers.append(buffer)
         return buffer
 
@@ -706,9 +710,11 @@ def test_hidden_with_other_strides(layout):
         assert torch.equal(base.grad[..., 1::2], torch.zeros_like(base.grad[..., 1::2]))
 
 
-def test_launch_count_does_not_grow_with_tasks(monkeypatch):
+@pytest.mark.parametrize("validate", [False, True], ids=["validate-False", "validate-True"])
+def test_launch_count_does_not_grow_with_tasks(monkeypatch, validate):
     """One training step launches the same number of Triton kernels for 4 and 40 small
-    heads, and at most 4 (forward, loss epilogue, backward, partials reduction)."""
+    heads, and at most 4 (forward, loss epilogue, backward, partials reduction); with
+    ``validate=True`` one more, the label check."""
     from mtlfast.kernels import large_ce, launcher, loss_finalize, small_heads
 
     launches = []
@@ -724,7 +730,7 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch):
         def __getattr__(self, attr):
             return getattr(self.kernel, attr)
 
-    for module in (small_heads, large_ce, loss_finalize):
+    for module in (small_heads, large_ce, loss_finalize, label_check):
         for attr, value in list(vars(module).items()):
             if attr.endswith("_kernel") and type(value).__module__.startswith("triton.runtime"):
                 monkeypatch.setattr(module, attr, Counting(value, attr))
@@ -734,21 +740,23 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch):
     def count(num_tasks):
         launches.clear()
         case = random_case(num_tasks=num_tasks, max_classes=8, shape=(2, 5, 12), allow_extras=False)
-        run_heads(case, "triton", torch.float32)
+        run_heads(case, "triton", torch.float32, validate=validate)
         return len(launches)
 
     four, forty = count(4), count(40)
-    assert 0 < four == forty <= 4, (four, forty)
+    assert 0 < four == forty <= 4 + validate, (four, forty)
 
 
+@pytest.mark.parametrize("validate", [False, True], ids=["validate-False", "validate-True"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
+def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic, validate):
     """Beside its Triton kernels, a training step whose plan is made runs the same torch ops
     (views and allocations aside) for 4 and 40 small heads of random losses, levels and options
     (class and positive weights, smoothing, softcaps, z-losses), with an attention mask and
     uncertainty weighting: nothing is worked out per task, not even class-weighted divisors
     (the kernel sums them, in partials when deterministic). Both levels are always present
-    (a token task brings the mask's own ops), with a class-weighted head each."""
+    (a token task brings the mask's own ops), with a class-weighted head each. With
+    ``validate=True`` too: the label values are checked in one launch, not by ops per task."""
     from mtlfast.kernels import launcher
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -782,7 +790,7 @@ def test_torch_ops_do_not_grow_with_tasks(monkeypatch, deterministic):
         case.weighting = "uncertainty"
         case.log_vars = torch.randn(num_tasks) * 0.5
         case.attention_mask = (torch.rand(2, 5) > 0.3).long()
-        heads = make_heads(case, "triton", validate=False, deterministic=deterministic)
+        heads = make_heads(case, "triton", validate=validate, deterministic=deterministic)
         hidden = case.hidden.clone().requires_grad_(True)
 
         def step():
@@ -1065,3 +1073,117 @@ def test_every_small_heads_candidate(monkeypatch, candidate, dtype):
     atomics = (small_heads_candidates().index(candidate) + [*DTYPES, torch.bfloat16].index(dtype)) % 2 == 1
     case, out, grads = run_small_heads_candidate(monkeypatch, block_c, shape, "cpu", dtype, atomics, autocast=bf16)
     assert_matches(case, out, grads, dtype, f"triton/{dtype}")
+
+
+def _expected_program_flags(bad: torch.Tensor, programs: int) -> list[int]:
+    """Per program of the label check, whether one of the elements it walks (blocks ``p``,
+    ``p + programs``, ...) is flagged in ``bad`` (flat bool)."""
+    block = label_check.BLOCK
+    owner = (torch.arange(bad.numel()) // block) % programs
+    return [int(bad[owner == p].any()) for p in range(programs)]
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_label_check_flags_every_program_and_task(trial):
+    """``label_check_kernel``'s flags [T, P], poisoned before the launch, element by element
+    against a check of its own here: random tasks (class ids at either level, with an attention
+    mask or without; bce; mse, which is never flagged) holding out-of-range values at random
+    places, none in some tasks, some behind the mask (not flagged) and among ignore indices and
+    NaNs (not flagged either). Odd trials add a bce task of 80000 targets, more than the
+    programs' first pass covers."""
+    rng = random.Random(fresh_seed())
+    batch, seq_len = rng.randint(1, 4), rng.randint(1, 40)
+    mask = (torch.rand(batch * seq_len) < 0.7) if rng.random() < 0.7 else None
+    tasks, targets, bad_by_task = [], [], []
+    for k in range(rng.randint(1, 7) + trial % 2):
+        big = trial % 2 and k == 0
+        loss = "bce" if big else rng.choice(["cross_entropy", "cross_entropy", "bce", "mse"])
+        level = rng.choice(["sequence", "token"])
+        classes = 2000 if big else rng.randint(2, 12)
+        task = Task(f"t{k}", classes, loss, level=level, ignore_index=rng.choice([-100, -1, classes, 255]))
+        rows = batch * seq_len if level == "token" else batch
+        if big:
+            rows = 40
+        if loss == "cross_entropy":
+            target = torch.randint(0, classes, (rows,))
+            target[torch.rand(rows) < 0.2] = task.ignore_index
+            wrong = torch.tensor([classes, classes + 7, -1, -2**40, 2**40], dtype=torch.int64)
+        else:
+            target = torch.rand(rows, classes)
+            target[torch.rand(rows, classes) < 0.1] = float("nan")
+            wrong = torch.tensor([1.0 + 2**-20, -(2**-30), 2.0, float("inf"), -float("inf")])
+        flat = target.view(-1)
+        for _ in range(rng.choice([2, 3] if big else [0, 0, 1, 3])):
+            flat[rng.randrange(flat.numel())] = wrong[rng.randrange(wrong.numel())]
+        if loss == "cross_entropy":
+            bad = (flat != task.ignore_index) & ((flat < 0) | (flat >= classes))
+            if level == "token" and mask is not None:
+                bad &= mask
+        elif loss == "bce":
+            bad = (flat.double() < 0) | (flat.double() > 1)
+        else:
+            bad = torch.zeros(0, dtype=torch.bool)
+        tasks.append(task)
+        targets.append(target)
+        bad_by_task.append(bad)
+    heads = TaskLayout(tuple(tasks)).heads
+    flags = triton_fused.flag_bad_targets(heads, targets, mask)
+    programs = label_check.flag_programs(max(bad.numel() for bad in bad_by_task))
+    assert flags.shape == (len(tasks), programs) and flags.dtype == torch.int32
+    expected = [_expected_program_flags(bad, programs) for bad in bad_by_task]
+    assert flags.tolist() == expected, [(t.name, t.loss, t.level, t.ignore_index) for t in tasks]
+
+
+@pytest.mark.parametrize(
+    "label, value, mask_it, match",
+    [
+        ("sentiment", 3, False, "task 'sentiment'.*class ids must lie in \\[0, 3\\)"),
+        ("sentiment", -1, False, "task 'sentiment'.*class ids"),
+        ("ner", 9, False, "task 'ner'.*class ids must lie in \\[0, 9\\) or equal ignore_index -100"),
+        ("ner", 9, True, None),
+        ("topics", 1.5, False, "task 'topics'.*\\[0, 1\\]"),
+        ("topics", -0.5, False, "task 'topics'.*\\[0, 1\\]"),
+        ("topics", float("nan"), False, None),
+        ("vocab", 300, False, "task 'vocab'.*class ids must lie in \\[0, 300\\)"),
+    ],
+)
+@pytest.mark.parametrize("how", ["kernel", "fp64", "num-items-tensor"])
+def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, match, how):
+    """``validate=True`` on the triton backend: one label-check launch for every task (the
+    small heads, the vocabulary head), or where it does not apply (fp64, tensors among
+    ``num_items_in_batch``) torch ops; either way a value out of range is a ValueError naming
+    its task, and one behind the attention mask, or a NaN bce target, is not."""
+    tasks = [Task("sentiment", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
+             Task("score", 1, "mse"), Task("topics", 4, "bce"), Task("vocab", 300, "cross_entropy", level="token")]  # fmt: skip
+    batch, seq_len, hidden_size = 2, 5, 8
+    dtype = torch.float64 if how == "fp64" else torch.float32
+    heads = MultiTaskHeads(hidden_size, tasks, backend="triton").to(dtype)
+    labels = {"sentiment": torch.tensor([0, 2]), "ner": torch.randint(0, 9, (batch, seq_len)),
+              "score": torch.randn(batch), "topics": torch.rand(batch, 4),
+              "vocab": torch.randint(0, 300, (batch, seq_len))}  # fmt: skip
+    labels[label].view(-1)[-1] = value
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if mask_it:
+        mask[-1, -1] = 0
+    num_items = {"ner": torch.tensor(7)} if how == "num-items-tensor" else None
+    launches = []
+    launch = label_check.flag_bad_targets
+
+    def counted(*args):
+        launches.append(1)
+        return launch(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(label_check, "flag_bad_targets", counted)
+        call = lambda: heads(torch.randn(batch, seq_len, hidden_size, dtype=dtype), labels, attention_mask=mask,  # noqa: E731
+                             num_items_in_batch=num_items)  # fmt: skip
+        if match is None:
+            assert torch.isfinite(call().loss)
+        else:
+            with pytest.raises(ValueError, match=match):
+                call()
+    assert len(launches) == (1 if how == "kernel" else 0)
+    if how == "num-items-tensor":
+        with pytest.raises(ValueError, match="task 'ner'.*num_items_in_batch must be >= 0"):
+            heads(torch.randn(batch, seq_len, hidden_size), {"ner": labels["ner"].clamp(0, 8)},
+                  num_items_in_batch={"ner": torch.tensor(-2)})  # fmt: skip
