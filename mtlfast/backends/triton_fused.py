@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..task import BCE
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, host_values_to, mm_acc, weight_in
 
 if TYPE_CHECKING:
     from ..kernels.small_heads import SmallHeadsLaunch
@@ -313,8 +313,10 @@ def _target_table(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], device
     return _TABLES.get((device, *addresses), addresses, torch.int64, device, capturing)
 
 
-# The label check's spec tensors by (device, values): a loop's tasks and shapes recur.
-_CHECK_SPECS = HostValuesCache(kept=64)
+# The label check's spec tensor and program count by (heads, device, mask or not, each task's
+# target elements): a loop's tasks and shapes recur. The oldest dropped past CHECKS_KEPT.
+_CHECKS: dict[tuple, tuple[Tensor, int]] = {}
+CHECKS_KEPT = 256
 
 
 def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
@@ -326,21 +328,32 @@ def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], tok
     device = targets[0].device
     if any(t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))) or not _kernels_compile_on(device):
         return None
+    key = (heads, device, token_mask is not None, *[t.numel() for t in targets])
+    check = _CHECKS.get(key)
+    if check is None:
+        if len(_CHECKS) >= CHECKS_KEPT:
+            _CHECKS.pop(next(iter(_CHECKS)), None)
+        check = _CHECKS[key] = _label_check_spec(heads, key[3:], token_mask is not None, device)
+    spec, programs = check
+    flags = alloc_output((len(heads), programs), torch.int32, device)
+    _kernels().label_check.flag_bad_targets(_target_table(heads, targets, device), spec, token_mask, flags)
+    return flags
+
+
+def _label_check_spec(heads: tuple[HeadSpec, ...], elements: tuple[int, ...], masked: bool, device: torch.device,
+                      ) -> tuple[Tensor, int]:  # fmt: skip
+    """The label check's spec (int64 [T, 4] on ``device``: elements, kind, classes, ignore index)
+    and its programs per task, for targets of ``elements`` each (``masked``: with a token mask)."""
     label_check = _kernels().label_check
-    spec, max_elements = [], 0
-    for head, target in zip(heads, targets):
+    spec = []
+    for head, count in zip(heads, elements):
         if head.is_ce:
-            kind = label_check.MASKED_CLASS_IDS if head.is_token and token_mask is not None else label_check.CLASS_IDS
+            kind = label_check.MASKED_CLASS_IDS if head.is_token and masked else label_check.CLASS_IDS
         else:
             kind = label_check.UNIT_INTERVAL if head.kind == BCE else label_check.UNCHECKED
-        elements = target.numel() if kind != label_check.UNCHECKED else 0
-        spec += (elements, kind, head.num_cols, head.ignore_index)
-        max_elements = max(max_elements, elements)
-    spec = tuple(spec)
-    spec_tensor = _CHECK_SPECS.get((device, spec), spec, torch.int64, device)
-    flags = alloc_output((len(heads), label_check.flag_programs(max_elements)), torch.int32, device)
-    label_check.flag_bad_targets(_target_table(heads, targets, device), spec_tensor, token_mask, flags)
-    return flags
+        spec.append((count if kind != label_check.UNCHECKED else 0, kind, head.num_cols, head.ignore_index))
+    programs = label_check.flag_programs(max(row[0] for row in spec))
+    return host_values_to(tuple(v for row in spec for v in row), torch.int64, device), programs
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
