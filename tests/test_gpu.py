@@ -38,12 +38,13 @@ DEVICE = "cuda"
 
 @pytest.fixture(autouse=True)
 def checked_fixed_launch_keys(monkeypatch):
-    """Every launch keyed on a fixed key (the small path's) also works its full key out and
-    checks it against the first one seen for that fixed key: a fixed key that does not fix its
-    arguments fails the test instead of launching another variant."""
-    from mtlfast.kernels import loss_finalize, small_heads
+    """Every launch keyed on a fixed key (the small path's, the label check's) also works its full
+    key out and checks it against the first one seen for that fixed key: a fixed key that does
+    not fix its arguments fails the test instead of launching another variant."""
+    from mtlfast.kernels import label_check, loss_finalize, small_heads
 
-    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
+    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch,
+                   label_check._launch):  # fmt: skip
         monkeypatch.setattr(direct, "check_fixed", True)
 
 
