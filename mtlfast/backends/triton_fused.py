@@ -331,9 +331,12 @@ def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], tok
     key = (heads, device, token_mask is not None, *[t.numel() for t in targets])
     check = _CHECKS.get(key)
     if check is None:
-        if len(_CHECKS) >= CHECKS_KEPT:
-            _CHECKS.pop(next(iter(_CHECKS)), None)
-        check = _CHECKS[key] = _label_check_spec(heads, key[3:], token_mask is not None, device)
+        check = _label_check_spec(heads, key[3:], token_mask is not None, device)
+        # a spec copied under CUDA graph capture is only copied at a replay: not kept for later calls
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_CHECKS) >= CHECKS_KEPT:
+                _CHECKS.pop(next(iter(_CHECKS)), None)
+            _CHECKS[key] = check
     spec, programs = check
     flags = alloc_output((len(heads), programs), torch.int32, device)
     _kernels().label_check.flag_bad_targets(_target_table(heads, targets, device), spec, token_mask, flags)
