@@ -15,9 +15,8 @@ import triton.language as tl
 
 from .launcher import DirectLauncher, cdiv
 
-# A task's kind in the spec: what its targets must hold.
+# A task's kind in the spec: what its targets must hold (the kernel compares with these numbers).
 UNCHECKED, CLASS_IDS, MASKED_CLASS_IDS, UNIT_INTERVAL = 0, 1, 2, 3
-SPEC_FIELDS = 4  # elements, kind, classes, ignore_index
 BLOCK = 1024
 MAX_PROGRAMS = 64  # per task: the strided loop covers the rest
 
@@ -41,7 +40,7 @@ def label_check_kernel(target_table_ptr, spec_ptr, mask_ptr, flags_ptr, n_progra
     address = tl.load(target_table_ptr + t)
     class_ptr = address.to(tl.pointer_type(tl.int64))
     unit_ptr = address.to(tl.pointer_type(tl.float32))
-    is_unit = kind == 3
+    is_unit = kind == 3  # UNIT_INTERVAL
     offsets = tl.arange(0, BLOCK)
     found = tl.zeros((BLOCK,), dtype=tl.int32)
     for start in range(p * BLOCK, numel, n_programs * BLOCK):
@@ -50,7 +49,7 @@ def label_check_kernel(target_table_ptr, spec_ptr, mask_ptr, flags_ptr, n_progra
         ids = tl.load(class_ptr + index, mask=ok & ~is_unit, other=0)
         bad_id = (ids != ignore_index) & ((ids < 0) | (ids >= classes))
         if HAS_MASK:
-            kept = tl.load(mask_ptr + index, mask=ok & (kind == 2), other=1) != 0
+            kept = tl.load(mask_ptr + index, mask=ok & (kind == 2), other=1) != 0  # MASKED_CLASS_IDS
             bad_id = bad_id & kept
         values = tl.load(unit_ptr + index, mask=ok & is_unit, other=0.0)
         bad = tl.where(is_unit, (values < 0.0) | (values > 1.0), bad_id) & ok
