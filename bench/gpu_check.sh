@@ -199,7 +199,7 @@ if [[ $PART == bench || $PART == all ]]; then
         # the same steps' host work on this host's CPU with the kernels stubbed (bench/host_time.py,
         # CPU tensors), beside the figures the dev host gives: this CPU's speed apart from the GPU's
         OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 TRITON_INTERPRET=1 timed $((profile_s / 6)) "host time stand-in" \
-            "$PY" -m mtlfast.bench.host_time eager mtlfast-triton >"$WORK/host-time-stand-in.txt" 2>&1
+            "$PY" -m mtlfast.bench.host_time eager mtlfast-triton mtlfast-triton-validate >"$WORK/host-time-stand-in.txt" 2>&1
         grep " per step" "$WORK/host-time-stand-in.txt" | tee -a "$SUMMARY"
         # with time to spare: bert-base with fp32 hidden states, as a BERT under autocast gives them
         if (($(left) >= 60)); then
