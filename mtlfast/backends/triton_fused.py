@@ -31,6 +31,9 @@ call. fp32 rows with 16-bit compute (an encoder output under autocast) are read 
 the small-heads kernel rounds them on chip, the vocabulary and wide paths cast a copy once
 per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
 (whose compiler fails on the kernels there) run the ``torch`` backend instead.
+
+With ``validate=True`` the label values of every task are checked in one launch of
+``label_check_kernel`` (:func:`flag_bad_targets`), whose flags the caller reads in its one host sync.
 """
 
 from __future__ import annotations
