@@ -242,20 +242,25 @@ def start_value_checks(
 
     ``tasks``, their ``heads`` and the op's ``targets`` (cross-entropy int64 [rows], bce/mse
     float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. The ``triton``
-    backend checks every task's targets in one kernel launch; otherwise (and beside tensors of
-    ``num_items_in_batch``) torch ops check each task's."""
+    backend checks every task's targets in one kernel launch, otherwise torch ops check each
+    task's; tensors of ``num_items_in_batch`` are compared by torch ops."""
     counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
         return None
-    if backend == "triton" and not counts:
-        flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask)
-        if flags is not None:
-            return ValueChecks(flags, tuple(tasks))
-    flags = [_bad_target_flag(task, target, token_mask) for task, target in checked]
-    flags += [(value < 0).reshape(()) for _, value in counts]
+    count_flags = [(value < 0).reshape(()) for _, value in counts]
+    count_names = tuple(name for name, _ in counts)
+    target_flags = None
+    if backend == "triton" and targets:
+        target_flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask)
+    if target_flags is not None:
+        if not counts:
+            return ValueChecks(target_flags, tuple(tasks))
+        counted = torch.stack([flag.to(target_flags.device) for flag in count_flags]).to(target_flags.dtype)
+        return ValueChecks(torch.cat([target_flags.amax(dim=1), counted]).unsqueeze(1), (*tasks, *count_names))
+    flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
     device = flags[0].device
-    subjects = (*(task for task, _ in checked), *(name for name, _ in counts))
+    subjects = (*(task for task, _ in checked), *count_names)
     return ValueChecks(torch.stack([flag.to(device) for flag in flags]).unsqueeze(1), subjects)
 
 

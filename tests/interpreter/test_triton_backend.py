@@ -1150,9 +1150,10 @@ def test_label_check_flags_every_program_and_task(trial):
 @pytest.mark.parametrize("how", ["kernel", "fp64", "num-items-tensor"])
 def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, match, how):
     """``validate=True`` on the triton backend: one label-check launch for every task (the
-    small heads, the vocabulary head), or where it does not apply (fp64, tensors among
-    ``num_items_in_batch``) torch ops; either way a value out of range is a ValueError naming
-    its task, and one behind the attention mask, or a NaN bce target, is not."""
+    small heads, the vocabulary head), beside torch ops for tensors among
+    ``num_items_in_batch``, or where it does not apply (fp64) torch ops alone; either way a
+    value out of range is a ValueError naming its task, and one behind the attention mask, or
+    a NaN bce target, is not; a negative count is a ValueError too."""
     tasks = [Task("sentiment", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token"),
              Task("score", 1, "mse"), Task("topics", 4, "bce"), Task("vocab", 300, "cross_entropy", level="token")]  # fmt: skip
     batch, seq_len, hidden_size = 2, 5, 8
@@ -1182,8 +1183,9 @@ def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, mat
         else:
             with pytest.raises(ValueError, match=match):
                 call()
-    assert len(launches) == (1 if how == "kernel" else 0)
+    assert len(launches) == (0 if how == "fp64" else 1)
     if how == "num-items-tensor":
+        good = {"ner": torch.randint(0, 9, (batch, seq_len)), "topics": torch.rand(batch, 4)}
         with pytest.raises(ValueError, match="task 'ner'.*num_items_in_batch must be >= 0"):
-            heads(torch.randn(batch, seq_len, hidden_size), {"ner": labels["ner"].clamp(0, 8)},
-                  num_items_in_batch={"ner": torch.tensor(-2)})  # fmt: skip
+            heads(torch.randn(batch, seq_len, hidden_size), good,
+                  num_items_in_batch={"topics": torch.tensor(3.0), "ner": torch.tensor(-2)})  # fmt: skip
