@@ -210,8 +210,9 @@ def multitask_loss(
     # host waits for them. A bad class id is skipped there until then, never read out of bounds.
     value_checks = None
     if validate and not torch.compiler.is_compiling():
+        # a call with a signature is not under CUDA graph capture (_signature gives none there)
         value_checks = start_value_checks(plan.present_tasks, call.heads, targets, token_mask, num_items_in_batch,
-                                         call.backend)  # fmt: skip
+                                         call.backend, False if key is not None else None)  # fmt: skip
     device = hidden.device
     divisor_override = plan.divisor_override
     if divisor_override is None:

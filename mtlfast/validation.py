@@ -234,6 +234,7 @@ def start_value_checks(
     token_mask: Tensor | None,
     num_items_in_batch: Mapping[str, int | Tensor] | None,
     backend: str,
+    capturing: bool | None = None,
 ) -> ValueChecks | None:
     """Starts the checks of target values: class ids in [0, C) or ignore_index (for token tasks,
     where ``token_mask`` holds), bce targets in [0, 1]; tensors of ``num_items_in_batch`` >= 0.
@@ -243,7 +244,8 @@ def start_value_checks(
     ``tasks``, their ``heads`` and the op's ``targets`` (cross-entropy int64 [rows], bce/mse
     float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. The ``triton``
     backend checks every task's targets in one kernel launch, otherwise torch ops check each
-    task's; tensors of ``num_items_in_batch`` are compared by torch ops."""
+    task's; tensors of ``num_items_in_batch`` are compared by torch ops. ``capturing``: whether
+    a CUDA graph is being captured, when the caller knows (else the backend asks)."""
     counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
@@ -252,16 +254,15 @@ def start_value_checks(
     count_names = tuple(name for name, _ in counts)
     target_flags = None
     if backend == "triton" and targets:
-        target_flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask)
-    if target_flags is not None:
-        if not counts:
-            return ValueChecks(target_flags, tuple(tasks))
+        target_flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask, capturing)
+    if target_flags is None:  # torch ops: a 0-dim flag per checked task
+        flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
+        stacked = torch.stack([flag.to(flags[0].device) for flag in flags]).unsqueeze(1)
+        return ValueChecks(stacked, (*(task for task, _ in checked), *count_names))
+    if count_flags:  # the kernel's rows, one per task, then the counts'
         counted = torch.stack([flag.to(target_flags.device) for flag in count_flags]).to(target_flags.dtype)
-        return ValueChecks(torch.cat([target_flags.amax(dim=1), counted]).unsqueeze(1), (*tasks, *count_names))
-    flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
-    device = flags[0].device
-    subjects = (*(task for task, _ in checked), *count_names)
-    return ValueChecks(torch.stack([flag.to(device) for flag in flags]).unsqueeze(1), subjects)
+        target_flags = torch.cat([target_flags.amax(dim=1), counted]).unsqueeze(1)
+    return ValueChecks(target_flags, (*tasks, *count_names))
 
 
 def raise_for_bad_values(checks: ValueChecks) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..task import BCE
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, host_values_to, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
 
 if TYPE_CHECKING:
     from ..kernels.small_heads import SmallHeadsLaunch
@@ -316,40 +316,33 @@ def _target_table(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], device
     return _TABLES.get((device, *addresses), addresses, torch.int64, device, capturing)
 
 
-# The label check's spec tensor and program count by (heads, device, mask or not, each task's
-# target elements): a loop's tasks and shapes recur. The oldest dropped past CHECKS_KEPT.
-_CHECKS: dict[tuple, tuple[Tensor, int]] = {}
-CHECKS_KEPT = 256
+# The label check's spec tensors by (device, values): a loop's tasks and shapes recur.
+_CHECK_SPECS = HostValuesCache(kept=64)
 
 
 def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
-                     ) -> Tensor | None:  # fmt: skip
+                     capturing: bool | None = None) -> Tensor | None:  # fmt: skip
     """int32 ``[T, P]``, nonzero where a task's targets hold a value out of range
     (``validation.start_value_checks``), checked for every task in one launch of
     ``label_check_kernel``; None where the kernels do not take these targets (fp64 ones, a GPU
-    they do not compile for)."""
+    they do not compile for). ``capturing``: whether a CUDA graph is being captured, when the
+    caller knows (else asked here)."""
     device = targets[0].device
     if any(t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))) or not _kernels_compile_on(device):
         return None
-    key = (heads, device, token_mask is not None, *[t.numel() for t in targets])
-    check = _CHECKS.get(key)
-    if check is None:
-        check = _label_check_spec(heads, key[3:], token_mask is not None, device)
-        # a spec copied under CUDA graph capture is only copied at a replay: not kept for later calls
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_CHECKS) >= CHECKS_KEPT:
-                _CHECKS.pop(next(iter(_CHECKS)), None)
-            _CHECKS[key] = check
-    spec, programs = check
+    if capturing is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    values, programs = _label_check_spec(heads, tuple([t.numel() for t in targets]), token_mask is not None)
+    spec = _CHECK_SPECS.get((device, values), values, torch.int64, device, capturing)
     flags = alloc_output((len(heads), programs), torch.int32, device)
-    _kernels().label_check.flag_bad_targets(_target_table(heads, targets, device), spec, token_mask, flags)
+    _kernels().label_check.flag_bad_targets(_target_table(heads, targets, device, capturing), spec, token_mask, flags)
     return flags
 
 
-def _label_check_spec(heads: tuple[HeadSpec, ...], elements: tuple[int, ...], masked: bool, device: torch.device,
-                      ) -> tuple[Tensor, int]:  # fmt: skip
-    """The label check's spec (int64 [T, 4] on ``device``: elements, kind, classes, ignore index)
-    and its programs per task, for targets of ``elements`` each (``masked``: with a token mask)."""
+@lru_cache(maxsize=256)
+def _label_check_spec(heads: tuple[HeadSpec, ...], elements: tuple[int, ...], masked: bool) -> tuple[tuple[int, ...], int]:
+    """The label check's spec (``[T, 4]`` flattened: elements, kind, classes, ignore index) and its
+    programs per task, for targets of ``elements`` each (``masked``: with a token mask)."""
     label_check = _kernels().label_check
     spec = []
     for head, count in zip(heads, elements):
@@ -359,7 +352,7 @@ def _label_check_spec(heads: tuple[HeadSpec, ...], elements: tuple[int, ...], ma
             kind = label_check.UNIT_INTERVAL if head.kind == BCE else label_check.UNCHECKED
         spec.append((count if kind != label_check.UNCHECKED else 0, kind, head.num_cols, head.ignore_index))
     programs = label_check.flag_programs(max(row[0] for row in spec))
-    return host_values_to(tuple(v for row in spec for v in row), torch.int64, device), programs
+    return tuple(v for row in spec for v in row), programs
 
 
 def _large_target(problem: HeadProblem, index: int) -> Tensor:
