@@ -143,6 +143,12 @@ def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_tota
     return grad_hidden, grad_pooled, *grad_params
 
 
+_NO_TRANSFORMS = (
+    "mtlfast's fused heads loss does not run under torch.func transforms (grad, vjp, jacrev, vmap): its autograd "
+    "Function computes gradients with kernels of its own, which those transforms cannot see through. Differentiate "
+    "with torch.autograd instead (loss.backward() or torch.autograd.grad), which works with "
+    "torch.func.functional_call; logits alone (labels=None) do run under the transforms"
+)
 _TWICE = "mtlfast's fused heads are differentiable once: a derivative of their gradients (create_graph=True) is not supported"
 
 
@@ -248,7 +254,9 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
             *call.flat(), call.compute_grad, SOURCE_DIGEST,
         )  # fmt: skip
         return outputs[0], outputs[1]
-    if _PYTHON_APPLY and not torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(_NO_TRANSFORMS)
+    if _PYTHON_APPLY:
         return _apply_unwrapped(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
                                 task_weights, targets)  # fmt: skip
     return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,

@@ -462,6 +462,35 @@ def test_second_derivative_through_the_heads_raises(backend):
         penalty.backward()
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_torch_func_transforms_are_a_clear_error_logits_run_under_them(backend):
+    """The fused loss under torch.func's grad, vjp or vmap raises NotImplementedError that says
+    to use torch.autograd (torch's own error would ask for a setup_context); logits alone
+    (labels=None), plain torch ops, run under vmap; and torch.autograd.grad through
+    torch.func.functional_call gives the gradients of the module's own backward."""
+    case = case_for([Task("a", 3, "cross_entropy"), Task("r", 1, "mse", level="token")], (3, 5, 8))
+    heads = MultiTaskHeads(8, case.tasks, backend=backend)
+    params = {name: p.detach() for name, p in heads.named_parameters()}
+
+    def loss_of(p, rows=case.hidden):
+        return torch.func.functional_call(heads, p, (rows,), {"labels": case.labels}).loss
+
+    for transform in (lambda: torch.func.grad(loss_of)(params),
+                      lambda: torch.func.vjp(lambda rows: loss_of(params, rows), case.hidden),
+                      lambda: torch.func.vmap(lambda rows: heads(rows[None], {"a": case.labels["a"][:1]}).loss)(
+                          case.hidden)):  # fmt: skip
+        with pytest.raises(NotImplementedError, match="torch.autograd"):
+            transform()
+    batched = torch.func.vmap(lambda rows: heads(rows[None]).logits["a"][0])(case.hidden)
+    torch.testing.assert_close(batched, heads(case.hidden).logits["a"], rtol=1e-5, atol=1e-6)
+
+    leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+    grads = torch.autograd.grad(loss_of(leaves), [leaves["weight"], leaves["bias"]])
+    heads(case.hidden, case.labels).loss.backward()
+    torch.testing.assert_close(grads[0], heads.weight.grad)
+    torch.testing.assert_close(grads[1], heads.bias.grad)
+
+
 def test_torch_deterministic_mode_turns_on_deterministic_heads(monkeypatch):
     """torch.use_deterministic_algorithms(True) makes the heads run as with deterministic=True."""
     from mtlfast import functional
