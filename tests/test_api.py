@@ -491,6 +491,32 @@ def test_torch_func_transforms_are_a_clear_error_logits_run_under_them(backend):
     torch.testing.assert_close(grads[1], heads.bias.grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_per_task_calls_give_each_task_loss_its_own_gradient(backend):
+    """The README's recipe for gradient-based multi-task methods (PCGrad, MGDA, TorchJD), whose
+    per-task losses must each be differentiable where ``out.losses`` are detached: one call per
+    task, ``task_weights={name: 1.0}``. Each call's loss equals the joint call's ``losses``
+    entry, and the task weights times their gradients (hidden, weight, bias) sum to the joint
+    total's."""
+    rng = random.Random(fresh_seed())
+    tasks = [dataclasses.replace(t, weight=rng.uniform(0.2, 2.0)) for t in TASKS]
+    heads = MultiTaskHeads(D, tasks, backend=backend)
+    hidden = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
+    heads = heads.double()
+    labels = _labels()
+    inputs = (hidden, heads.weight, heads.bias)
+    joint = heads(hidden, labels)
+    joint_grads = torch.autograd.grad(joint.loss, inputs)
+    summed = [torch.zeros_like(x) for x in inputs]
+    for task in tasks:
+        loss = heads(hidden, {task.name: labels[task.name]}, task_weights={task.name: 1.0}).loss
+        torch.testing.assert_close(loss.detach(), joint.losses[task.name])
+        for total, grad in zip(summed, torch.autograd.grad(loss, inputs)):
+            total += task.weight * grad
+    for total, expected in zip(summed, joint_grads):
+        torch.testing.assert_close(total, expected)
+
+
 def test_torch_deterministic_mode_turns_on_deterministic_heads(monkeypatch):
     """torch.use_deterministic_algorithms(True) makes the heads run as with deterministic=True."""
     from mtlfast import functional
