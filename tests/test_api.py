@@ -624,3 +624,11 @@ def test_kept_call_plans_follow_every_change_of_signature():
             if a is not None:
                 assert torch.equal(a, b), (shape, v)
     assert functional._PLANS, "no plan was kept"
+
+
+def test_package_marks_its_type_hints_for_type_checkers():
+    """PEP 561: ``py.typed`` sits in the package (setup.py ships it as package data), so mypy and
+    pyright read mtlfast's annotations in a user's code."""
+    import importlib.resources
+
+    assert importlib.resources.files("mtlfast").joinpath("py.typed").is_file()
