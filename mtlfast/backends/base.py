@@ -263,11 +263,19 @@ def _has_out_dtype_mm() -> bool:
 _MM_OUT_DTYPE = _has_out_dtype_mm()
 
 
+def products_take_16_bit(a: Tensor) -> bool:
+    """Whether :func:`mm_acc` and :func:`addmm_acc_` multiply 16-bit ``a`` as it is (a CUDA
+    GEMM with an fp32 output); elsewhere they multiply an fp32 copy of it, so a caller whose
+    16-bit rows enter two products casts them once and passes the copy to both."""
+    return a.is_cuda and _MM_OUT_DTYPE
+
+
 def mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``a @ b`` with the result in ``acc`` and products accumulated in ``acc``."""
+    """``a @ b`` with the result in ``acc`` and products accumulated in ``acc`` (``b`` is cast
+    to ``acc`` where ``a`` is in it and ``b`` is not)."""
     if a.dtype == acc:
-        return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE:
+        return a @ (b if b.dtype == acc else b.to(acc))
+    if products_take_16_bit(a):
         return torch.mm(a, b, out_dtype=acc)
     return a.to(acc) @ b.to(acc)
 
@@ -289,8 +297,8 @@ def addmm_acc_(out: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0) -> None:
     """``out = beta * out + a @ b`` (beta 0 or 1) accumulated in ``out.dtype``, with no fp32 copy of
     16-bit ``a``, ``b`` on CUDA. With ``beta = 0`` the old contents of ``out`` are never read, NaN included."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b, beta=beta)
-    elif a.is_cuda and _MM_OUT_DTYPE and out.is_contiguous():
+        out.addmm_(a, b if b.dtype == out.dtype else b.to(out.dtype), beta=beta)
+    elif products_take_16_bit(a) and out.is_contiguous():
         if beta == 0:
             torch.mm(a, b, out_dtype=out.dtype, out=out)
         elif _addmm_adds_to_fp32(out.device):

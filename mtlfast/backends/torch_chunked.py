@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..task import BCE, CROSS_ENTROPY, MSE, SEQUENCE, TOKEN
-from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, weight_in, weighted_total
+from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, products_take_16_bit, weight_in, weighted_total
 
 name = "torch"
 
@@ -421,6 +421,8 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
                 h = rows_all[rows].to(cdtype)  # fp32 rows under autocast: rounded chunk by chunk
+                if problem.compute_grad and not wide16 and not products_take_16_bit(h):
+                    h = h.to(acc)  # the logits and dW products both take the rows in acc here: cast once
                 if kept is None:
                     logits = mm_acc(h, w_span.t(), acc)
                 else:
