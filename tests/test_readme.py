@@ -1,8 +1,8 @@
 """The README's Python blocks run as written, each given the objects its prose assumes (an
 encoder, a data loader, a language model, a few micro-batches): the smallest Hugging Face models
-built from configs (nothing downloaded), on the CPU. ``AutoModel.from_pretrained`` hands back
-that encoder; on a host without CUDA, ``.cuda()`` is left out and ``torch.autocast("cuda")``
-disables itself."""
+built from configs (nothing downloaded), on the CPU but where a block moves its heads to the GPU.
+``AutoModel.from_pretrained`` hands back that encoder; on a host without CUDA, ``.cuda()`` is left
+out and ``torch.autocast("cuda")`` disables itself."""
 
 import re
 from pathlib import Path
@@ -53,9 +53,11 @@ def _namespace(block: str, monkeypatch) -> dict:
         trunk = torch.nn.Linear(D, D)
         names.update(heads=MultiTaskHeads(D, BERT_TASKS), hidden=trunk(torch.randn(B, S, D, generator=gen)),
                      labels=_bert_labels(gen), shared_params=list(trunk.parameters()))  # fmt: skip
-    if "micro_batches" in block:
+    if "micro_batches" in block:  # on the device the block moves the heads to
+        device = "cuda" if ".cuda()" in block else "cpu"
+        batches = [(torch.randn(B, S, D, generator=gen, dtype=torch.bfloat16), _bert_labels(gen)) for _ in range(3)]
         names.update(tasks=BERT_TASKS, K=3, micro_batches=[
-            (torch.randn(B, S, D, generator=gen, dtype=torch.bfloat16), _bert_labels(gen)) for _ in range(3)])
+            (hidden.to(device), {name: label.to(device) for name, label in labels.items()}) for hidden, labels in batches])
     return names
 
 
