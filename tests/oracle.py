@@ -83,7 +83,7 @@ def random_task(rng: random.Random, name: str, classes: int, loss: str, level: s
     """A task with random options for its loss: label smoothing, ignore_index, class or positive
     weights, a softcap, a z-loss, a task weight."""
     smoothing = rng.choice([0.0, 0.0, 0.1, 0.3]) if loss == "cross_entropy" else 0.0
-    ignore = rng.choice([-100, -100, -1, classes + 3])
+    ignore = rng.choice([-100, -100, -1, classes + 3, rng.randrange(classes)])  # in range: a class never trained
     pos_weight = class_weights = None
     if loss == "bce" and rng.random() < 0.5:
         pos_weight = rng.choice([rng.uniform(0.1, 8.0), tuple(rng.uniform(0.0, 8.0) for _ in range(classes))])
