@@ -61,8 +61,8 @@ class _CrossEntropyGroup(NamedTuple):
     is_token: bool
     task_index: Tensor  # int64 [G]
     num_classes: Tensor  # int64 [G]
-    ignore_index: Tensor  # int64 [G]
-    target_coef: Tensor  # acc [G]: 1 - label smoothing
+    ignore_index: Tensor | None  # int64 [G]; None when each lies outside [0, C): the range check skips it then
+    neg_target_coef: Tensor  # acc [G]: label smoothing - 1
     smoothing_per_class: Tensor | None  # acc [G]: label smoothing / C; None when no task smooths
     class_weights: Tensor | None  # acc [G, C_max], 0 on padding; None for none
     weight_sums: Tensor | None  # acc [G]: each task's summed class weights
@@ -77,7 +77,9 @@ class _CrossEntropyGroup(NamedTuple):
         of each row's target [R, G] or None)``; adds the tasks' divisors to ``counts`` [T]: kept
         rows, or their targets' summed class weights."""
         target = torch.stack([problem.targets[i] for i in self.tasks], dim=1)
-        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        valid = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            valid &= target != self.ignore_index
         if self.is_token and problem.token_mask is not None:
             valid &= problem.token_mask.unsqueeze(1)
         target = torch.where(valid, target, 0)
@@ -107,8 +109,8 @@ class _CrossEntropyGroup(NamedTuple):
         row_max = x.amax(dim=2, keepdim=True)
         x.sub_(row_max)
         # -(1 - eps) w_y x_y - eps / C sum_c w_c x_c + coef * lse, on logits shifted by their row max
-        target_coef = self.target_coef if self.class_weights is None else self.target_coef * state[2][rows]
-        row_loss = -target_coef * x.gather(2, target).squeeze(2)
+        neg_coef = self.neg_target_coef if self.class_weights is None else self.neg_target_coef * state[2][rows]
+        row_loss = neg_coef * x.gather(2, target).squeeze(2)
         if self.smoothing_per_class is not None:
             finite = x if self.pad is None else x.masked_fill(self.pad, 0.0)
             summed = finite.sum(dim=2) if self.class_weights is None else (finite * self.class_weights).sum(dim=2)
@@ -122,7 +124,7 @@ class _CrossEntropyGroup(NamedTuple):
                 lse = row_max.squeeze(2) + log_sumexp
                 row_loss += self.z_loss * lse.square()
         else:
-            coef = target_coef if self.smoothing_per_class is None else target_coef + self.smoothing_per_class * self.weight_sums
+            coef = -neg_coef if self.smoothing_per_class is None else self.smoothing_per_class * self.weight_sums - neg_coef
             row_loss += coef * log_sumexp
         sums.index_add_(0, self.task_index, torch.where(valid, row_loss, 0.0).sum(dim=0))
         if scales is None:
@@ -130,7 +132,7 @@ class _CrossEntropyGroup(NamedTuple):
         x.div_(sumexp.unsqueeze(2) if self.class_weights is None else (sumexp / coef).unsqueeze(2))
         if self.z_loss is not None:  # d/dx of z lse^2 = 2 z lse softmax
             x.mul_((1.0 + 2.0 * self.z_loss * lse).unsqueeze(2))
-        x.scatter_add_(2, target, (-target_coef).expand(n, tasks).unsqueeze(2))
+        x.scatter_add_(2, target, neg_coef.expand(n, tasks).unsqueeze(2))
         if self.smoothing_per_class is not None:
             smoothing = self.smoothing_per_class.unsqueeze(1)
             x.sub_(smoothing if self.class_weights is None else smoothing * self.class_weights)
@@ -149,7 +151,7 @@ class _DenseGroup(NamedTuple):
     cols: slice  # their span columns
     col_task: Tensor  # int64 [C_d]: the group's task (0 .. G - 1) of each column
     col_global: Tensor  # int64 [C_d]: the task (0 .. T - 1) of each column
-    task_cols: Tensor  # int64 [G, W_max]: each task's columns, padded with C_d (a zero appended)
+    task_cols: Tensor | None  # int64 [G, W_max]: each task's columns, padded with C_d (a zero appended); None for one task
     widths: Tensor  # acc [G]: C of each task
     pos_weight: Tensor | None  # acc [C_d]: bce positive weights (1 where a task has none); None for none
 
@@ -189,7 +191,9 @@ class _DenseGroup(NamedTuple):
             per_element = (1.0 - y) * x + log_weight * (x.neg().clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
         col_sums = torch.where(keep, per_element, 0.0).sum(dim=0)
         # Per task in a fixed order: index_add_ over columns would add with atomics on a GPU.
-        sums.index_add_(0, self.task_index, torch.cat([col_sums, col_sums.new_zeros(1)])[self.task_cols].sum(dim=1))
+        task_sums = col_sums.sum().reshape(1) if self.task_cols is None else (
+            torch.cat([col_sums, col_sums.new_zeros(1)])[self.task_cols].sum(dim=1))  # fmt: skip
+        sums.index_add_(0, self.task_index, task_sums)
         if scales is None:
             return
         scale = torch.where(keep, scales[self.col_global], 0.0)
@@ -260,8 +264,9 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
         is_token=specs[0].is_token,
         task_index=_long(tasks, device),
         num_classes=_long([h.num_cols for h in specs], device),
-        ignore_index=_long([h.ignore_index for h in specs], device),
-        target_coef=torch.tensor([1.0 - e for e in smoothing], dtype=acc, device=device),
+        ignore_index=_long([h.ignore_index for h in specs], device) if any(
+            0 <= h.ignore_index < h.num_cols for h in specs) else None,  # fmt: skip
+        neg_target_coef=torch.tensor([e - 1.0 for e in smoothing], dtype=acc, device=device),
         smoothing_per_class=torch.tensor([e / h.num_cols for e, h in zip(smoothing, specs)], dtype=acc,
                                          device=device) if any(smoothing) else None,  # fmt: skip
         class_weights=weights,
@@ -290,7 +295,7 @@ def _dense_group(heads: tuple[HeadSpec, ...], kind: int, tasks: list[int], first
         col_task=_long([k for k, h in enumerate(specs) for _ in range(h.num_cols)], device),
         col_global=_long([i for i, h in zip(tasks, specs) for _ in range(h.num_cols)], device),
         task_cols=_long([[s + c if c < h.num_cols else total for c in range(widest)] for s, h in zip(starts, specs)],
-                        device),  # fmt: skip
+                        device) if len(specs) > 1 else None,  # fmt: skip
         widths=torch.tensor([float(h.num_cols) for h in specs], dtype=acc, device=device),
         pos_weight=torch.tensor(pos_weight, dtype=acc, device=device) if weighted else None,
     )
