@@ -242,19 +242,19 @@ def start_value_checks(
     None when nothing needs checking.
 
     ``tasks``, their ``heads`` and the op's ``targets`` (cross-entropy int64 [rows], bce/mse
-    float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. The ``triton``
-    backend checks every task's targets in one kernel launch, otherwise torch ops check each
-    task's; tensors of ``num_items_in_batch`` are compared by torch ops. ``capturing``: whether
-    a CUDA graph is being captured, when the caller knows (else the backend asks)."""
+    float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. A backend with
+    a ``flag_bad_targets`` of its own (``triton``: one kernel launch for every task) checks the
+    targets, otherwise (or where it returns None) torch ops check each task's; tensors of
+    ``num_items_in_batch`` are compared by torch ops. ``capturing``: whether a CUDA graph is
+    being captured, when the caller knows (else the backend asks)."""
     counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
         return None
     count_flags = [(value < 0).reshape(()) for _, value in counts]
     count_names = tuple(name for name, _ in counts)
-    target_flags = None
-    if backend == "triton" and targets:
-        target_flags = get_backend("triton").flag_bad_targets(tuple(heads), targets, token_mask, capturing)
+    flag_targets = getattr(get_backend(backend), "flag_bad_targets", None)  # a backend's own check, if it has one
+    target_flags = flag_targets(tuple(heads), targets, token_mask, capturing) if flag_targets and targets else None
     if target_flags is None:  # torch ops: a 0-dim flag per checked task
         flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
         stacked = torch.stack([flag.to(flags[0].device) for flag in flags]).unsqueeze(1)

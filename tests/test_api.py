@@ -501,9 +501,8 @@ def test_per_task_calls_give_each_task_loss_its_own_gradient(backend):
     total's."""
     rng = random.Random(fresh_seed())
     tasks = [dataclasses.replace(t, weight=rng.uniform(0.2, 2.0)) for t in TASKS]
-    heads = MultiTaskHeads(D, tasks, backend=backend)
+    heads = MultiTaskHeads(D, tasks, backend=backend).double()
     hidden = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
-    heads = heads.double()
     labels = _labels()
     inputs = (hidden, heads.weight, heads.bias)
     joint = heads(hidden, labels)
@@ -628,8 +627,9 @@ def test_kept_call_plans_follow_every_change_of_signature():
 
 
 def test_package_marks_its_type_hints_for_type_checkers():
-    """PEP 561: ``py.typed`` sits in the package (setup.py ships it as package data), so mypy and
-    pyright read mtlfast's annotations in a user's code."""
+    """PEP 561: ``py.typed`` sits in the package, so mypy and pyright read mtlfast's annotations in
+    a user's code (setup.py lists it as package data; that a built wheel holds it is not checked
+    here)."""
     import importlib.resources
 
     assert importlib.resources.files("mtlfast").joinpath("py.typed").is_file()
