@@ -41,12 +41,13 @@ def label_check_kernel(target_table_ptr, spec_ptr, mask_ptr, flags_ptr, n_progra
     class_ptr = address.to(tl.pointer_type(tl.int64))
     unit_ptr = address.to(tl.pointer_type(tl.float32))
     is_unit = kind == 3  # UNIT_INTERVAL
+    is_class = kind != 3  # not ~is_unit: triton 3.2's interpreter cannot invert a scalar bool
     offsets = tl.arange(0, BLOCK)
     found = tl.zeros((BLOCK,), dtype=tl.int32)
     for start in range(p * BLOCK, numel, n_programs * BLOCK):
         index = start + offsets
         ok = index < numel
-        ids = tl.load(class_ptr + index, mask=ok & ~is_unit, other=0)
+        ids = tl.load(class_ptr + index, mask=ok & is_class, other=0)
         bad_id = (ids != ignore_index) & ((ids < 0) | (ids >= classes))
         if HAS_MASK:
             kept = tl.load(mask_ptr + index, mask=ok & (kind == 2), other=1) != 0  # MASKED_CLASS_IDS
