@@ -431,6 +431,25 @@ def test_triton_backend_takes_the_torch_path_where_its_compiler_fails(monkeypatc
         triton_fused._kernels_compile_on.cache_clear()
 
 
+@pytest.mark.parametrize("rocm", [False, True], ids=["cuda", "rocm"])
+def test_auto_backend_picks_triton_for_nvidia_gpus_alone(monkeypatch, rocm):
+    """``"auto"``: triton for CUDA tensors of an NVIDIA build of torch; torch on the CPU and on a
+    ROCm build (AMD GPUs are "cuda" devices there too); an explicit choice is kept."""
+    from mtlfast import backends
+
+    monkeypatch.setattr(backends, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(backends, "ROCM", rocm)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert backends.resolve_backend("auto", gpu) == ("torch" if rocm else "triton")
+    assert backends.resolve_backend("auto", cpu) == "torch"
+    for name in ("reference", "torch", "triton"):
+        assert backends.resolve_backend(name, gpu) == name
+    monkeypatch.setattr(backends, "TRITON_INSTALLED", False)
+    assert backends.resolve_backend("auto", gpu) == "torch"
+    with pytest.raises(ValueError, match="needs the triton package"):
+        backends.resolve_backend("triton", gpu)
+
+
 def test_backends_run_with_the_tensors_cuda_device_current(monkeypatch):
     """Triton launches on the current CUDA device, so the op makes the tensors' device current
     when another one is (tests/test_gpu.py runs it on a second GPU where there is one)."""

@@ -46,6 +46,9 @@ TRITON_VERSION = _triton_version() if TRITON_INSTALLED else (0, 0)
 # others get a 16-bit copy of the rows. triton 3.2's compiler aborts the process on the
 # small-heads backward for fp32 rows; 3.6 and 3.8 compile it (tests/test_kernels_compile.py).
 READS_FP32_ROWS = {"reference": True, "torch": True, "triton": TRITON_VERSION >= (3, 6)}
+# A ROCm build of torch calls AMD GPUs "cuda" devices too. The triton backend is built and checked
+# for NVIDIA's (TF32 products, a launcher of triton's CUDA driver), so "auto" gives ROCm the torch one.
+ROCM = torch.version.hip is not None
 
 
 def triton_interpreted() -> bool:
@@ -55,7 +58,7 @@ def triton_interpreted() -> bool:
 def resolve_backend(name: str, device: torch.device) -> str:
     """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and TRITON_INSTALLED else "torch"
+        return "triton" if device.type == "cuda" and TRITON_INSTALLED and not ROCM else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton":
