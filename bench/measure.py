@@ -21,11 +21,6 @@ def error_status(exc: Exception) -> str:
     return f"error: {type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(step, device: str, quick: bool) -> float:
     """Median milliseconds of one step, after warm-up."""
     if device == "cuda":

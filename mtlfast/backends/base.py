@@ -231,23 +231,6 @@ def empty_saved(problem: HeadProblem) -> list[Tensor]:
     return []
 
 
-def split_spans(heads: tuple[HeadSpec, ...], level: int) -> list[tuple[int, int, list[int]]]:
-    """Maximal runs of adjacent columns owned by present tasks of one level.
-
-    Returns ``(col_start, col_end, task indices)`` per run, so that one GEMM over the
-    packed weight serves every task of the run.
-    """
-    order = sorted((h.col_start, i) for i, h in enumerate(heads) if h.level == level)
-    spans: list[tuple[int, int, list[int]]] = []
-    for start, i in order:
-        end = heads[i].col_end
-        if spans and spans[-1][1] == start:
-            spans[-1] = (spans[-1][0], end, spans[-1][2] + [i])
-        else:
-            spans.append((start, end, [i]))
-    return spans
-
-
 def weight_in(dtype: torch.dtype, weight: Tensor) -> Tensor:
     """The weight as the matrix products see it: rounded to the computation dtype."""
     return weight if weight.dtype == dtype else weight.to(dtype)
