@@ -131,15 +131,19 @@ if [[ $PART == tests || $PART == all ]]; then
     "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist load)
     limit=$(left)
     [[ $PART == all ]] && limit=$TESTS_S
-    # The GPU tests first, so that a run cut short by its limit has them. Under `all` the
-    # interpreter test (TRITON_INTERPRET=1 on the CPU, minutes in one process, run by CI too)
-    # is left out: within TESTS_S it would be cut short and take the tests' status with it.
-    left_out="^tests/test_gpu.py$"
+    # The GPU tests first, then the README's blocks (on CUDA here) and the direct launcher's,
+    # so that a run cut short by its limit has them; the ahead-of-time compile checks (~240,
+    # the slowest file, which CI runs on the CPU too) last. Under `all` the interpreter test
+    # (TRITON_INTERPRET=1 on the CPU, minutes in one process, run by CI too) is left out:
+    # within TESTS_S it would be cut short and take the tests' status with it.
+    first=(tests/test_gpu.py tests/test_readme.py tests/test_launcher.py)
+    last=(tests/test_kernels_compile.py)
+    left_out="^tests/test_(gpu|readme|launcher|kernels_compile).py$"
     if [[ $PART == all ]]; then
         left_out="$left_out|^tests/test_triton_interpreter.py$"
         say "-- tests: tests/test_triton_interpreter.py left out (CPU interpreter; run it with the part 'tests')"
     fi
-    test_files=(tests/test_gpu.py $(ls tests/test_*.py | grep -Ev "$left_out"))
+    test_files=("${first[@]}" $(ls tests/test_*.py | grep -Ev "$left_out") "${last[@]}")
     MTLFAST_AUTOTUNE=${MTLFAST_AUTOTUNE:-0} timed "$limit" tests "$PY" -m pytest -v -ra -p no:cacheprovider \
         "${xdist[@]}" "${test_files[@]}" >"$WORK/tests.log" 2>&1
     tests_summary | grep -v "^SKIPPED" | tee -a "$SUMMARY"
