@@ -119,20 +119,33 @@ def add_device_time(row: dict, workload, device: str, dtype: torch.dtype, hidden
             torch.cuda.empty_cache()
 
 
+# The kernels-alone comparison the goals need first (eager, mtlfast-triton, torch.compile), then
+# mtlfast's other steps, then the peers': a failed capture leaves the rows after it unmeasured.
+_CAPTURED_FIRST = ("eager", "mtlfast-triton", "torch-compile")
+# Steps that sync with the host by design (validate=True reads its label checks' verdicts), which
+# a CUDA graph cannot capture: trying would only leave capture broken for the rows after them.
+_NOT_CAPTURABLE = {"mtlfast-triton-validate": "its step syncs with the host (validate=True)"}
+
+
 def _capture_order(row: dict) -> int:
     provider = row["provider"]
-    return 0 if provider == "eager" else 1 if provider.startswith("mtlfast-") else 2 if provider == "torch-compile" else 3
+    if provider in _CAPTURED_FIRST:
+        return _CAPTURED_FIRST.index(provider)
+    return len(_CAPTURED_FIRST) + (0 if provider.startswith("mtlfast-") else 1)
 
 
 def device_time_pass(rows: list[dict], workload, device: str, dtype: torch.dtype,
                      hidden_dtype: torch.dtype | None = None) -> Iterator[dict]:  # fmt: skip
-    """Runs :func:`add_device_time` on the measured rows, yielding each: eager, mtlfast's, then
-    torch.compile's and the peers'. A capture that fails can leave CUDA graph capture unusable
-    for the rest of the process (the RNG's graph state stays behind), so the rows after a
-    failure get a status naming it instead of errors of their own."""
+    """Runs :func:`add_device_time` on the measured rows, yielding each: eager, mtlfast-triton and
+    torch.compile, then mtlfast's other steps and the peers'; a step that syncs with the host is
+    not captured. A capture that fails can leave CUDA graph capture unusable for the rest of the
+    process (the RNG's graph state stays behind), so the rows after a failure get a status naming
+    it instead of errors of their own."""
     failed = None
     for row in sorted((r for r in rows if r["status"] == "ok"), key=_capture_order):
-        if failed is None:
+        if row["provider"] in _NOT_CAPTURABLE:
+            row["device_status"] = f"not measured: {_NOT_CAPTURABLE[row['provider']]}, which a CUDA graph cannot capture"
+        elif failed is None:
             add_device_time(row, workload, device, dtype, hidden_dtype)
             if "device_status" in row:
                 failed = row["provider"]

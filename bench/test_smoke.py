@@ -157,12 +157,16 @@ def test_device_time_pass_fills_its_column(monkeypatch):
     assert "device_ms" not in row and "not permitted" in row["device_status"] and row["status"] == "ok"
 
 
-def test_device_time_pass_runs_mtlfast_first_and_stops_capturing_after_a_failure(monkeypatch):
-    """Captures run eager, mtlfast's, torch.compile's, then the peers'; after one fails, the
+def test_device_time_pass_order_and_what_it_leaves_out(monkeypatch):
+    """Captures run eager, mtlfast-triton, torch.compile, mtlfast's other steps, then the peers';
+    a step that syncs with the host (validate=True) is not captured; after a capture fails, the
     rest are marked with its name rather than given errors the failed capture caused."""
     from mtlfast.bench import __main__ as bench_main
 
+    captured = []
+
     def add_device_time(row, *args):
+        captured.append(row["provider"])
         if row["provider"] == "mtlfast-reference":
             row["device_status"] = "error: operation not permitted when stream is capturing"
         else:
@@ -170,18 +174,22 @@ def test_device_time_pass_runs_mtlfast_first_and_stops_capturing_after_a_failure
 
     monkeypatch.setattr(bench_main, "add_device_time", add_device_time)
     workload = WORKLOADS["bert-base-4task-cpu"]
-    providers = ["eager", "liger", "torch-compile", "mtlfast-torch", "mtlfast-reference", "cce"]
+    providers = ["eager", "liger", "mtlfast-triton-validate", "torch-compile", "mtlfast-torch", "mtlfast-reference",
+                 "cce", "mtlfast-triton"]  # fmt: skip
     rows = [{"workload": workload.name, "provider": p, "ms": 1.0, "status": "ok"} for p in providers]
     rows[1]["status"] = "skipped: not installed"
     seen = [row["provider"] for row in bench_main.device_time_pass(rows, workload, "cpu", torch.float32)]
-    assert seen == ["eager", "mtlfast-torch", "mtlfast-reference", "torch-compile", "cce"]
+    assert seen == ["eager", "mtlfast-triton", "torch-compile", "mtlfast-triton-validate", "mtlfast-torch",
+                    "mtlfast-reference", "cce"]  # fmt: skip
+    assert captured == ["eager", "mtlfast-triton", "torch-compile", "mtlfast-torch", "mtlfast-reference"]
     by_provider = {row["provider"]: row for row in rows}
-    assert by_provider["eager"]["device_ms"] == by_provider["mtlfast-torch"]["device_ms"] == 0.5
+    for provider in ("eager", "mtlfast-triton", "torch-compile", "mtlfast-torch"):
+        assert by_provider[provider]["device_ms"] == 0.5
+    assert "syncs with the host" in by_provider["mtlfast-triton-validate"]["device_status"]
+    assert "device_ms" not in by_provider["mtlfast-triton-validate"]
     assert "not permitted" in by_provider["mtlfast-reference"]["device_status"]
-    for provider in ("torch-compile", "cce"):
-        assert "device_ms" not in by_provider[provider]
-        assert by_provider[provider]["device_status"] == (
-            "not measured: mtlfast-reference's capture failed before it in this process")
+    assert "device_ms" not in by_provider["cce"]
+    assert by_provider["cce"]["device_status"] == "not measured: mtlfast-reference's capture failed before it in this process"
     assert "device_status" not in by_provider["liger"] and "device_ms" not in by_provider["liger"]
 
 
