@@ -22,7 +22,7 @@ import torch
 
 from . import measure, report
 from .measure import StepRunner, cpu_peak_extra_mb, error_status, gpu_ceilings, gpu_peak_extra_mb, time_ms
-from .providers import PROVIDERS, skip_reason
+from .providers import HOST_SYNCING, PROVIDERS, skip_reason
 from .workloads import CPU_WORKLOADS, GPU_WORKLOADS, WORKLOADS
 
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -122,9 +122,6 @@ def add_device_time(row: dict, workload, device: str, dtype: torch.dtype, hidden
 # The kernels-alone comparison the goals need first (eager, mtlfast-triton, torch.compile), then
 # mtlfast's other steps, then the peers': a failed capture leaves the rows after it unmeasured.
 _CAPTURED_FIRST = ("eager", "mtlfast-triton", "torch-compile")
-# Steps that sync with the host by design (validate=True reads its label checks' verdicts), which
-# a CUDA graph cannot capture: trying would only leave capture broken for the rows after them.
-_NOT_CAPTURABLE = {"mtlfast-triton-validate": "its step syncs with the host (validate=True)"}
 
 
 def _capture_order(row: dict) -> int:
@@ -143,8 +140,8 @@ def device_time_pass(rows: list[dict], workload, device: str, dtype: torch.dtype
     it instead of errors of their own."""
     failed = None
     for row in sorted((r for r in rows if r["status"] == "ok"), key=_capture_order):
-        if row["provider"] in _NOT_CAPTURABLE:
-            row["device_status"] = f"not measured: {_NOT_CAPTURABLE[row['provider']]}, which a CUDA graph cannot capture"
+        if row["provider"] in HOST_SYNCING:  # a capture would fail, and leave capture broken for the rows after it
+            row["device_status"] = f"not measured: {HOST_SYNCING[row['provider']]}, which a CUDA graph cannot capture"
         elif failed is None:
             add_device_time(row, workload, device, dtype, hidden_dtype)
             if "device_status" in row:

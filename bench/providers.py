@@ -181,6 +181,8 @@ PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
     "mtlfast-cuda": (None, _cuda_backend_reason),
     "mtlfast-reference": (_mtlfast("reference"), lambda d: None),
 }
+# Providers whose step syncs with the host by design, and why: a CUDA graph cannot capture it.
+HOST_SYNCING = {"mtlfast-triton-validate": "its step syncs with the host (validate=True reads its label checks' verdicts)"}
 
 
 # Providers that differ from another only on a vocabulary-sized cross-entropy head (mtlfast's

@@ -307,7 +307,7 @@ def _target_dtypes(heads: tuple[HeadSpec, ...]) -> tuple[torch.dtype, ...]:
 
 
 def _target_table(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], device: torch.device,
-                  capturing: bool | None = None) -> Tensor:  # fmt: skip
+                  capturing: bool) -> Tensor:  # fmt: skip
     """int64 [T]: the address of each task's targets (int64 [rows] or fp32 [rows, C], contiguous)."""
     for target, expected in zip(targets, _target_dtypes(heads)):
         if target.dtype != expected or not target.is_contiguous():
