@@ -46,22 +46,23 @@ class _StandInKernel:
 
 def stub_launches() -> None:
     """Turns the direct launchers on, with stand-in kernels, on the CPU. The label check's flags
-    (``validate=True``) are then zeroed by a fill op of the CPU, as its kernel would write them."""
-    from mtlfast.kernels import label_check, launcher, loss_finalize, small_heads
+    (``validate=True``, written by the loss finalize's launch) are then zeroed by a fill op of
+    the CPU, as its programs would write them."""
+    from mtlfast.kernels import launcher, loss_finalize, small_heads
 
     launcher.ENABLED = True
     launcher._current_device = lambda: 0
-    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch,
-                   label_check._launch):  # fmt: skip
+    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
         direct.kernel = _StandInKernel(direct.kernel)
         direct._current_stream = lambda device: 0
-    flag_bad_targets = label_check.flag_bad_targets
+    finalize = loss_finalize.loss_finalize
 
-    def flag_none(target_table, spec, mask, flags):
-        flag_bad_targets(target_table, spec, mask, flags)
-        flags.zero_()
+    def finalize_then_flag_none(*args):
+        finalize(*args)
+        if len(args) > 8 and args[8] is not None:
+            args[8].flags.zero_()
 
-    label_check.flag_bad_targets = flag_none
+    loss_finalize.loss_finalize = finalize_then_flag_none
 
 
 def warm_step(provider: str):

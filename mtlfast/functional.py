@@ -207,12 +207,13 @@ def multitask_loss(
     targets = [_flat_target(labels[task.name], shape, dtype)
                for task, shape, dtype in zip(plan.present_tasks, plan.target_shapes, plan.target_dtypes)]  # fmt: skip
     # The checks' verdicts are read after the op's forward is issued: the GPU runs it while the
-    # host waits for them. A bad class id is skipped there until then, never read out of bounds.
+    # host waits for them (the triton backend's check runs in the forward's last launch). A bad
+    # class id is skipped there, never read out of bounds.
     value_checks = None
     if validate and not torch.compiler.is_compiling():
         # a call with a signature is not under CUDA graph capture (_signature gives none there)
         value_checks = start_value_checks(plan.present_tasks, call.heads, targets, token_mask, num_items_in_batch,
-                                         call.backend, False if key is not None else None)  # fmt: skip
+                                         call.backend, call.compute_dtype, False if key is not None else None)  # fmt: skip
     device = hidden.device
     divisor_override = plan.divisor_override
     if divisor_override is None:
@@ -230,7 +231,8 @@ def multitask_loss(
         weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
 
     total, losses = fused_heads_loss(call, rows, op_pooled, token_mask, weight, bias, targets, divisor_override,
-                                     weight_per_task, main_grad_targets)  # fmt: skip
+                                     weight_per_task, main_grad_targets,
+                                     value_checks.label_check if value_checks is not None else None)  # fmt: skip
     if value_checks is not None:
         raise_for_bad_values(value_checks)
     if weighting == "uncertainty" and plan.present:

@@ -17,7 +17,7 @@ import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from torch import Tensor
 from .backends import get_backend
 from .backends.base import HeadProblem, HeadSpec, device_type, kept_between_calls
 from .task import ColumnWeights
+
+if TYPE_CHECKING:
+    from .kernels.label_check import LabelCheck
 
 # The last argument of both custom ops. torch.compile's on-disk caches key a compiled graph on
 # its code, which names the ops but not what their fake implementations return; a graph
@@ -54,13 +57,14 @@ class HeadCall:
     compute_grad: bool
     compute_dtype: torch.dtype
 
-    def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights) -> HeadProblem:
+    def problem(self, hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights,
+                label_check=None) -> HeadProblem:  # fmt: skip
         """The backends' problem; token rows given as ``[B, S, D]`` become ``[B * S, D]``."""
         # by position: a NamedTuple takes keywords in several times the host time
         return HeadProblem(
             hidden if hidden.dim() == 2 else hidden.flatten(0, 1), pooled, self.seq_stride, token_mask, weight, bias,
             tuple(targets), divisor_override, task_weights, self.heads, self.chunk_size, self.deterministic,
-            self.grad_filter_eps, self.hidden_grad, self.compute_grad, self.compute_dtype,
+            self.grad_filter_eps, self.hidden_grad, self.compute_grad, self.compute_dtype, label_check,
         )  # fmt: skip
 
     def flat(self) -> tuple:
@@ -174,9 +178,10 @@ class FusedHeadsLoss(torch.autograd.Function):
     penalty takes) raises instead of silently missing the heads' part."""
 
     @staticmethod
-    def forward(ctx, call: HeadCall, main_grad_params: tuple[Tensor | None, Tensor | None], hidden, pooled, token_mask,
-                weight, bias, divisor_override, task_weights, *targets):  # fmt: skip
-        problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
+    def forward(ctx, call: HeadCall, main_grad_params: tuple[Tensor | None, Tensor | None], label_check, hidden, pooled,
+                token_mask, weight, bias, divisor_override, task_weights, *targets):  # fmt: skip
+        problem = call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights,
+                               label_check)  # fmt: skip
         total, losses, saved = _forward(problem, call.backend)
         ctx.call = call
         ctx.main_grad_params = main_grad_params
@@ -191,7 +196,7 @@ class FusedHeadsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
         if grad_total is None:  # only losses reached backward: nothing flows back
-            return (None,) * (9 + ctx.num_targets)
+            return (None,) * (10 + ctx.num_targets)
         if not torch.is_grad_enabled():  # the usual backward, which records no graph
             return tuple(FusedHeadsLoss._backward(ctx, grad_total))
         with torch.no_grad():
@@ -203,22 +208,22 @@ class FusedHeadsLoss(torch.autograd.Function):
         hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
         targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
         needs = ctx.needs_input_grad
-        grads = [None] * (9 + ctx.num_targets)
-        if needs[2] or needs[3] or needs[5] or needs[6]:
+        grads = [None] * (10 + ctx.num_targets)
+        if needs[3] or needs[4] or needs[6] or needs[7]:
             problem = ctx.call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
             main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
-            grads[2], grads[3], grads[5], grads[6] = _backward(problem, ctx.call.backend, list(saved), grad_total,
+            grads[3], grads[4], grads[6], grads[7] = _backward(problem, ctx.call.backend, list(saved), grad_total,
                                                                main_grads)  # fmt: skip
-            if grads[2] is not None and grads[2].shape != ctx.hidden_shape:
-                grads[2] = grads[2].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
-            for index, param in zip((5, 6), ctx.main_grad_params):
+            if grads[3] is not None and grads[3].shape != ctx.hidden_shape:
+                grads[3] = grads[3].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
+            for index, param in zip((6, 7), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.
                     param.grad_added_to_main_grad = True
                     grads[index] = torch.zeros_like(param) if getattr(param, "zero_out_wgrad", False) else (
                         torch.empty_like(param))  # fmt: skip
-        if needs[8]:
-            grads[8] = (grad_total * losses).to(task_weights.dtype)
+        if needs[9]:
+            grads[9] = (grad_total * losses).to(task_weights.dtype)
         return grads
 
 
@@ -231,23 +236,25 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedHeadsLoss)
 
 
-def _apply_unwrapped(call: HeadCall, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                     task_weights, targets) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _apply_unwrapped(call: HeadCall, main_grad_params, label_check, hidden, pooled, token_mask, weight, bias,
+                     divisor_override, task_weights, targets) -> tuple[Tensor, Tensor]:  # fmt: skip
     """What a Python ``FusedHeadsLoss.apply`` with these arguments does with no functorch
     transform active."""
-    return _C_APPLY(call, main_grad_params, _unwrap_if_dead(hidden), None if pooled is None else _unwrap_if_dead(pooled),
+    return _C_APPLY(call, main_grad_params, label_check, _unwrap_if_dead(hidden),
+                    None if pooled is None else _unwrap_if_dead(pooled),
                     None if token_mask is None else _unwrap_if_dead(token_mask),
                     *map(_unwrap_if_dead, (weight, bias, divisor_override, task_weights, *targets)))  # fmt: skip
 
 
 def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, targets, divisor_override,
                      task_weights, main_grad_params: tuple[Tensor | None, Tensor | None] = (None, None),
-                     ) -> tuple[Tensor, Tensor]:  # fmt: skip
+                     label_check: LabelCheck | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(total, losses [T])`` for the call (fp32; fp64 for fp64 inputs). ``hidden``: the rows
     ``[N, D]``, or the token rows as ``[B, S, D]`` (taken as ``[B * S, D]``; their gradient
     comes back in that shape). ``main_grad_params``:
     the weight and the bias where their gradient is to be added into their ``main_grad``
-    (eager only), else None."""
+    (eager only), else None. ``label_check``: the backend's planned check of the target values
+    (``validate=True``, eager only), which its forward runs."""
     if torch.compiler.is_compiling():
         outputs = torch.ops.mtlfast.fused_heads_loss(
             hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
@@ -257,10 +264,10 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
     if torch._C._are_functorch_transforms_active():
         raise NotImplementedError(_NO_TRANSFORMS)
     if _PYTHON_APPLY:
-        return _apply_unwrapped(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                                task_weights, targets)  # fmt: skip
-    return FusedHeadsLoss.apply(call, main_grad_params, hidden, pooled, token_mask, weight, bias, divisor_override,
-                                task_weights, *targets)  # fmt: skip
+        return _apply_unwrapped(call, main_grad_params, label_check, hidden, pooled, token_mask, weight, bias,
+                                divisor_override, task_weights, targets)  # fmt: skip
+    return FusedHeadsLoss.apply(call, main_grad_params, label_check, hidden, pooled, token_mask, weight, bias,
+                                divisor_override, task_weights, *targets)  # fmt: skip
 
 
 # ---- torch.library registration (used while torch.compile traces) -------------------

@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .backends import get_backend
 from .task import HeadSpec, Task, TaskLayout
+
+if TYPE_CHECKING:
+    from .kernels.label_check import LabelCheck
 
 WEIGHTINGS = ("static", "uncertainty")
 
@@ -224,7 +227,9 @@ class ValueChecks(NamedTuple):
     """Checks of values under way on the device (:func:`start_value_checks`)."""
 
     flags: Tensor  # [checks, P]: nonzero where a check found a value out of range
-    subjects: tuple[Task | str, ...]  # per check: the task whose targets it looks at, or the name of a tensor count
+    subjects: tuple[Task | str, ...]  # per row of flags, then of count_flags: the task checked, or a count's name
+    count_flags: Tensor | None  # int32 [K]: the tensor counts' checks, kept apart from a label check's flags
+    label_check: LabelCheck | None  # the backend's check, which its forward runs: flags are written then
 
 
 def start_value_checks(
@@ -234,41 +239,47 @@ def start_value_checks(
     token_mask: Tensor | None,
     num_items_in_batch: Mapping[str, int | Tensor] | None,
     backend: str,
+    compute_dtype: torch.dtype,
     capturing: bool | None = None,
 ) -> ValueChecks | None:
     """Starts the checks of target values: class ids in [0, C) or ignore_index (for token tasks,
     where ``token_mask`` holds), bce targets in [0, 1]; tensors of ``num_items_in_batch`` >= 0.
-    Their flags stay on the device for :func:`raise_for_bad_values` to read in one host sync;
-    None when nothing needs checking.
+    Their flags stay on the device for :func:`raise_for_bad_values` to read in one host sync,
+    after the op's forward; None when nothing needs checking.
 
     ``tasks``, their ``heads`` and the op's ``targets`` (cross-entropy int64 [rows], bce/mse
     float [rows, C]) go in the same order; ``token_mask`` [B * S] bool or None. A backend with
-    a ``flag_bad_targets`` of its own (``triton``: one kernel launch for every task) checks the
-    targets, otherwise (or where it returns None) torch ops check each task's; tensors of
-    ``num_items_in_batch`` are compared by torch ops. ``capturing``: whether a CUDA graph is
-    being captured, when the caller knows (else the backend asks)."""
+    a ``plan_label_check`` of its own (``triton``: programs of its loss finalize launch check
+    every task) plans the targets' check, which the op's forward must then be given
+    (``ValueChecks.label_check``) to run; otherwise (or where it plans none, as for fp64
+    ``compute_dtype``) torch ops check each task's now. Tensors of ``num_items_in_batch`` are
+    compared by torch ops. ``capturing``: whether a CUDA graph is being captured, when the
+    caller knows (else the backend asks)."""
     counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
         return None
     count_flags = [(value < 0).reshape(()) for _, value in counts]
     count_names = tuple(name for name, _ in counts)
-    flag_targets = getattr(get_backend(backend), "flag_bad_targets", None)  # a backend's own check, if it has one
-    target_flags = flag_targets(tuple(heads), targets, token_mask, capturing) if flag_targets and targets else None
-    if target_flags is None:  # torch ops: a 0-dim flag per checked task
+    plan = getattr(get_backend(backend), "plan_label_check", None)  # a backend's own check, if it has one
+    label_check = plan(tuple(heads), targets, token_mask, compute_dtype, capturing) if plan and targets else None
+    if label_check is None:  # torch ops: a 0-dim flag per checked task
         flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
         stacked = torch.stack([flag.to(flags[0].device) for flag in flags]).unsqueeze(1)
-        return ValueChecks(stacked, (*(task for task, _ in checked), *count_names))
-    if count_flags:  # the kernel's rows, one per task, then the counts'
-        counted = torch.stack([flag.to(target_flags.device) for flag in count_flags]).to(target_flags.dtype)
-        target_flags = torch.cat([target_flags.amax(dim=1), counted]).unsqueeze(1)
-    return ValueChecks(target_flags, (*tasks, *count_names))
+        return ValueChecks(stacked, (*(task for task, _ in checked), *count_names), None, None)
+    flags = label_check.flags
+    counted = torch.stack([flag.to(flags.device) for flag in count_flags]).to(flags.dtype) if count_flags else None
+    return ValueChecks(flags, (*tasks, *count_names), counted, label_check)
 
 
 def raise_for_bad_values(checks: ValueChecks) -> None:
     """Reads the flags of :func:`start_value_checks` (one host sync) and raises a ``ValueError``
-    naming the first task whose values are out of range."""
-    for row, subject in zip(checks.flags.tolist(), checks.subjects):
+    naming the first task whose values are out of range. A backend's label check has run by
+    then (the op's forward has been issued)."""
+    flags = checks.flags
+    if checks.count_flags is not None:  # the label check's rows, one per task, then the counts'
+        flags = torch.cat([flags.amax(dim=1), checks.count_flags]).unsqueeze(1)
+    for row, subject in zip(flags.tolist(), checks.subjects):
         if any(row):
             if isinstance(subject, str):
                 raise ValueError(f"task '{subject}': num_items_in_batch must be >= 0")

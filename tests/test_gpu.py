@@ -38,13 +38,12 @@ DEVICE = "cuda"
 
 @pytest.fixture(autouse=True)
 def checked_fixed_launch_keys(monkeypatch):
-    """Every launch keyed on a fixed key (the small path's, the label check's) also works its full
+    """Every launch keyed on a fixed key (the small path's, the loss finalize's) also works its full
     key out and checks it against the first one seen for that fixed key: a fixed key that does
     not fix its arguments fails the test instead of launching another variant."""
-    from mtlfast.kernels import label_check, loss_finalize, small_heads
+    from mtlfast.kernels import loss_finalize, small_heads
 
-    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch,
-                   label_check._launch):  # fmt: skip
+    for direct in (small_heads._launch_small_heads, small_heads._launch_reduce, loss_finalize._launch):
         monkeypatch.setattr(direct, "check_fixed", True)
 
 
@@ -308,17 +307,20 @@ def test_loss_sums_are_kept_per_stream():
         assert torch.equal(buffer, torch.zeros_like(buffer))
 
 
-def test_launch_count_does_not_grow_with_tasks():
+@pytest.mark.parametrize("validate", [False, True], ids=["validate-False", "validate-True"])
+def test_launch_count_does_not_grow_with_tasks(validate):
+    """At most 4 Triton kernels a step for 4 and for 40 small heads, ``validate=True``'s label
+    check included (it runs in the loss finalize's launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     def triton_launches(num_tasks: int) -> int:
         case = random_case(num_tasks=num_tasks, max_classes=8, shape=(4, 32, 64), allow_extras=False)
-        run_heads(case, "triton", torch.float32, device=DEVICE)  # compile and tune first
+        run_heads(case, "triton", torch.float32, device=DEVICE, validate=validate)  # compile and tune first
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run_heads(case, "triton", torch.float32, device=DEVICE)
+            run_heads(case, "triton", torch.float32, device=DEVICE, validate=validate)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-        return sum(1 for n in names if n.startswith(("small_heads_", "large_ce_", "loss_finalize_")))
+        return sum(1 for n in names if n.startswith(("small_heads_", "large_ce_", "loss_finalize_", "label_check")))
 
     four, forty = triton_launches(4), triton_launches(40)
     assert four == forty <= 4, (four, forty)
@@ -459,7 +461,8 @@ def test_training_step_never_syncs(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_validate_checks_values_in_one_sync(backend):
-    """validate=True on a GPU (the triton backend's label check kernel, the torch backend's ops):
+    """validate=True on a GPU (the triton backend's label check in its loss finalize launch, the
+    torch backend's ops):
     a step syncs with the host once, gives the loss and gradients of validate=False,
     and a value out of range is a ValueError naming its task (a class id of a small head and of a
     vocabulary head, a bce target), also where the attention mask leaves it out on another task."""

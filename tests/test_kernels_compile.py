@@ -115,16 +115,17 @@ def _compile_reduce(target: str, accumulate: bool):
     return compile_for(target, small_heads.small_heads_reduce_kernel, pointers, constexprs, num_warps=4)
 
 
-def _compile_loss_finalize(target: str):
-    pointers = {name: "*fp32" for name in loss_finalize.loss_finalize_kernel.arg_names if name.endswith("_ptr")}
-    return compile_for(target, loss_finalize.loss_finalize_kernel, pointers, {"BLOCK_T": 64}, num_warps=1)
-
-
-def _compile_label_check(target: str, has_mask: bool):
-    pointers = {"target_table_ptr": "*i64", "spec_ptr": "*i64", "mask_ptr": "*i1" if has_mask else "*i64",
-                "flags_ptr": "*i32"}  # fmt: skip
-    constexprs = {"BLOCK": label_check.BLOCK, "HAS_MASK": has_mask}
-    return compile_for(target, label_check.label_check_kernel, pointers, constexprs, num_warps=4)
+def _compile_loss_finalize(target: str, check: bool = False, has_mask: bool = False):
+    """The loss finalize alone (the check's pointers passed as ints, as the launch passes them), or
+    with ``validate=True``'s label check in programs of its own."""
+    check_pointers = {"target_table_ptr": "*i64", "check_spec_ptr": "*i64", "mask_ptr": "*i1" if has_mask else "*i64",
+                      "flags_ptr": "*i32"}  # fmt: skip
+    pointers = {name: "*fp32" for name in loss_finalize.loss_finalize_kernel.arg_names
+                if name.endswith("_ptr") and name not in check_pointers}  # fmt: skip
+    if check:
+        pointers.update(check_pointers)
+    constexprs = {"BLOCK_T": 64, "CHECK": check, "HAS_MASK": has_mask, "CHECK_BLOCK": label_check.BLOCK}
+    return compile_for(target, loss_finalize.loss_finalize_kernel, pointers, constexprs, num_warps=4 if check else 1)
 
 
 def _compile_large_ce(target: str, compute: str, aligned: bool = False) -> tuple:
@@ -216,15 +217,11 @@ def test_reduce_kernel_compiles(target, accumulate):
     _compile_reduce(target, accumulate)
 
 
+@pytest.mark.parametrize("check", ["no-check", "check", "check-mask"])
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_loss_finalize_kernel_compiles(target):
-    _compile_loss_finalize(target)
-
-
-@pytest.mark.parametrize("has_mask", [False, True], ids=["no-mask", "mask"])
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_label_check_kernel_compiles(target, has_mask):
-    registers, stack = resource_usage(_compile_label_check(target, has_mask))  # a streaming pass: no spills
+def test_loss_finalize_kernel_compiles(target, check):
+    kernel = _compile_loss_finalize(target, check != "no-check", check == "check-mask")
+    registers, stack = resource_usage(kernel)  # the label check's streaming pass: no spills
     assert registers <= 128 and stack == 0, (registers, stack)
 
 
@@ -328,9 +325,8 @@ def _compile_every_kernel_untuned(target: str, compute: str) -> None:
             small_heads_candidate(target, block_c, 0, backward, backward, compute, rows=rows)
     for accumulate in (False, True):
         _compile_reduce(target, accumulate)
-    _compile_loss_finalize(target)
-    for has_mask in (False, True):
-        _compile_label_check(target, has_mask)
+    for check, has_mask in ((False, False), (True, False), (True, True)):
+        _compile_loss_finalize(target, check, has_mask)
     _compile_large_ce(target, compute)
     _compile_filtered_matmul(target, compute)
 

@@ -1,8 +1,9 @@
 """Backends of the fused heads op, all behind the signature of :mod:`.base`.
 
-A backend may also offer ``flag_bad_targets(heads, targets, token_mask, capturing)``, its own
-check of label values for ``validate=True`` (``triton``'s: one kernel launch); the others' are
-checked by :func:`mtlfast.validation.start_value_checks` with torch ops."""
+A backend may also offer ``plan_label_check(heads, targets, token_mask, compute_dtype, capturing)``,
+its own check of label values for ``validate=True``, which its forward then runs (``triton``'s: in
+programs of the loss finalize launch); the others' are checked by
+:func:`mtlfast.validation.start_value_checks` with torch ops."""
 
 from __future__ import annotations
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import cache
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from ..task import ColumnWeights, HeadSpec
+
+if TYPE_CHECKING:
+    from ..kernels.label_check import LabelCheck
 
 # Host tensors (and their device copies) a captured CUDA graph reads: every replay reads them, so
 # they are never freed.
@@ -107,6 +110,9 @@ class HeadProblem(NamedTuple):
     - ``compute_grad``: whether any gradient is needed (the torch backend's forward computes them).
     - ``compute_dtype``: the dtype of the matrix products' inputs (the autocast dtype, else that
       of ``hidden``).
+    - ``label_check``: ``validate=True``'s check of the targets' values for the forward to run
+      and write the flags of, or None. Only a backend that plans one (``plan_label_check``, the
+      triton backend's) is given one.
     """
 
     hidden: Tensor
@@ -125,6 +131,7 @@ class HeadProblem(NamedTuple):
     hidden_grad: bool
     compute_grad: bool
     compute_dtype: torch.dtype
+    label_check: LabelCheck | None = None
 
     @property
     def acc_dtype(self) -> torch.dtype:

@@ -32,8 +32,8 @@ the small-heads kernel rounds them on chip, the vocabulary and wide paths cast a
 per pass; dH comes back in fp32. fp64 inputs and a V100 with triton before 3.6
 (whose compiler fails on the kernels there) run the ``torch`` backend instead.
 
-With ``validate=True`` the label values of every task are checked in one launch of
-``label_check_kernel`` (:func:`flag_bad_targets`), whose flags the caller reads in its one host sync.
+With ``validate=True`` the label values of every task are checked by programs of the loss
+finalize launch (:func:`plan_label_check`), whose flags the caller reads in its one host sync.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from . import TRITON_VERSION, torch_chunked
 from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
 
 if TYPE_CHECKING:
+    from ..kernels.label_check import LabelCheck
     from ..kernels.small_heads import SmallHeadsLaunch
 
 name = "triton"
@@ -123,8 +124,13 @@ def _kernels_compile_on(device: torch.device) -> bool:
     return device.type != "cuda" or kernels_compile_for(torch.cuda.get_device_capability(device))
 
 
+def _runs_torch_backend(compute_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a problem computed in ``compute_dtype`` on ``device`` runs the torch backend instead."""
+    return compute_dtype == torch.float64 or not _kernels_compile_on(device)
+
+
 def _delegates(problem: HeadProblem) -> bool:
-    return problem.compute_dtype == torch.float64 or not _kernels_compile_on(problem.hidden.device)
+    return _runs_torch_backend(problem.compute_dtype, problem.hidden.device)
 
 
 @dataclass(frozen=True)
@@ -320,23 +326,24 @@ def _target_table(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], device
 _CHECK_SPECS = HostValuesCache(kept=64)
 
 
-def flag_bad_targets(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
-                     capturing: bool | None = None) -> Tensor | None:  # fmt: skip
-    """int32 ``[T, P]``, nonzero where a task's targets hold a value out of range
-    (``validation.start_value_checks``), checked for every task in one launch of
-    ``label_check_kernel``; None where the kernels do not take these targets (fp64 ones, a GPU
-    they do not compile for). ``capturing``: whether a CUDA graph is being captured, when the
-    caller knows (else asked here)."""
+def plan_label_check(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
+                     compute_dtype: torch.dtype, capturing: bool | None = None) -> LabelCheck | None:  # fmt: skip
+    """``validate=True``'s check of every task's target values (``validation.start_value_checks``),
+    for the forward of a problem with these heads, targets, token mask and computation dtype to
+    run: its loss finalize launch writes the check's int32 ``[T, P]`` flags, nonzero where a task's
+    targets hold a value out of range. None where this backend's kernels do not take the problem
+    (fp64, a GPU they do not compile for: the forward runs the torch backend's). ``capturing``:
+    whether a CUDA graph is being captured, when the caller knows (else asked here)."""
     device = targets[0].device
-    if any(t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))) or not _kernels_compile_on(device):
+    if _runs_torch_backend(compute_dtype, device) or any(
+            t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))):  # fmt: skip
         return None
     if capturing is None:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     values, programs = _label_check_spec(heads, tuple([t.numel() for t in targets]), token_mask is not None)
     spec = _CHECK_SPECS.get((device, values), values, torch.int64, device, capturing)
     flags = alloc_output((len(heads), programs), torch.int32, device)
-    _kernels().label_check.flag_bad_targets(_target_table(heads, targets, device, capturing), spec, token_mask, flags)
-    return flags
+    return _kernels().label_check.LabelCheck(_target_table(heads, targets, device, capturing), spec, token_mask, flags)
 
 
 @lru_cache(maxsize=256)
@@ -675,7 +682,8 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
     _kernels().loss_finalize.loss_finalize(sums, counts, step.count_scale, problem.divisor_override,
-                                           problem.task_weights, losses, loss_scale, total)  # fmt: skip
+                                           problem.task_weights, losses, loss_scale, total,
+                                           problem.label_check)  # fmt: skip
     return total, losses, [loss_scale, table, *saved_large]
 
 

@@ -713,8 +713,8 @@ def test_hidden_with_other_strides(layout):
 @pytest.mark.parametrize("validate", [False, True], ids=["validate-False", "validate-True"])
 def test_launch_count_does_not_grow_with_tasks(monkeypatch, validate):
     """One training step launches the same number of Triton kernels for 4 and 40 small
-    heads, and at most 4 (forward, loss epilogue, backward, partials reduction); with
-    ``validate=True`` one more, the label check."""
+    heads, and at most 4 (forward, loss epilogue, backward, partials reduction), with
+    ``validate=True`` too: the label check runs in programs of the loss epilogue's launch."""
     from mtlfast.kernels import large_ce, launcher, loss_finalize, small_heads
 
     launches = []
@@ -730,7 +730,7 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch, validate):
         def __getattr__(self, attr):
             return getattr(self.kernel, attr)
 
-    for module in (small_heads, large_ce, loss_finalize, label_check):
+    for module in (small_heads, large_ce, loss_finalize):
         for attr, value in list(vars(module).items()):
             if attr.endswith("_kernel") and type(value).__module__.startswith("triton.runtime"):
                 monkeypatch.setattr(module, attr, Counting(value, attr))
@@ -744,7 +744,7 @@ def test_launch_count_does_not_grow_with_tasks(monkeypatch, validate):
         return len(launches)
 
     four, forty = count(4), count(40)
-    assert 0 < four == forty <= 4 + validate, (four, forty)
+    assert 0 < four == forty <= 4, (four, forty)
 
 
 @pytest.mark.parametrize("validate", [False, True], ids=["validate-False", "validate-True"])
@@ -961,7 +961,8 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
     (the interpreter has none), a case's second step launches them all directly. The loss
     finalize is a stand-in too, so nothing zeroes the loss sums and counts a forward's torch ops
     write (the large and wide paths', class-weighted counts): they go to buffers of this test's
-    own, which later tests never see."""
+    own, which later tests never see. Nor does it write ``validate=True``'s label-check flags:
+    they are zeroed after it, as its programs would leave them for good labels."""
     from types import SimpleNamespace
 
     from mtlfast.kernels import launcher, loss_finalize, small_heads
@@ -989,6 +990,14 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
         monkeypatch.setattr(direct, "kernel", StandIn(direct.kernel, name))
         monkeypatch.setattr(direct, "_current_stream", lambda device: 0)
         monkeypatch.setattr(direct, "check_fixed", True)
+    finalize = loss_finalize.loss_finalize
+
+    def finalize_then_flag_none(*args):
+        finalize(*args)
+        if len(args) > 8 and args[8] is not None:
+            args[8].flags.zero_()
+
+    monkeypatch.setattr(loss_finalize, "loss_finalize", finalize_then_flag_none)
     random.seed(fresh_seed())
     case = random_case(max_classes=40, allow_extras=True)
     options = random.choice([{}, {"deterministic": True}, {"fuse_wgrad_accumulation": True}])
@@ -1085,12 +1094,12 @@ def _expected_program_flags(bad: torch.Tensor, programs: int) -> list[int]:
 
 @pytest.mark.parametrize("trial", range(10))
 def test_label_check_flags_every_program_and_task(trial):
-    """``label_check_kernel``'s flags [T, P], poisoned before the launch, element by element
-    against a check of its own here: random tasks (class ids at either level, with an attention
+    """The label check's flags [T, P], poisoned before the loss finalize launch that runs it,
+    element by element against a check of its own here: random tasks (class ids at either level, with an attention
     mask or without; bce; mse, which is never flagged) holding out-of-range values at random
     places, none in some tasks, some behind the mask (not flagged) and among ignore indices and
     NaNs (not flagged either). Odd trials add a bce task of 80000 targets, more than the
-    programs' first pass covers."""
+    programs' first pass covers. The launch's program 0, the finalize itself, is checked too."""
     rng = random.Random(fresh_seed())
     batch, seq_len = rng.randint(1, 4), rng.randint(1, 40)
     mask = (torch.rand(batch * seq_len) < 0.7) if rng.random() < 0.7 else None
@@ -1127,11 +1136,39 @@ def test_label_check_flags_every_program_and_task(trial):
         targets.append(target)
         bad_by_task.append(bad)
     heads = TaskLayout(tuple(tasks)).heads
-    flags = triton_fused.flag_bad_targets(heads, targets, mask)
+    check = triton_fused.plan_label_check(heads, targets, mask, torch.float32)
     programs = label_check.flag_programs(max(bad.numel() for bad in bad_by_task))
-    assert flags.shape == (len(tasks), programs) and flags.dtype == torch.int32
+    assert check.flags.shape == (len(tasks), programs) and check.flags.dtype == torch.int32
+    assert (check.flags == POISON_INT).all()  # planned, not yet run
+    finalized = _finalize_with_check(len(tasks), check)
     expected = [_expected_program_flags(bad, programs) for bad in bad_by_task]
-    assert flags.tolist() == expected, [(t.name, t.loss, t.level, t.ignore_index) for t in tasks]
+    assert check.flags.tolist() == expected, [(t.name, t.loss, t.level, t.ignore_index) for t in tasks]
+    for name, (got, want) in finalized.items():  # program 0's finalize beside the check's programs
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=name)
+
+
+def _finalize_with_check(n_tasks: int, check) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Runs the loss finalize with ``check`` on random sums, counts, divisors and weights into
+    poisoned outputs; returns each output (and the sums and counts, zeroed by it) beside its
+    expected value, worked out here in float64."""
+    from mtlfast.kernels import loss_finalize
+
+    sums, weights = torch.rand(n_tasks) * 10, torch.rand(n_tasks)
+    counts = torch.randint(0, 4, (n_tasks,)).float()
+    count_scale = torch.randint(1, 5, (n_tasks,)).float()
+    override = torch.where(torch.rand(n_tasks) < 0.3, torch.rand(n_tasks) * 3, -1.0)
+    divisor = torch.where(override >= 0, override, counts * count_scale).double()
+    want_losses = torch.where(divisor > 0, sums.double() / divisor.clamp_min(1e-30), 0.0)
+    want_scales = torch.where(divisor > 0, weights.double() / divisor.clamp_min(1e-30), 0.0)
+    want = {"losses": want_losses.float(), "scales": want_scales.float(),
+            "total": (weights.double() * want_losses).sum().float(), "sums": torch.zeros(n_tasks),
+            "counts": torch.zeros(n_tasks)}  # fmt: skip
+    got = {"losses": poisoned_buffer((n_tasks,), torch.float32, "cpu"),
+           "scales": poisoned_buffer((n_tasks,), torch.float32, "cpu"),
+           "total": poisoned_buffer((), torch.float32, "cpu"), "sums": sums, "counts": counts}  # fmt: skip
+    loss_finalize.loss_finalize(sums, counts, count_scale, override, weights, got["losses"], got["scales"],
+                                got["total"], check)  # fmt: skip
+    return {name: (got[name], want[name]) for name in want}
 
 
 @pytest.mark.parametrize(
@@ -1149,8 +1186,8 @@ def test_label_check_flags_every_program_and_task(trial):
 )
 @pytest.mark.parametrize("how", ["kernel", "fp64", "num-items-tensor"])
 def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, match, how):
-    """``validate=True`` on the triton backend: one label-check launch for every task (the
-    small heads, the vocabulary head), beside torch ops for tensors among
+    """``validate=True`` on the triton backend: the loss finalize's launch checks every task
+    (the small heads, the vocabulary head), beside torch ops for tensors among
     ``num_items_in_batch``, or where it does not apply (fp64) torch ops alone; either way a
     value out of range is a ValueError naming its task, and one behind the attention mask, or
     a NaN bce target, is not; a negative count is a ValueError too."""
@@ -1167,15 +1204,17 @@ def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, mat
     if mask_it:
         mask[-1, -1] = 0
     num_items = {"ner": torch.tensor(7)} if how == "num-items-tensor" else None
+    from mtlfast.kernels import loss_finalize
+
     launches = []
-    launch = label_check.flag_bad_targets
+    launch = loss_finalize.loss_finalize
 
     def counted(*args):
-        launches.append(1)
+        launches.append(args[8] is not None)  # with a label check
         return launch(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(label_check, "flag_bad_targets", counted)
+        patch.setattr(loss_finalize, "loss_finalize", counted)
         call = lambda: heads(torch.randn(batch, seq_len, hidden_size, dtype=dtype), labels, attention_mask=mask,  # noqa: E731
                              num_items_in_batch=num_items)  # fmt: skip
         if match is None:
@@ -1183,7 +1222,7 @@ def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, mat
         else:
             with pytest.raises(ValueError, match=match):
                 call()
-    assert len(launches) == (0 if how == "fp64" else 1)
+    assert launches == ([] if how == "fp64" else [True])
     if how == "num-items-tensor":
         good = {"ner": torch.randint(0, 9, (batch, seq_len)), "topics": torch.rand(batch, 4)}
         with pytest.raises(ValueError, match="task 'ner'.*num_items_in_batch must be >= 0"):
