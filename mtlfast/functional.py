@@ -212,6 +212,9 @@ def multitask_loss(
     value_checks = None
     if validate and not torch.compiler.is_compiling():
         # a call with a signature is not under CUDA graph capture (_signature gives none there)
+        if key is None and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("validate=True reads the label checks' verdict on the host (one sync), which CUDA graph "
+                             "capture does not allow: build the heads with validate=False to capture a step")  # fmt: skip
         value_checks = start_value_checks(plan.present_tasks, call.heads, targets, token_mask, num_items_in_batch,
                                          call.backend, call.compute_dtype, False if key is not None else None)  # fmt: skip
     device = hidden.device

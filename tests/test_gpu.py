@@ -511,6 +511,26 @@ def test_validate_checks_values_in_one_sync(backend):
             step(checked, bad)
 
 
+def test_cuda_graph_capture_with_validate_is_a_clear_error():
+    """validate=True syncs with the host to read its checks, which a CUDA graph capture does not
+    allow: the call raises a ValueError saying so before it syncs, the capture ends cleanly, and
+    the heads then run eagerly as before."""
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 9, "cross_entropy", level="token")]
+    heads = MultiTaskHeads(64, tasks, backend="triton").to(DEVICE)
+    h = torch.randn(2, 17, 64, device=DEVICE)
+    labels = {"cls": torch.randint(0, 3, (2,), device=DEVICE), "ner": torch.randint(0, 9, (2, 17), device=DEVICE)}
+    expected = heads(h, labels).loss
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        heads(h, labels)
+    torch.cuda.current_stream().wait_stream(side)
+    with pytest.raises(ValueError, match="validate=True .* CUDA graph capture .* validate=False"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            heads(h, labels)
+    torch.testing.assert_close(heads(h, labels).loss, expected)
+
+
 def test_cuda_graph_replays_a_training_step():
     """A whole step (small and vocabulary heads, forward and backward) captured in a CUDA graph
     and replayed on new inputs copied into the captured tensors matches an eager step, also once
