@@ -171,6 +171,10 @@ def _differentiable_once(grads: list) -> tuple:
     return tuple(grads)
 
 
+# The positions of FusedHeadsLoss.forward's inputs (after ctx) that take a gradient, and of its first target.
+_HIDDEN, _POOLED, _WEIGHT, _BIAS, _TASK_WEIGHTS, _TARGETS = 3, 4, 6, 7, 9, 10
+
+
 class FusedHeadsLoss(torch.autograd.Function):
     """``(total, losses)`` of all heads; gradients for hidden, pooled, weight, bias and the
     task weights. ``losses`` is not differentiable, and the gradients are not either: a second
@@ -196,7 +200,7 @@ class FusedHeadsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
         if grad_total is None:  # only losses reached backward: nothing flows back
-            return (None,) * (10 + ctx.num_targets)
+            return (None,) * (_TARGETS + ctx.num_targets)
         if not torch.is_grad_enabled():  # the usual backward, which records no graph
             return tuple(FusedHeadsLoss._backward(ctx, grad_total))
         with torch.no_grad():
@@ -208,22 +212,22 @@ class FusedHeadsLoss(torch.autograd.Function):
         hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
         targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
         needs = ctx.needs_input_grad
-        grads = [None] * (10 + ctx.num_targets)
-        if needs[3] or needs[4] or needs[6] or needs[7]:
+        grads = [None] * (_TARGETS + ctx.num_targets)
+        if needs[_HIDDEN] or needs[_POOLED] or needs[_WEIGHT] or needs[_BIAS]:
             problem = ctx.call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
             main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
-            grads[3], grads[4], grads[6], grads[7] = _backward(problem, ctx.call.backend, list(saved), grad_total,
-                                                               main_grads)  # fmt: skip
-            if grads[3] is not None and grads[3].shape != ctx.hidden_shape:
-                grads[3] = grads[3].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
-            for index, param in zip((6, 7), ctx.main_grad_params):
+            grads[_HIDDEN], grads[_POOLED], grads[_WEIGHT], grads[_BIAS] = _backward(
+                problem, ctx.call.backend, list(saved), grad_total, main_grads)  # fmt: skip
+            if grads[_HIDDEN] is not None and grads[_HIDDEN].shape != ctx.hidden_shape:
+                grads[_HIDDEN] = grads[_HIDDEN].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
+            for index, param in zip((_WEIGHT, _BIAS), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.
                     param.grad_added_to_main_grad = True
                     grads[index] = torch.zeros_like(param) if getattr(param, "zero_out_wgrad", False) else (
                         torch.empty_like(param))  # fmt: skip
-        if needs[9]:
-            grads[9] = (grad_total * losses).to(task_weights.dtype)
+        if needs[_TASK_WEIGHTS]:
+            grads[_TASK_WEIGHTS] = (grad_total * losses).to(task_weights.dtype)
         return grads
 
 
