@@ -110,9 +110,9 @@ class HeadProblem(NamedTuple):
     - ``compute_grad``: whether any gradient is needed (the torch backend's forward computes them).
     - ``compute_dtype``: the dtype of the matrix products' inputs (the autocast dtype, else that
       of ``hidden``).
-    - ``label_check``: ``validate=True``'s check of the targets' values for the forward to run
-      and write the flags of, or None. Only a backend that plans one (``plan_label_check``, the
-      triton backend's) is given one.
+    - ``label_check``: ``validate=True``'s check of the values of ``targets`` (planned for these
+      very tensors) for the forward to run and write the flags of, or None. Only a backend that
+      plans one (``plan_label_check``, the triton backend's) is given one.
     """
 
     hidden: Tensor

@@ -641,7 +641,9 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     device = problem.hidden.device
     heads = problem.heads
     n_tasks = len(heads)
-    table = _target_table(problem.heads, problem.targets, problem.hidden.device, capturing)
+    check = problem.label_check  # planned for these targets: its table is theirs
+    table = check.target_table if check is not None else _target_table(problem.heads, problem.targets,
+                                                                        problem.hidden.device, capturing)  # fmt: skip
     step = _step(problem)
     large = step.large
     plan = step.small
@@ -682,8 +684,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
     _kernels().loss_finalize.loss_finalize(sums, counts, step.count_scale, problem.divisor_override,
-                                           problem.task_weights, losses, loss_scale, total,
-                                           problem.label_check)  # fmt: skip
+                                           problem.task_weights, losses, loss_scale, total, check)  # fmt: skip
     return total, losses, [loss_scale, table, *saved_large]
 
 
