@@ -70,7 +70,7 @@ def _options(n_tasks: int, check_programs: int, has_mask: bool) -> dict:
 
 def loss_finalize(
     sums: torch.Tensor, counts: torch.Tensor, count_scale: torch.Tensor, divisor_override: torch.Tensor,
-    task_weights: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor, total: torch.Tensor,
+    task_weights: torch.Tensor, losses: torch.Tensor, scales: torch.Tensor, total: torch.Tensor, *,
     check: LabelCheck | None = None,
 ) -> None:
     """Writes ``losses`` and ``scales`` (fp32 ``[T]``) and ``total`` (fp32, 0-dim) from the

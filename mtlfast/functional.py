@@ -216,7 +216,7 @@ def multitask_loss(
             raise ValueError("validate=True reads the label checks' verdict on the host (one sync), which CUDA graph "
                              "capture does not allow: build the heads with validate=False to capture a step")  # fmt: skip
         value_checks = start_value_checks(plan.present_tasks, call.heads, targets, token_mask, num_items_in_batch,
-                                         call.backend, call.compute_dtype, False if key is not None else None)  # fmt: skip
+                                         call.backend, call.compute_dtype)  # fmt: skip
     device = hidden.device
     divisor_override = plan.divisor_override
     if divisor_override is None:

@@ -240,7 +240,6 @@ def start_value_checks(
     num_items_in_batch: Mapping[str, int | Tensor] | None,
     backend: str,
     compute_dtype: torch.dtype,
-    capturing: bool | None = None,
 ) -> ValueChecks | None:
     """Starts the checks of target values: class ids in [0, C) or ignore_index (for token tasks,
     where ``token_mask`` holds), bce targets in [0, 1]; tensors of ``num_items_in_batch`` >= 0.
@@ -253,8 +252,7 @@ def start_value_checks(
     every task) plans the targets' check, which the op's forward must then be given
     (``ValueChecks.label_check``) to run; otherwise (or where it plans none, as for fp64
     ``compute_dtype``) torch ops check each task's now. Tensors of ``num_items_in_batch`` are
-    compared by torch ops. ``capturing``: whether a CUDA graph is being captured, when the
-    caller knows (else the backend asks)."""
+    compared by torch ops. Not for a call under CUDA graph capture, whose sync would fail."""
     counts = [(name, value) for name, value in (num_items_in_batch or {}).items() if isinstance(value, Tensor)]
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
@@ -262,7 +260,7 @@ def start_value_checks(
     count_flags = [(value < 0).reshape(()) for _, value in counts]
     count_names = tuple(name for name, _ in counts)
     plan = getattr(get_backend(backend), "plan_label_check", None)  # a backend's own check, if it has one
-    label_check = plan(tuple(heads), targets, token_mask, compute_dtype, capturing) if plan and targets else None
+    label_check = plan(tuple(heads), targets, token_mask, compute_dtype) if plan and targets else None
     if label_check is None:  # torch ops: a 0-dim flag per checked task
         flags = [_bad_target_flag(task, target, token_mask) for task, target in checked] + count_flags
         stacked = torch.stack([flag.to(flags[0].device) for flag in flags]).unsqueeze(1)

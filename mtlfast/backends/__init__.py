@@ -1,6 +1,6 @@
 """Backends of the fused heads op, all behind the signature of :mod:`.base`.
 
-A backend may also offer ``plan_label_check(heads, targets, token_mask, compute_dtype, capturing)``,
+A backend may also offer ``plan_label_check(heads, targets, token_mask, compute_dtype)``,
 its own check of label values for ``validate=True``, which its forward then runs (``triton``'s: in
 programs of the loss finalize launch); the others' are checked by
 :func:`mtlfast.validation.start_value_checks` with torch ops."""

@@ -327,23 +327,21 @@ _CHECK_SPECS = HostValuesCache(kept=64)
 
 
 def plan_label_check(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], token_mask: Tensor | None,
-                     compute_dtype: torch.dtype, capturing: bool | None = None) -> LabelCheck | None:  # fmt: skip
+                     compute_dtype: torch.dtype) -> LabelCheck | None:  # fmt: skip
     """``validate=True``'s check of every task's target values (``validation.start_value_checks``),
     for the forward of a problem with these heads, targets, token mask and computation dtype to
     run: its loss finalize launch writes the check's int32 ``[T, P]`` flags, nonzero where a task's
     targets hold a value out of range. None where this backend's kernels do not take the problem
-    (fp64, a GPU they do not compile for: the forward runs the torch backend's). ``capturing``:
-    whether a CUDA graph is being captured, when the caller knows (else asked here)."""
+    (fp64, a GPU they do not compile for: the forward runs the torch backend's). Never under CUDA
+    graph capture: ``validate=True`` raises there before any check is planned."""
     device = targets[0].device
     if _runs_torch_backend(compute_dtype, device) or any(
             t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))):  # fmt: skip
         return None
-    if capturing is None:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     values, programs = _label_check_spec(heads, tuple([t.numel() for t in targets]), token_mask is not None)
-    spec = _CHECK_SPECS.get((device, values), values, torch.int64, device, capturing)
+    spec = _CHECK_SPECS.get((device, values), values, torch.int64, device, False)
     flags = alloc_output((len(heads), programs), torch.int32, device)
-    return _kernels().label_check.LabelCheck(_target_table(heads, targets, device, capturing), spec, token_mask, flags)
+    return _kernels().label_check.LabelCheck(_target_table(heads, targets, device, False), spec, token_mask, flags)
 
 
 @lru_cache(maxsize=256)
@@ -684,7 +682,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
     loss_scale = alloc_output((n_tasks,), torch.float32, device)
     total = alloc_output((), torch.float32, device)
     _kernels().loss_finalize.loss_finalize(sums, counts, step.count_scale, problem.divisor_override,
-                                           problem.task_weights, losses, loss_scale, total, check)  # fmt: skip
+                                           problem.task_weights, losses, loss_scale, total, check=check)  # fmt: skip
     return total, losses, [loss_scale, table, *saved_large]
 
 

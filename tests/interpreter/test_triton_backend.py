@@ -656,7 +656,7 @@ def test_a_forward_that_fails_leaves_the_loss_sums_zero(monkeypatch):
     run_heads(case, "triton", torch.float32)
     finalize = triton_fused._kernels().loss_finalize
 
-    def fails(*args):
+    def fails(*args, **kwargs):
         raise RuntimeError("finalize failed")
 
     with monkeypatch.context() as patch:
@@ -965,6 +965,7 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
     they are zeroed after it, as its programs would leave them for good labels."""
     from types import SimpleNamespace
 
+    from mtlfast.bench.host_time import zeroing_check_flags
     from mtlfast.kernels import launcher, loss_finalize, small_heads
 
     launches = []
@@ -990,14 +991,7 @@ def test_fixed_launch_keys_fix_every_argument(monkeypatch, trial):
         monkeypatch.setattr(direct, "kernel", StandIn(direct.kernel, name))
         monkeypatch.setattr(direct, "_current_stream", lambda device: 0)
         monkeypatch.setattr(direct, "check_fixed", True)
-    finalize = loss_finalize.loss_finalize
-
-    def finalize_then_flag_none(*args):
-        finalize(*args)
-        if len(args) > 8 and args[8] is not None:
-            args[8].flags.zero_()
-
-    monkeypatch.setattr(loss_finalize, "loss_finalize", finalize_then_flag_none)
+    monkeypatch.setattr(loss_finalize, "loss_finalize", zeroing_check_flags(loss_finalize.loss_finalize))
     random.seed(fresh_seed())
     case = random_case(max_classes=40, allow_extras=True)
     options = random.choice([{}, {"deterministic": True}, {"fuse_wgrad_accumulation": True}])
@@ -1167,7 +1161,7 @@ def _finalize_with_check(n_tasks: int, check) -> dict[str, tuple[torch.Tensor, t
            "scales": poisoned_buffer((n_tasks,), torch.float32, "cpu"),
            "total": poisoned_buffer((), torch.float32, "cpu"), "sums": sums, "counts": counts}  # fmt: skip
     loss_finalize.loss_finalize(sums, counts, count_scale, override, weights, got["losses"], got["scales"],
-                                got["total"], check)  # fmt: skip
+                                got["total"], check=check)  # fmt: skip
     return {name: (got[name], want[name]) for name in want}
 
 
@@ -1209,9 +1203,9 @@ def test_validate_checks_values_on_the_triton_backend(label, value, mask_it, mat
     launches = []
     launch = loss_finalize.loss_finalize
 
-    def counted(*args):
-        launches.append(args[8] is not None)  # with a label check
-        return launch(*args)
+    def counted(*args, check=None):
+        launches.append(check is not None)
+        return launch(*args, check=check)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loss_finalize, "loss_finalize", counted)
