@@ -1,7 +1,7 @@
 """``TRITON_INTERPRET=1 python -m mtlfast.bench.host_time [PROVIDER ...] [--steps N]``: the host
 time of a training step on a machine without a GPU, for the providers (default: eager and
 mtlfast-triton); with ``--steps``, only the steps, for counting their instructions (see the
-README's host-time section).
+host-time section of bench/results/NOTES.md).
 
 mtlfast-triton's small path launches its kernels through direct launchers. Here each
 launcher's kernel is a stand-in that hands back a compiled kernel whose launch does
