@@ -14,6 +14,7 @@ autograd registered to ``mtlfast::fused_heads_loss_backward``), so that
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ class HeadCall:
     def from_flat(cls, seq_stride, col_start, num_cols, kind, level, ignore_index, label_smoothing, softcap, z_loss,
                   column_weights, column_weight_values, compute_dtype, backend, chunk_size, deterministic,
                   grad_filter_eps, hidden_grad, compute_grad) -> HeadCall:  # fmt: skip
-        weights, start = [], 0
+        weights: list[ColumnWeights | None] = []
+        start = 0
         for key, cols in zip(column_weights, num_cols):
             if key == ColumnWeights.BY_VALUE:
                 weights.append(ColumnWeights(column_weight_values[start : start + cols]))
@@ -127,7 +129,7 @@ def _forward(problem: HeadProblem, backend: str) -> tuple[Tensor, Tensor, list[T
 
 
 def _backward(problem: HeadProblem, backend: str, saved: list[Tensor], grad_total: Tensor,
-              main_grads: tuple[Tensor | None, Tensor | None] = (None, None)):  # fmt: skip
+              main_grads: Sequence[Tensor | None] = (None, None)):  # fmt: skip
     """The gradients for hidden, pooled, weight and bias, each in its input's dtype. A
     parameter with a ``main_grads`` entry has its gradient added there at the backend's
     accumulation precision (fp32) instead (by the backend itself where it can), and gets None."""
@@ -212,14 +214,15 @@ class FusedHeadsLoss(torch.autograd.Function):
         hidden, pooled, token_mask, weight, bias, divisor_override, task_weights, losses, *rest = ctx.saved_tensors
         targets, saved = rest[: ctx.num_targets], rest[ctx.num_targets :]
         needs = ctx.needs_input_grad
-        grads = [None] * (_TARGETS + ctx.num_targets)
+        grads: list[Tensor | None] = [None] * (_TARGETS + ctx.num_targets)
         if needs[_HIDDEN] or needs[_POOLED] or needs[_WEIGHT] or needs[_BIAS]:
             problem = ctx.call.problem(hidden, pooled, token_mask, weight, bias, targets, divisor_override, task_weights)
             main_grads = tuple(None if param is None else param.main_grad for param in ctx.main_grad_params)
-            grads[_HIDDEN], grads[_POOLED], grads[_WEIGHT], grads[_BIAS] = _backward(
+            grad_hidden, grads[_POOLED], grads[_WEIGHT], grads[_BIAS] = _backward(
                 problem, ctx.call.backend, list(saved), grad_total, main_grads)  # fmt: skip
-            if grads[_HIDDEN] is not None and grads[_HIDDEN].shape != ctx.hidden_shape:
-                grads[_HIDDEN] = grads[_HIDDEN].reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
+            if grad_hidden is not None and grad_hidden.shape != ctx.hidden_shape:
+                grad_hidden = grad_hidden.reshape(*ctx.hidden_shape)  # sizes apart: parsed faster than a tuple
+            grads[_HIDDEN] = grad_hidden
             for index, param in zip((_WEIGHT, _BIAS), ctx.main_grad_params):
                 if param is not None and hasattr(param, "grad_added_to_main_grad"):
                     # Megatron's convention: its gradient hooks fire on a stand-in they then discard.

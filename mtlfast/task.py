@@ -6,7 +6,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -68,7 +68,7 @@ class ColumnWeights:
 
     def __init__(self, values) -> None:
         self.values = tuple(float(v) for v in values)
-        self._hash = None
+        self._hash: int | None = None
         self.key = ColumnWeights.BY_VALUE
         if not torch.compiler.is_compiling():
             self.key = hash(self) & ((1 << 62) - 1)
@@ -181,7 +181,7 @@ class Task:
             raise TypeError(f"{where}: {field} must be a number, got {type(value).__name__}")
         if self.loss != "cross_entropy":
             raise ValueError(f"{where}: {field} is only for cross_entropy, not {self.loss}")
-        if not 0.0 < value < math.inf:
+        if not 0.0 < float(value) < math.inf:
             raise ValueError(f"{where}: {field} must be finite and {bound}, got {value}")
 
     def _column_weights(self, field: str, loss: str, broadcast: bool = False) -> tuple[float, ...]:
@@ -208,7 +208,8 @@ class Task:
     @property
     def column_weights(self) -> tuple[float, ...]:
         """Per-output weights of the loss: ``class_weights`` or ``pos_weight``; empty for none."""
-        return self.class_weights or self.pos_weight or ()
+        # __post_init__ has made pos_weight a tuple of C floats
+        return cast(tuple[float, ...], self.class_weights or self.pos_weight or ())
 
     @property
     def loss_code(self) -> int:

@@ -52,10 +52,10 @@ def main_grad_params(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None
     if getattr(weight, "main_grad", None) is None:
         raise ValueError("fuse_wgrad_accumulation=True needs weight.main_grad, an fp32 tensor of the weight's shape "
                          "on its device, for the gradient to be added into")  # fmt: skip
-    chosen = []
+    chosen: list[Tensor | None] = []
     for name, param in (("weight", weight), ("bias", bias)):
         main_grad = getattr(param, "main_grad", None)
-        if main_grad is None or not param.requires_grad:  # a bias without one, or frozen
+        if param is None or main_grad is None or not param.requires_grad:  # no bias, a bias without one, or frozen
             chosen.append(None)
             continue
         if not isinstance(main_grad, Tensor) or main_grad.dtype not in (torch.float32, torch.float64):
@@ -73,7 +73,14 @@ def _is_int_dtype(dtype: torch.dtype) -> bool:
 
 
 def expected_label_shape(task: Task, batch: int, seq_len: int | None) -> tuple[int, ...]:
-    lead = (batch, seq_len) if task.level == "token" else (batch,)
+    """The shape of the task's labels for hidden states of ``batch`` sequences (of ``seq_len``
+    positions; None for [B, D] hidden states, which a token task cannot take)."""
+    if task.level != "token":
+        lead: tuple[int, ...] = (batch,)
+    elif seq_len is not None:
+        lead = (batch, seq_len)
+    else:
+        raise ValueError(f"task '{task.name}': a token-level task needs hidden_states of shape [B, S, D]")
     return lead if task.loss == "cross_entropy" else (*lead, task.num_outputs)
 
 
@@ -162,8 +169,7 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
     where = f"task '{task.name}'"
     if not isinstance(label, Tensor):
         raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(label).__name__}")
-    if task.level == "token" and seq_len is None:
-        raise ValueError(f"{where}: a token-level task needs hidden_states of shape [B, S, D]")
+    expected = expected_label_shape(task, batch, seq_len)
     if label.device != device:
         raise ValueError(f"{where}: labels are on {label.device}, hidden_states on {device}")
     if task.loss == "cross_entropy":
@@ -171,7 +177,6 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
             raise TypeError(f"{where}: cross_entropy takes integer class ids, got {label.dtype}")
     elif not label.dtype.is_floating_point:
         raise TypeError(f"{where}: {task.loss} takes floating-point targets, got {label.dtype}")
-    expected = expected_label_shape(task, batch, seq_len)
     shape = tuple(label.shape)
     if shape == expected:
         return

@@ -43,9 +43,13 @@ def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> T
     return tensor
 
 
+# The attribute that marks a tensor a HostValuesCache holds.
+_KEPT = "_mtlfast_kept"
+
+
 def kept_between_calls(tensor: Tensor) -> bool:
     """Whether ``tensor`` is held by a :class:`HostValuesCache`, so that later calls get it again."""
-    return getattr(tensor, "_mtlfast_kept", False)
+    return getattr(tensor, _KEPT, False)
 
 
 class HostValuesCache:
@@ -75,7 +79,7 @@ class HostValuesCache:
             return tensor
         tensor = host_values_to(values, dtype, device)
         if not capturing:
-            tensor._mtlfast_kept = True
+            setattr(tensor, _KEPT, True)
             self._entries[key] = tensor
             if len(self._entries) > self._kept:
                 self._entries.popitem(last=False)
@@ -152,7 +156,10 @@ class HeadProblem(NamedTuple):
         ``pooled_like``, or every ``seq_stride``-th row of ``hidden_like``, for sequence tasks."""
         if token:
             return hidden_like
-        return pooled_like if self.pooled is not None else hidden_like[:: self.seq_stride]
+        if self.pooled is None:
+            return hidden_like[:: self.seq_stride]
+        assert pooled_like is not None, "a problem with pooled rows takes pooled_like"
+        return pooled_like
 
     def valid_rows(self, index: int, rows: slice | None = None) -> Tensor:
         """[rows] bool: the rows of task ``index`` that are not skipped."""
