@@ -332,16 +332,18 @@ def plan_label_check(heads: tuple[HeadSpec, ...], targets: Sequence[Tensor], tok
     for the forward of a problem with these heads, targets, token mask and computation dtype to
     run: its loss finalize launch writes the check's int32 ``[T, P]`` flags, nonzero where a task's
     targets hold a value out of range. None where this backend's kernels do not take the problem
-    (fp64, a GPU they do not compile for: the forward runs the torch backend's). Never under CUDA
-    graph capture: ``validate=True`` raises there before any check is planned."""
+    (fp64, a GPU they do not compile for: the forward runs the torch backend's). The targets are
+    the forward's (contiguous int64 class ids, fp32 bce/mse targets; anything else is a ValueError
+    of the table, as in the forward). Never under CUDA graph capture: ``validate=True`` raises
+    there before any check is planned."""
     device = targets[0].device
-    if _runs_torch_backend(compute_dtype, device) or any(
-            t.dtype != expected for t, expected in zip(targets, _target_dtypes(heads))):  # fmt: skip
+    if _runs_torch_backend(compute_dtype, device):
         return None
+    table = _target_table(heads, targets, device, False)
     values, programs = _label_check_spec(heads, tuple([t.numel() for t in targets]), token_mask is not None)
     spec = _CHECK_SPECS.get((device, values), values, torch.int64, device, False)
     flags = alloc_output((len(heads), programs), torch.int32, device)
-    return _kernels().label_check.LabelCheck(_target_table(heads, targets, device, False), spec, token_mask, flags)
+    return _kernels().label_check.LabelCheck(table, spec, token_mask, flags)
 
 
 @lru_cache(maxsize=256)
