@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import HostValuesCache, device_type
+from .backends.base import HostValuesCache, device_type, making_kept_tensors
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, grad_filter_threshold, main_grad_params, raise_for_bad_values, start_value_checks
@@ -191,8 +191,8 @@ def multitask_loss(
             _PLANS[key] = plan
     call = plan.call
     main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
-    if bias is None:  # the op takes a bias: a zero one that needs no gradient
-        bias = weight.new_zeros(layout.total_outputs)
+    if bias is None:
+        bias = plan.zero_bias
     hidden = hidden_states if hidden_states.dtype == plan.rows_dtype else hidden_states.to(plan.rows_dtype)
     pooled_c = pooled if pooled is None or pooled.dtype == plan.rows_dtype else pooled.to(plan.rows_dtype)
     token_mask = None
@@ -262,6 +262,7 @@ class _CallPlan:
     weight_dtype: torch.dtype  # of the task weights: fp32, fp64 for fp64 compute
     divisor_override: Tensor | None  # the constant [T] of -1 without num_items_in_batch, else None
     weight_per_task: Tensor | None  # the constant [T] of static weights that are numbers, else None
+    zero_bias: Tensor | None  # without a bias, the zero one the op takes: [sum C], weight's dtype, never written
 
 
 # Plans by call signature, the oldest dropped past PLANS_KEPT (a loop over many shapes).
@@ -347,6 +348,10 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
             bias is not None and bias.requires_grad))),
         compute_dtype=cdtype,
     )  # fmt: skip
+    zero_bias = None
+    if bias is None:
+        with making_kept_tensors():
+            zero_bias = weight.new_zeros(layout.total_outputs)
     return _CallPlan(layout, call, present, present_tasks, tuple(t.name for t in present_tasks), rows_dtype,
                      batch * seq_len if has_token else None, tuple(target_shapes), tuple(target_dtypes), weight_dtype,
-                     divisor_override, weight_per_task)  # fmt: skip
+                     divisor_override, weight_per_task, zero_bias)  # fmt: skip

@@ -464,9 +464,11 @@ def make_heads(case: Case, backend: str, device="cpu", **kwargs) -> MultiTaskHea
 
 
 def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autocast: bool = False,
-              frozen_hidden: bool = False, task_weights: dict | None = None, **kwargs):  # fmt: skip
+              frozen_hidden: bool = False, task_weights: dict | None = None, evaluated_first: bool = False,
+              **kwargs):  # fmt: skip
     """Loss, per-task losses and gradients from mtlfast for the case (``kwargs`` build the heads,
-    ``task_weights`` goes to the call).
+    ``task_weights`` goes to the call). With ``evaluated_first`` the same heads first take the
+    same call under ``torch.inference_mode``, as a validation pass in a training loop does.
 
     With ``autocast`` the parameters and hidden states stay fp32 and ``torch.autocast``
     sets the computation dtype; otherwise hidden states are given in ``dtype``. With
@@ -493,6 +495,10 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     mask = case.attention_mask.to(device) if case.attention_mask is not None else None
     num_items = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (case.num_items or {}).items()}
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=dtype) if autocast else _null()
+    if evaluated_first:
+        with torch.inference_mode(), ctx:
+            heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None,
+                  task_weights=task_weights)  # fmt: skip
     with ctx:
         out = heads(h, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None,
                     task_weights=task_weights)  # fmt: skip

@@ -1,5 +1,6 @@
 """The public contract: parameters, outputs, conversions, options."""
 
+import collections
 import dataclasses
 import math
 import random
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from oracle import TOLERANCE, assert_matches_oracle, case_for, fresh_seed, random_case, rel_error, run_heads
 from torch import nn
 
-from mtlfast import MultiTaskHeads, MultiTaskOutput, Task, multitask_loss
+from mtlfast import MultiTaskHeads, MultiTaskOutput, Task, TaskLayout, multitask_loss
 
 TASKS = [
     Task("sentiment", 3, "cross_entropy"),
@@ -150,6 +151,49 @@ def test_bias_free_heads_match_the_oracle(backend):
     assert "bias" not in grads
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} bias=False",
                           skip=("bias",))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_training_after_evaluation_under_inference_mode(backend, bias):
+    """A training step after the same call under ``torch.inference_mode`` (a validation pass)
+    matches the oracle: no tensor made under inference mode is kept for later calls, where
+    saving it for backward or writing it in place would raise."""
+    case = random_case()
+    if not bias:
+        case.bias.zero_()
+    out, grads = run_heads(case, backend, torch.float32, evaluated_first=True, bias=bias, validate=True)
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} after inference_mode",
+                          skip=() if bias else ("bias",))  # fmt: skip
+
+
+def test_a_planned_call_without_a_bias_builds_no_zero_bias():
+    """``bias=None``: the zero bias the op takes is built once with the call's plan, so a planned
+    call runs the same ATen ops as with a given bias that needs no gradient (on a GPU, no fill
+    kernel a step), and its results are the oracle's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = random_case(allow_extras=False)
+    case.bias.zero_()
+    layout = TaskLayout(tuple(case.tasks))
+    hidden = case.hidden.clone().requires_grad_(True)
+    weight = case.weight.clone().requires_grad_(True)
+
+    def aten_ops(bias) -> collections.Counter:
+        for _ in range(2):  # the first call plans
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = multitask_loss(hidden, weight, bias, layout, case.labels, backend="torch")
+                out.loss.backward()
+        return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+    assert aten_ops(None) == aten_ops(torch.zeros_like(case.bias))
+    for _ in range(2):
+        hidden.grad = weight.grad = None
+        out = multitask_loss(hidden, weight, None, layout, case.labels, backend="torch")
+        out.loss.backward()
+        grads = {"hidden": hidden.grad, "weight": weight.grad}
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "bias=None, planned",
+                              skip=("bias",))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -608,6 +652,7 @@ def test_kept_call_plans_follow_every_change_of_signature():
         lambda c: {"labels": {k: c.labels[k] for k in ("score", "cls")}},
         lambda c: {"weighting": "uncertainty"},
         lambda c: {"mask": True},
+        lambda c: {"no_bias": True},
     ]
 
     def call(case, variant):
@@ -618,7 +663,8 @@ def test_kept_call_plans_follow_every_change_of_signature():
         with torch.set_grad_enabled(not variant.get("no_grad")), torch.autocast(
             "cpu", dtype=torch.bfloat16, enabled=bool(variant.get("autocast"))
         ):
-            out = multitask_loss(hidden, heads.weight, heads.bias, heads.layout, variant.get("labels", case.labels),
+            bias = None if variant.get("no_bias") else heads.bias
+            out = multitask_loss(hidden, heads.weight, bias, heads.layout, variant.get("labels", case.labels),
                                  attention_mask=mask, log_vars=torch.zeros(4),
                                  weighting=variant.get("weighting", "static"), backend="torch",
                                  deterministic=heads.deterministic)  # fmt: skip

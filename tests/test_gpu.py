@@ -56,6 +56,19 @@ def test_triton_random_cases(dtype, trial):
     assert_matches_oracle(case, out, grads, dtype, TOLERANCE[dtype], f"triton-gpu/{dtype}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_triton_training_after_evaluation_under_inference_mode(bias):
+    """A training step after the same call under ``torch.inference_mode``, ``validate=True``: the oracle."""
+    case = random_case()
+    if not bias:
+        case.bias.zero_()
+    triton_fused._LOSS_SUMS.clear()  # made anew, by the evaluation
+    out, grads = run_heads(case, "triton", torch.float32, device=DEVICE, evaluated_first=True, bias=bias,
+                           validate=True)  # fmt: skip
+    assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton-gpu after inference_mode",
+                          skip=() if bias else ("bias",))  # fmt: skip
+
+
 def _wide_path_case():
     """Wide bce/mse and class-weighted cross-entropy heads (the wide path) beside a vocabulary
     head and a small head."""

@@ -8,6 +8,7 @@ losses and whatever it wants to keep for its own backward.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -28,6 +29,15 @@ def device_type(tensor: Tensor) -> str:
     """``tensor.device.type`` in a tenth of its host time for CUDA and CPU tensors (a device's
     ``type`` builds its string anew on every read)."""
     return "cuda" if tensor.is_cuda else "cpu" if tensor.is_cpu else tensor.device.type
+
+
+def making_kept_tensors() -> AbstractContextManager:
+    """The context to make a tensor kept between calls in: outside ``torch.inference_mode``
+    when a call runs under it. An inference tensor kept would break a later training call,
+    which saves it for backward or writes it in place. (torch.compile keeps none.)"""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return nullcontext()
+    return torch.inference_mode(False)
 
 
 def host_values_to(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -77,7 +87,8 @@ class HostValuesCache:
             if capturing:
                 CAPTURED.append(tensor)
             return tensor
-        tensor = host_values_to(values, dtype, device)
+        with making_kept_tensors():
+            tensor = host_values_to(values, dtype, device)
         if not capturing:
             setattr(tensor, _KEPT, True)
             self._entries[key] = tensor

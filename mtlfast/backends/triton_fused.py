@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..task import BCE
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, making_kept_tensors, mm_acc, weight_in
 
 if TYPE_CHECKING:
     from ..kernels.label_check import LabelCheck
@@ -610,7 +610,8 @@ def _loss_sums(n_tasks: int, rows: Tensor, capturing: bool) -> tuple[Tensor, Ten
     key = (device, n_tasks, stream, threading.get_ident())
     kept = _LOSS_SUMS.get(key)
     if kept is None:
-        buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
+        with making_kept_tensors():
+            buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
         kept = _LOSS_SUMS[key] = (buffer, *buffer.unbind(0))
     return kept
 

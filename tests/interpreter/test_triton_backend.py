@@ -394,6 +394,23 @@ def test_heads_without_bias(dtype):
     assert_matches(case, out, grads, dtype, f"triton/bias=False/{dtype}", skip=("bias",))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_training_after_evaluation_under_inference_mode(bias):
+    """A training step after the same call under ``torch.inference_mode`` (a validation pass),
+    small heads and a vocabulary head, ``validate=True``: the oracle. The kept loss sums, label
+    tables and check specs made by the evaluation are normal tensors (the vocabulary path
+    writes the sums in place; the table is saved for backward)."""
+    rng = random.Random(fresh_seed())
+    tasks = [Task("vocab", rng.randint(129, 300), "cross_entropy", level="token"),
+             Task("cls", rng.randint(2, 6), "cross_entropy"), Task("score", 1, "mse")]  # fmt: skip
+    case = case_for(tasks, (2, rng.randint(2, 9), rng.choice([8, 24])))
+    if not bias:
+        case.bias.zero_()
+    triton_fused._LOSS_SUMS.clear()  # made anew, by the evaluation
+    out, grads = run_heads(case, "triton", torch.float32, evaluated_first=True, bias=bias, validate=True)
+    assert_matches(case, out, grads, torch.float32, "triton after inference_mode", skip=() if bias else ("bias",))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16)], ids=str)
 @pytest.mark.parametrize("atomics", [False, True], ids=["partials", "atomics"])
 @pytest.mark.parametrize("vocabulary", [False, True], ids=["small", "vocabulary"])
