@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import HostValuesCache, device_type, making_kept_tensors
+from .backends.base import HostValuesCache, device_type, is_fake, making_kept_tensors
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, grad_filter_threshold, main_grad_params, raise_for_bad_values, start_value_checks
@@ -78,10 +78,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CONSTANTS = HostValuesCache(kept=256)
 
 
-def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, fake: bool = False) -> Tensor:
     """A small constant tensor, built once per values, dtype and device (no copy per call), and
-    without a host sync when built: call-time task weights change every step with DWA."""
-    if torch.compiler.is_compiling():
+    without a host sync when built: call-time task weights change every step with DWA. Built
+    anew, never kept, while torch.compile traces or for a call on FakeTensors (``fake``)."""
+    if fake or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     return _CONSTANTS.get((values, dtype, device), values, dtype, device)
 
@@ -159,8 +160,9 @@ def multitask_loss(
     """
     layout = tasks if isinstance(tasks, TaskLayout) else TaskLayout(tuple(tasks))
     options = (weighting, backend, chunk_size, deterministic, grad_filter_eps)
+    fake = is_fake(hidden_states)
     # a layout built here from a list of tasks is new every call: no plan kept for it
-    key = None if return_logits or labels is None or layout is not tasks else _signature(
+    key = None if return_logits or labels is None or layout is not tasks or fake else _signature(
         layout, hidden_states, weight, bias, labels, attention_mask, pooled, log_vars, options, num_items_in_batch,
         task_weights,
     )  # fmt: skip
@@ -210,7 +212,7 @@ def multitask_loss(
     # host waits for them (the triton backend's check runs in the forward's last launch). A bad
     # class id is skipped there, never read out of bounds.
     value_checks = None
-    if validate and not torch.compiler.is_compiling():
+    if validate and not (fake or hidden.is_meta or torch.compiler.is_compiling()):  # values to check
         # a call with a signature is not under CUDA graph capture (_signature gives none there)
         if key is None and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError("validate=True reads the label checks' verdict on the host (one sync), which CUDA graph "
@@ -224,7 +226,7 @@ def multitask_loss(
                                         for task in plan.present_tasks])  # fmt: skip
     weight_per_task = plan.weight_per_task
     if weighting == "uncertainty":
-        index = _constant(plan.present, torch.long, log_vars.device)
+        index = _constant(plan.present, torch.long, log_vars.device, fake)
         task_log_vars = log_vars[index]
         weight_per_task = 0.5 * torch.exp(-task_log_vars.to(plan.weight_dtype))
     elif weight_per_task is None:  # call-time weights, some of them tensors (or traced)
@@ -323,15 +325,16 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
         target_shapes.append(None if label.shape == shape else shape)
         target_dtypes.append(None if label.dtype == dtype else dtype)
     device = hidden_states.device
+    fake = is_fake(hidden_states)
     divisor_override = None
     if all((num_items_in_batch or {}).get(task.name) is None for task in present_tasks):
-        divisor_override = _constant((-1.0,) * len(present), torch.float32, device)
+        divisor_override = _constant((-1.0,) * len(present), torch.float32, device, fake)
     weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     weight_per_task = None
     if weighting == "static":
         given = [(task_weights or {}).get(task.name, task.weight) for task in present_tasks]
         if not (task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given))):
-            weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device)
+            weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device, fake)
 
     reads_hidden = has_token or pooled is None  # token rows, or the sequence rows hidden[:, 0]
     hidden_grad = torch.is_grad_enabled() and (

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import HeadProblem, HeadSpec, device_type, kept_between_calls
+from .backends.base import HeadProblem, HeadSpec, device_type, is_fake, kept_between_calls
 from .task import ColumnWeights
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def fused_heads_loss(call: HeadCall, hidden, pooled, token_mask, weight, bias, t
     the weight and the bias where their gradient is to be added into their ``main_grad``
     (eager only), else None. ``label_check``: the backend's planned check of the target values
     (``validate=True``, eager only), which its forward runs."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_fake(hidden):
         outputs = torch.ops.mtlfast.fused_heads_loss(
             hidden, pooled, call.seq_stride, token_mask, weight, bias, list(targets), divisor_override, task_weights,
             *call.flat(), call.compute_grad, SOURCE_DIGEST,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..task import ColumnWeights, HeadSpec
 
@@ -29,6 +30,13 @@ def device_type(tensor: Tensor) -> str:
     """``tensor.device.type`` in a tenth of its host time for CUDA and CPU tensors (a device's
     ``type`` builds its string anew on every read)."""
     return "cuda" if tensor.is_cuda else "cpu" if tensor.is_cpu else tensor.device.type
+
+
+def is_fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a FakeTensor (a shape without data, as a memory or FLOP estimator
+    under ``FakeTensorMode`` passes): a call on one is traced as torch.compile traces, through
+    the custom op's fake implementation, and keeps nothing for later calls."""
+    return type(tensor) is not Tensor and isinstance(tensor, FakeTensor)
 
 
 def making_kept_tensors() -> AbstractContextManager:
