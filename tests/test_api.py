@@ -167,11 +167,33 @@ def test_training_after_evaluation_under_inference_mode(backend, bias):
                           skip=() if bias else ("bias",))  # fmt: skip
 
 
+def _step_without_data(case, backend: str, to) -> tuple:
+    """A step of heads built for ``case`` (values unset) on its inputs as ``to`` makes them
+    (FakeTensors, meta tensors): the output and the gradients' shapes by name (None: no gradient)."""
+    inputs = {"hidden": case.hidden, "pooled": case.pooled}
+    leaves = {name: None if value is None else to(value).requires_grad_(True) for name, value in inputs.items()}
+    device = leaves["hidden"].device
+    heads = MultiTaskHeads(case.hidden.shape[-1], case.tasks, weighting=case.weighting, backend=backend,
+                           validate=True, device=device)  # fmt: skip
+    out = heads(leaves["hidden"], {name: to(label) for name, label in case.labels.items()},
+                attention_mask=None if case.attention_mask is None else to(case.attention_mask), pooled=leaves["pooled"],
+                num_items_in_batch={k: to(v) if isinstance(v, torch.Tensor) else v
+                                    for k, v in (case.num_items or {}).items()} or None)  # fmt: skip
+    out.loss.backward()
+    grads = {**{name: leaf.grad for name, leaf in leaves.items() if leaf is not None},
+             **{name: param.grad for name, param in heads.named_parameters()}}  # fmt: skip
+    return out, _shapes(grads)
+
+
+def _shapes(grads: dict) -> dict:
+    return {name: None if grad is None else tuple(grad.shape) for name, grad in grads.items()}
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_a_pass_on_fake_tensors_keeps_nothing_for_real_calls(backend):
-    """A step on FakeTensors (a memory or FLOP estimator under ``FakeTensorMode``, with the
-    default ``validate=True``) gives the loss and gradients their shapes, keeps no plan and no
-    constant, and the same call on real tensors after it matches the oracle."""
+    """A step on FakeTensors (a memory or FLOP estimator under ``FakeTensorMode``, with
+    ``validate=True``) gives the loss and gradients the real step's shapes, keeps no plan and
+    no constant, and the same call on real tensors after it matches the oracle."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from mtlfast import functional
@@ -179,37 +201,22 @@ def test_a_pass_on_fake_tensors_keeps_nothing_for_real_calls(backend):
     case = random_case()
     plans, constants = dict(functional._PLANS), dict(functional._CONSTANTS._entries)
     with FakeTensorMode() as mode:
-        heads = MultiTaskHeads(case.hidden.shape[-1], case.tasks, weighting=case.weighting, backend=backend)
-        hidden = mode.from_tensor(case.hidden).requires_grad_(True)
-        pooled = None if case.pooled is None else mode.from_tensor(case.pooled).requires_grad_(True)
-        labels = {name: mode.from_tensor(label) for name, label in case.labels.items()}
-        mask = None if case.attention_mask is None else mode.from_tensor(case.attention_mask)
-        num_items = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in (case.num_items or {}).items()}
-        out = heads(hidden, labels, attention_mask=mask, pooled=pooled, num_items_in_batch=num_items or None)
-        out.loss.backward()
-    assert isinstance(out.loss, FakeTensor) and out.loss.shape == () and set(out.losses) == set(case.labels)
-    assert hidden.grad.shape == hidden.shape and heads.weight.grad.shape == heads.weight.shape
+        fake, fake_grads = _step_without_data(case, backend, mode.from_tensor)
+    assert isinstance(fake.loss, FakeTensor) and fake.loss.shape == () and set(fake.losses) == set(case.labels)
     assert dict(functional._PLANS) == plans and dict(functional._CONSTANTS._entries) == constants
     out, grads = run_heads(case, backend, torch.float32)
-    assert type(out.loss) is torch.Tensor
+    assert type(out.loss) is torch.Tensor and fake_grads == _shapes(grads)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} after a fake pass")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_a_step_on_the_meta_device_gives_shapes(backend):
     """Heads and inputs on the meta device (a FLOP count's dry run), ``validate=True``: the
-    value checks, which need data, are skipped; the loss and gradients have their shapes."""
+    value checks, which need data, are skipped; the loss and gradients have the real step's shapes."""
     case = random_case()
-    heads = MultiTaskHeads(case.hidden.shape[-1], case.tasks, weighting=case.weighting, backend=backend,
-                           validate=True, device="meta")  # fmt: skip
-    hidden = case.hidden.to("meta").requires_grad_(True)
-    labels = {name: label.to("meta") for name, label in case.labels.items()}
-    pooled = None if case.pooled is None else case.pooled.to("meta")
-    mask = None if case.attention_mask is None else case.attention_mask.to("meta")
-    out = heads(hidden, labels, attention_mask=mask, pooled=pooled)
-    out.loss.backward()
-    assert out.loss.is_meta and out.loss.shape == () and set(out.losses) == set(case.labels)
-    assert hidden.grad.shape == hidden.shape and heads.weight.grad.shape == heads.weight.shape
+    meta, meta_grads = _step_without_data(case, backend, lambda tensor: tensor.to("meta"))
+    assert meta.loss.is_meta and meta.loss.shape == () and set(meta.losses) == set(case.labels)
+    assert meta_grads == _shapes(run_heads(case, backend, torch.float32)[1])
 
 
 def test_a_planned_call_without_a_bias_builds_no_zero_bias():
