@@ -125,6 +125,22 @@ def test_bad_labels(name, value, error, match):
         _call(labels)
 
 
+@pytest.mark.parametrize("name", ["topics", "score"])
+def test_targets_that_require_grad(name):
+    """Soft targets that require grad (a teacher's, not detached): the heads give targets no
+    gradient, so a training call is a ValueError, not a gradient silently dropped; without
+    grad mode, or detached, the same targets are fine."""
+    teacher = torch.randn(_good()[name].shape, requires_grad=True)
+    labels = _good()
+    labels[name] = torch.sigmoid(teacher)
+    with pytest.raises(ValueError, match=f"task '{name}'.*targets require grad.*detach"):
+        _call(labels)
+    with torch.no_grad():
+        assert torch.isfinite(_call(labels).loss)
+    labels[name] = labels[name].detach()
+    assert torch.isfinite(_call(labels).loss)
+
+
 @pytest.mark.parametrize("bad", [3, -1, -7])
 def test_class_ids_out_of_range(bad):
     labels = _good()
