@@ -57,11 +57,15 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice."""
+    """Maps ``"auto"`` to the best backend for ``device`` and checks an explicit choice. On the
+    meta device (a dry run: shapes, FLOP counts) the triton backend's kernels, which need data,
+    give way to the torch backend's ops."""
     if name == "auto":
         return "triton" if device.type == "cuda" and TRITON_INSTALLED and not ROCM else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    if name == "triton" and device.type == "meta":
+        return "torch"
     if name == "triton":
         if not TRITON_INSTALLED:
             raise ValueError("backend 'triton' needs the triton package")
