@@ -186,7 +186,7 @@ def multitask_loss(
         return MultiTaskOutput(loss=None, losses={}, logits=logits)
     if plan is None:
         plan = _plan_call(layout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
-                          *options)  # fmt: skip
+                          *options, fake=fake)  # fmt: skip
         if key is not None:
             if len(_PLANS) >= PLANS_KEPT:
                 _PLANS.pop(next(iter(_PLANS)), None)
@@ -301,7 +301,8 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
 
 
 def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
-               weighting, backend, chunk_size, deterministic, grad_filter_eps) -> _CallPlan:  # fmt: skip
+               weighting, backend, chunk_size, deterministic, grad_filter_eps, *, fake: bool) -> _CallPlan:  # fmt: skip
+    """The call's :class:`_CallPlan`; ``fake``: the hidden states are FakeTensors (no constant kept)."""
     cdtype = computation_dtype(hidden_states)
     filter_threshold = grad_filter_threshold(grad_filter_eps, cdtype)
     # The op takes fp32 rows with 16-bit compute as they are (an encoder output under autocast):
@@ -325,7 +326,6 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
         target_shapes.append(None if label.shape == shape else shape)
         target_dtypes.append(None if label.dtype == dtype else dtype)
     device = hidden_states.device
-    fake = is_fake(hidden_states)
     divisor_override = None
     if all((num_items_in_batch or {}).get(task.name) is None for task in present_tasks):
         divisor_override = _constant((-1.0,) * len(present), torch.float32, device, fake)

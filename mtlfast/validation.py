@@ -177,7 +177,7 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
             raise TypeError(f"{where}: cross_entropy takes integer class ids, got {label.dtype}")
     elif not label.dtype.is_floating_point:
         raise TypeError(f"{where}: {task.loss} takes floating-point targets, got {label.dtype}")
-    elif label.requires_grad and torch.is_grad_enabled():
+    if label.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{where}: the {task.loss} targets require grad, and the fused heads give their targets no "
                          "gradient; detach them (a teacher's soft targets), or compute this loss with torch ops")  # fmt: skip
     shape = tuple(label.shape)

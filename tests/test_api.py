@@ -167,6 +167,10 @@ def test_training_after_evaluation_under_inference_mode(backend, bias):
                           skip=() if bias else ("bias",))  # fmt: skip
 
 
+def _shapes(grads: dict) -> dict:
+    return {name: None if grad is None else tuple(grad.shape) for name, grad in grads.items()}
+
+
 def _step_without_data(case, backend: str, to) -> tuple:
     """A step of heads built for ``case`` (values unset) on its inputs as ``to`` makes them
     (FakeTensors, meta tensors): the output and the gradients' shapes by name (None: no gradient)."""
@@ -183,10 +187,6 @@ def _step_without_data(case, backend: str, to) -> tuple:
     grads = {**{name: leaf.grad for name, leaf in leaves.items() if leaf is not None},
              **{name: param.grad for name, param in heads.named_parameters()}}  # fmt: skip
     return out, _shapes(grads)
-
-
-def _shapes(grads: dict) -> dict:
-    return {name: None if grad is None else tuple(grad.shape) for name, grad in grads.items()}
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
