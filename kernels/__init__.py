@@ -14,7 +14,7 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     )
-    if _spec is not None:
+    if _spec is not None and _spec.loader is not None:
         _hub = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _hub
         _spec.loader.exec_module(_hub)

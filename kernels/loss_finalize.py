@@ -59,7 +59,7 @@ def loss_finalize_kernel(
 
 _launch = DirectLauncher(loss_finalize_kernel)
 _OPTIONS: dict[tuple[int, int, bool], dict] = {}
-_UNREAD_POINTERS = (0, 0, 0, 0)
+_UNREAD_POINTERS: tuple[int | torch.Tensor | None, ...] = (0, 0, 0, 0)
 
 
 def _options(n_tasks: int, check_programs: int, has_mask: bool) -> dict:

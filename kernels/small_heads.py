@@ -623,7 +623,9 @@ TUNING_KEPT_ON_DISK = KEEP_TUNING and "cache_results" in inspect.signature(trito
 @cache
 def _tuned_kernel(backward: bool):
     """The autotuned kernel, built on first use (an Autotuner needs a GPU driver)."""
-    options = {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
+    options: dict[str, object] = (
+        {"restore_value": ["dw_ptr", "db_ptr", "dh_acc_ptr"]} if backward else {"reset_to_zero": ["loss_ptr", "count_ptr"]}
+    )
     if TUNING_KEPT_ON_DISK:
         options["cache_results"] = True
     every = [_config(shape) for shape in dict.fromkeys(s for width in SHAPES_BY_BLOCK_C for s in shapes_for(width, backward))]
@@ -748,8 +750,8 @@ def launch_small_heads(
     )  # fmt: skip
     prepared = _PREPARED.get(launch)
     if prepared is not None and not _launch_small_heads.check_fixed:
-        options, launched, trailing = prepared
-        _launch_small_heads((launched.programs,), tensors + trailing, options, launch, fixed=True)
+        kept_options, launched, trailing = prepared
+        _launch_small_heads((launched.programs,), tensors + trailing, kept_options, launch, fixed=True)
         return launched
     n_groups, _, block_c = launch.slot_int.shape
     n_hidden, hidden_size = hidden.shape

@@ -284,7 +284,7 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
         hash(options)
     except TypeError:  # a bad option, which the checks name
         return None
-    tensors = []
+    tensors: list[tuple | None] = []
     for tensor in (hidden_states, weight, bias, attention_mask, pooled, log_vars, *labels.values()):
         if isinstance(tensor, Tensor):
             tensors.append((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class MultiTaskHeads(nn.Module):
         self.deterministic = deterministic
         self.grad_filter_eps = grad_filter_eps
         self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.layout.total_outputs, hidden_size, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.layout.total_outputs, **factory))
@@ -124,7 +125,7 @@ class MultiTaskHeads(nn.Module):
                 pooled = F.dropout(pooled, self.dropout, training=True)
         return multitask_loss(
             hidden_states,
-            self._parameter("weight"),
+            cast(Tensor, self._parameter("weight")),
             self._parameter("bias"),
             self.layout,
             labels,

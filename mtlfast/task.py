@@ -181,7 +181,7 @@ class Task:
             raise TypeError(f"{where}: {field} must be a number, got {type(value).__name__}")
         if self.loss != "cross_entropy":
             raise ValueError(f"{where}: {field} is only for cross_entropy, not {self.loss}")
-        if not 0.0 < value < math.inf:
+        if not 0.0 < float(value) < math.inf:
             raise ValueError(f"{where}: {field} must be finite and {bound}, got {value}")
 
     def _column_weights(self, field: str, loss: str, broadcast: bool = False) -> tuple[float, ...]:

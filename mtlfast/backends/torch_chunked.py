@@ -231,7 +231,7 @@ class _Span(NamedTuple):
         packed.index_copy_(0, self.rows, span_rows.index_select(0, self.span_cols))
 
 
-def _long(values: list[int], device: torch.device) -> Tensor:
+def _long(values: list[int] | list[list[int]], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 

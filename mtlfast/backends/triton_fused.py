@@ -569,7 +569,8 @@ def _new_step(problem: HeadProblem) -> _Step:
     large, wide = _large_tasks(heads), _wide_tasks(heads)
     plan = _small_plan(heads, device, _splits_levels(heads, problem.seq_stride)) if _small_tasks(heads) else None
     programs = _partial_programs(problem, plan) if plan is not None else 0
-    launches, dh_acc_rows = [None, None], 0
+    forward_launch = backward_launch = None
+    dh_acc_rows = 0
     if plan is not None:
         small_heads = _kernels().small_heads
         fixed = dict(plan.launch_fields, seq_stride=problem.seq_stride, compute_dtype=problem.compute_dtype)
@@ -579,16 +580,14 @@ def _new_step(problem: HeadProblem) -> _Step:
         seq_dw_blocks = small_heads.sequence_block_bound(problem.hidden.shape[0], n_pooled, problem.seq_stride)
         if not (plan.n_seq_groups and 0 < seq_dw_blocks <= programs):
             seq_dw_blocks = 0
-        launches = [
-            small_heads.SmallHeadsLaunch(backward=False, partial_programs=programs if problem.deterministic else 0,
-                                         **fixed),
-            small_heads.SmallHeadsLaunch(backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
-                                         has_dh_init=problem.hidden_grad and bool(large or wide),
-                                         seq_dw_blocks=seq_dw_blocks, **fixed),
-        ]  # fmt: skip
-        dh_acc_rows = small_heads.dh_acc_rows(launches[1], problem.hidden.shape[0], n_pooled)
-    return _Step(plan, large, wide, _count_scale(heads, device),
-                 _unwritten_rows(heads, problem.weight.shape[0], programs > 0), *launches, dh_acc_rows)  # fmt: skip
+        forward_launch = small_heads.SmallHeadsLaunch(
+            backward=False, partial_programs=programs if problem.deterministic else 0, **fixed)
+        backward_launch = small_heads.SmallHeadsLaunch(
+            backward=True, partial_programs=programs, write_dh=problem.hidden_grad,
+            has_dh_init=problem.hidden_grad and bool(large or wide), seq_dw_blocks=seq_dw_blocks, **fixed)
+        dh_acc_rows = small_heads.dh_acc_rows(backward_launch, problem.hidden.shape[0], n_pooled)
+    return _Step(plan, large, wide, _count_scale(heads, device), _unwritten_rows(heads, problem.weight.shape[0], programs > 0),
+                 forward_launch, backward_launch, dh_acc_rows)  # fmt: skip
 
 
 # Zeroed fp32 [2, T] buffers for the forward's per-task loss sums and kept-row counts, with
@@ -605,14 +604,16 @@ def _loss_sums(n_tasks: int, rows: Tensor, capturing: bool) -> tuple[Tensor, Ten
     device = rows.device
     if capturing:
         buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
-        return buffer, *buffer.unbind(0)
+        sums, counts = buffer.unbind(0)
+        return buffer, sums, counts
     stream = torch._C._cuda_getCurrentRawStream(device.index) if rows.is_cuda else 0
     key = (device, n_tasks, stream, threading.get_ident())
     kept = _LOSS_SUMS.get(key)
     if kept is None:
         with making_kept_tensors():
             buffer = torch.zeros((2, n_tasks), dtype=torch.float32, device=device)
-        kept = _LOSS_SUMS[key] = (buffer, *buffer.unbind(0))
+            sums, counts = buffer.unbind(0)
+        kept = _LOSS_SUMS[key] = (buffer, sums, counts)
     return kept
 
 
