@@ -31,9 +31,13 @@ bench: install
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
 	$(PY) -m mtlfast.bench --device cpu --quick --out $(BENCH_OUT)
 
+# ruff, then mypy on tests/typed_usage.py against the package laid out as installed (kernels/
+# as mtlfast/kernels, which an editable install hides from type checkers)
 lint: install
-	$(PY) -m pip install ruff
+	$(PY) -m pip install ruff mypy
 	$(PY) -m ruff check mtlfast kernels bench tests setup.py
+	rm -rf build/typecheck && mkdir -p build/typecheck && cp -r mtlfast build/typecheck/ && cp -r kernels build/typecheck/mtlfast/kernels
+	MYPYPATH=build/typecheck $(PY) -m mypy --follow-imports=silent --ignore-missing-imports tests/typed_usage.py
 
 # The suite on the CPU against another torch and triton, by default the GPU hosts' (torch
 # 2.11, triton 3.6; triton 3.6's interpreter needs numpy < 2.3), in a venv per version pair.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,9 @@ class MultiTaskHeads(nn.Module):
             grad_filter_eps=self.grad_filter_eps,
             fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
         )
+
+    if TYPE_CHECKING:  # nn.Module types its __call__ as returning Any: type checkers see forward's signature
+        __call__ = forward
 
     def _parameter(self, name: str) -> Tensor | None:
         """``getattr(self, name)`` for a parameter: through ``nn.Module.__getattr__`` (after a
