@@ -31,13 +31,17 @@ bench: install
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
 	$(PY) -m mtlfast.bench --device cpu --quick --out $(BENCH_OUT)
 
-# ruff, then mypy on tests/typed_usage.py against the package laid out as installed (kernels/
-# as mtlfast/kernels, which an editable install hides from type checkers)
+# ruff, then mypy on the package laid out as installed (kernels/ and bench/ as mtlfast.kernels and
+# mtlfast.bench, which an editable install hides from type checkers) and on tests/typed_usage.py
+# against it. Triton ships no type hints: its imports are left unchecked.
+TYPECHECK := build/typecheck
 lint: install
 	$(PY) -m pip install ruff mypy
 	$(PY) -m ruff check mtlfast kernels bench tests setup.py
-	rm -rf build/typecheck && mkdir -p build/typecheck && cp -r mtlfast build/typecheck/ && cp -r kernels build/typecheck/mtlfast/kernels
-	MYPYPATH=build/typecheck $(PY) -m mypy --follow-imports=silent --ignore-missing-imports tests/typed_usage.py
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK) && cp -r mtlfast $(TYPECHECK)/
+	cp -r kernels $(TYPECHECK)/mtlfast/kernels && cp -r bench $(TYPECHECK)/mtlfast/bench
+	cd $(TYPECHECK) && $(abspath $(PY)) -m mypy --ignore-missing-imports mtlfast
+	MYPYPATH=$(TYPECHECK) $(PY) -m mypy --follow-imports=silent --ignore-missing-imports tests/typed_usage.py
 
 # The suite on the CPU against another torch and triton, by default the GPU hosts' (torch
 # 2.11, triton 3.6; triton 3.6's interpreter needs numpy < 2.3), in a venv per version pair.

@@ -111,7 +111,7 @@ if __name__ == "__main__":  # as setuptools runs it; tests load the functions ab
     setup(
         packages=["mtlfast", "mtlfast.backends", "mtlfast.kernels", "mtlfast.bench"],
         package_dir={"mtlfast.kernels": "kernels", "mtlfast.bench": "bench"},
-        package_data={"mtlfast": ["py.typed"]},  # PEP 561: the package's type hints are for type checkers too
+        package_data={"mtlfast": ["py.typed", "_C.pyi"]},  # PEP 561: the package's type hints are for type checkers too
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

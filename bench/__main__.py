@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ PEERS = ("liger-kernel", "cut-cross-entropy", "transformers")
 
 def peer_versions() -> dict[str, str | None]:
     """The installed version of each peer distribution the providers compare with (None: absent)."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PEERS:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     hidden_dtype = torch.float32 if args.fp32_hidden else None
     providers = ["eager"] + [p for p in args.providers if p != "eager"]
     ceilings = gpu_ceilings() if args.device == "cuda" else None
-    doc = {
+    doc: dict[str, Any] = {
         "device": _device_name(args.device),
         "torch": torch.__version__,
         "triton": _triton_version(),

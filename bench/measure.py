@@ -29,7 +29,7 @@ def time_ms(step, device: str, quick: bool) -> float:
         return float(triton.testing.do_bench(step, warmup=100 if quick else 300, rep=300 if quick else 1000,
                                              return_mode="median"))  # fmt: skip
     step()
-    times = []
+    times: list[float] = []
     budget = 2.0 if quick else 10.0
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):

@@ -24,7 +24,7 @@ def _medians_us(parts: dict, calls: int, sync: bool) -> dict[str, float]:
     """Median host time of each of ``parts`` (name -> function, called in order, ``calls``
     times) in microseconds, the device drained every 16 rounds (outside the timings) so that
     the launch queue never fills."""
-    times = {name: [] for name in parts}
+    times: dict[str, list[float]] = {name: [] for name in parts}
     for i in range(calls):
         for name, part in parts.items():
             start = time.perf_counter()
@@ -53,7 +53,7 @@ def host_phases(provider: str, workload: Workload, device: str, dtype: torch.dty
     and reference costs on this host (see the module's docstring)."""
     cuda = device == "cuda"
     run_forward, hidden, _, params = build_forward(provider, workload, device, dtype)
-    losses = []
+    losses: list[torch.Tensor] = []
 
     def backward():
         losses.pop().backward()

@@ -165,7 +165,7 @@ def _cuda_backend_reason(device: str) -> str | None:
 # Run in this order: eager first (every other loss is checked against it), then mtlfast and
 # the peers the speed goals name, so that a run cut short by its time budget (gpu_check.sh)
 # loses the rows that matter least. Each row is saved as soon as it is measured.
-PROVIDERS: dict[str, tuple[Callable, Callable[[str], str | None]]] = {
+PROVIDERS: dict[str, tuple[Callable | None, Callable[[str], str | None]]] = {
     "eager": (lambda w, lin, dt: eager_loss_fn(w, lin), lambda d: None),
     "mtlfast-triton": (_mtlfast("triton"), _triton_reason),
     "torch-compile": (_compiled, lambda d: None),
@@ -211,8 +211,11 @@ def build_forward(provider: str, workload: Workload, device: str, dtype: torch.d
                   hidden_dtype: torch.dtype | None = None):  # fmt: skip
     """``(forward, hidden, labels, parameters)``: ``forward()`` runs the provider's loss under
     autocast and returns it. The hidden states are in ``hidden_dtype`` (default: ``dtype``)."""
+    make_loss = PROVIDERS[provider][0]
+    if make_loss is None:
+        raise ValueError(f"provider {provider!r} has no step to build: {skip_reason(provider, device)}")
     linears = make_linears(workload, device, seed)
-    loss_fn = PROVIDERS[provider][0](workload, linears, dtype)
+    loss_fn = make_loss(workload, linears, dtype)
     hidden, labels = workload.make_inputs(device, hidden_dtype or dtype, seed)
     params = getattr(loss_fn, "parameters", None) or [p for lin in linears.values() for p in lin.parameters()]
 

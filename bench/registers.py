@@ -160,7 +160,10 @@ def resource_usage(kernel) -> tuple[int, int]:
         with open(path, "wb") as cubin:
             cubin.write(kernel.asm["cubin"])
         usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no register and stack use: {usage!r}")
+    registers, stack = found.groups()
     return int(registers), int(stack)
 
 

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", nargs="+", default=COMPILING, choices=list(PROVIDERS))
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    runner: StepRunner | None = None
     for name in args.workloads:
         for provider in args.providers:
             reason = skip_reason(provider, args.device, WORKLOADS[name])

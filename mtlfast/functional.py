@@ -222,15 +222,17 @@ def multitask_loss(
     device = hidden.device
     divisor_override = plan.divisor_override
     if divisor_override is None:
-        divisor_override = torch.stack([_divisor_on(device, num_items_in_batch.get(task.name))
+        divisors_given = num_items_in_batch or {}  # a plan without divisor_override: the call gave some
+        divisor_override = torch.stack([_divisor_on(device, divisors_given.get(task.name))
                                         for task in plan.present_tasks])  # fmt: skip
     weight_per_task = plan.weight_per_task
-    if weighting == "uncertainty":
+    task_log_vars = None
+    if weighting == "uncertainty" and log_vars is not None:  # the checks refuse the one without the other
         index = _constant(plan.present, torch.long, log_vars.device, fake)
         task_log_vars = log_vars[index]
         weight_per_task = 0.5 * torch.exp(-task_log_vars.to(plan.weight_dtype))
     elif weight_per_task is None:  # call-time weights, some of them tensors (or traced)
-        given = [task_weights.get(task.name, task.weight) for task in plan.present_tasks]
+        given = [(task_weights or {}).get(task.name, task.weight) for task in plan.present_tasks]
         # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
         one = torch.ones((), dtype=plan.weight_dtype, device=device)
         weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
@@ -240,7 +242,7 @@ def multitask_loss(
                                      value_checks.label_check if value_checks is not None else None)  # fmt: skip
     if value_checks is not None:
         raise_for_bad_values(value_checks)
-    if weighting == "uncertainty" and plan.present:
+    if task_log_vars is not None and plan.present:
         total = total + 0.5 * task_log_vars.to(total.dtype).sum()
     detached = losses.detach() if losses.requires_grad else losses  # the eager op marks them non-differentiable
     return MultiTaskOutput(loss=total, losses=dict(zip(plan.present_names, detached.unbind(0))), logits=logits)

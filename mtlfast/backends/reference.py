@@ -104,10 +104,9 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
 def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main_grad: Tensor | None = None):
     acc = problem.acc_dtype
     scales = problem.loss_scales(problem.divisors()) * grad_total.to(acc)
+    pooled = problem.pooled
     grad_hidden = torch.zeros(problem.hidden.shape, dtype=acc, device=problem.hidden.device)
-    grad_pooled = torch.zeros(problem.pooled.shape, dtype=acc, device=problem.pooled.device) if (
-        problem.pooled is not None
-    ) else None  # fmt: skip
+    grad_pooled = torch.zeros(pooled.shape, dtype=acc, device=pooled.device) if pooled is not None else None
     grad_weight = torch.zeros(problem.weight.shape, dtype=acc, device=problem.weight.device)
     grad_bias = torch.zeros(problem.bias.shape, dtype=acc, device=problem.bias.device)
     weight = weight_in(problem.compute_dtype, problem.weight).to(acc)
@@ -122,7 +121,7 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
         grad_bias[cols] += dlogits.sum(dim=0)
     return (
         grad_hidden.to(problem.hidden.dtype),
-        grad_pooled.to(problem.pooled.dtype) if grad_pooled is not None else None,
+        grad_pooled.to(pooled.dtype) if grad_pooled is not None and pooled is not None else None,
         grad_weight,
         grad_bias,
     )

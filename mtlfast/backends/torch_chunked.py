@@ -49,6 +49,11 @@ def auto_chunk_rows(widest_span: int, hidden_size: int, device_type: str = "cpu"
     return max(64, min(1 << 15, 1 << max(0, rows.bit_length() - 1)))
 
 
+# A group's rows for a call, from its prepare: targets, kept rows, and (cross-entropy with class
+# weights) each row's target class weight, else None.
+GroupState = tuple[Tensor, Tensor, Tensor | None]
+
+
 class _CrossEntropyGroup(NamedTuple):
     """Cross-entropy tasks of one span with C in one power-of-two bracket, all with class
     weights or all without, computed together as one block of logits [rows, G, C_max], a view
@@ -65,14 +70,14 @@ class _CrossEntropyGroup(NamedTuple):
     neg_target_coef: Tensor  # acc [G]: label smoothing - 1
     smoothing_per_class: Tensor | None  # acc [G]: label smoothing / C; None when no task smooths
     class_weights: Tensor | None  # acc [G, C_max], 0 on padding; None for none
-    weight_sums: Tensor | None  # acc [G]: each task's summed class weights
+    smoothed_weight_sums: Tensor | None  # acc [G]: label smoothing / C times the summed class weights; None without both
     first_col: int  # the span column where the block starts
     width: int  # C_max
     pad: Tensor | None  # bool [G, C_max]: padding columns; None for none
     softcap: Tensor | None  # acc [G]: the tasks' softcaps; None for a block without
     z_loss: Tensor | None  # acc [G]: the tasks' z-loss factors; None for a block without (never with class weights)
 
-    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> GroupState:
         """``(class ids [R, G] with skipped rows set to 0, kept rows [R, G] bool, the class weight
         of each row's target [R, G] or None)``; adds the tasks' divisors to ``counts`` [T]: kept
         rows, or their targets' summed class weights."""
@@ -90,11 +95,11 @@ class _CrossEntropyGroup(NamedTuple):
         counts.index_add_(0, self.task_index, torch.where(valid, target_weight, 0.0).sum(dim=0))
         return target, valid, target_weight
 
-    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor, Tensor | None], scales: Tensor | None,
-               sums: Tensor) -> None:  # fmt: skip
+    def apply_(self, logits: Tensor, rows: slice, state: GroupState, scales: Tensor | None, sums: Tensor) -> None:
         """Adds the tasks' loss sums over ``rows`` to ``sums`` [T]; with ``scales`` [T], turns their
         columns of ``logits`` [rows, span width] into ``scale * dloss/dlogits``."""
-        target, valid = state[0][rows].unsqueeze(2), state[1][rows]
+        all_targets, all_valid, target_weight = state
+        target, valid = all_targets[rows].unsqueeze(2), all_valid[rows]
         n, tasks = logits.shape[0], len(self.tasks)
         x = logits[:, self.first_col : self.first_col + tasks * self.width].view(n, tasks, self.width)
         softcap_derivative = None
@@ -109,7 +114,7 @@ class _CrossEntropyGroup(NamedTuple):
         row_max = x.amax(dim=2, keepdim=True)
         x.sub_(row_max)
         # -(1 - eps) w_y x_y - eps / C sum_c w_c x_c + coef * lse, on logits shifted by their row max
-        neg_coef = self.neg_target_coef if self.class_weights is None else self.neg_target_coef * state[2][rows]
+        neg_coef = self.neg_target_coef if target_weight is None else self.neg_target_coef * target_weight[rows]
         row_loss = neg_coef * x.gather(2, target).squeeze(2)
         if self.smoothing_per_class is not None:
             finite = x if self.pad is None else x.masked_fill(self.pad, 0.0)
@@ -124,7 +129,7 @@ class _CrossEntropyGroup(NamedTuple):
                 lse = row_max.squeeze(2) + log_sumexp
                 row_loss += self.z_loss * lse.square()
         else:
-            coef = -neg_coef if self.smoothing_per_class is None else self.smoothing_per_class * self.weight_sums - neg_coef
+            coef = -neg_coef if self.smoothed_weight_sums is None else self.smoothed_weight_sums - neg_coef
             row_loss += coef * log_sumexp
         sums.index_add_(0, self.task_index, torch.where(valid, row_loss, 0.0).sum(dim=0))
         if scales is None:
@@ -155,8 +160,8 @@ class _DenseGroup(NamedTuple):
     widths: Tensor  # acc [G]: C of each task
     pos_weight: Tensor | None  # acc [C_d]: bce positive weights (1 where a task has none); None for none
 
-    def prepare(self, problem: HeadProblem, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """``(targets [R, C_d], kept rows [R, G] bool)``: a row of a task holding a NaN is
+    def prepare(self, problem: HeadProblem, counts: Tensor) -> GroupState:
+        """``(targets [R, C_d], kept rows [R, G] bool, None)``: a row of a task holding a NaN is
         skipped. Adds each task's kept rows times C to ``counts`` [T]."""
         targets = [problem.targets[i] for i in self.tasks]
         if len(targets) == 1:
@@ -169,12 +174,11 @@ class _DenseGroup(NamedTuple):
         if self.is_token and problem.token_mask is not None:
             valid &= problem.token_mask.unsqueeze(1)
         counts.index_add_(0, self.task_index, valid.sum(dim=0, dtype=counts.dtype) * self.widths)
-        return target, valid
+        return target, valid, None
 
-    def apply_(self, logits: Tensor, rows: slice, state: tuple[Tensor, Tensor], scales: Tensor | None,
-               sums: Tensor) -> None:  # fmt: skip
+    def apply_(self, logits: Tensor, rows: slice, state: GroupState, scales: Tensor | None, sums: Tensor) -> None:
         """As :meth:`_CrossEntropyGroup.apply_`."""
-        target, valid = state
+        target, valid, _ = state
         keep = valid[rows]
         if len(self.tasks) > 1:
             keep = keep.gather(1, self.col_task.expand(keep.shape[0], -1))
@@ -221,14 +225,17 @@ class _Span(NamedTuple):
 
     def gather(self, packed: Tensor) -> Tensor:
         """The span's rows [width, ...] of a tensor laid out like the packed weight rows."""
-        if self.span_cols is None:
-            return packed[self.rows]
-        rows = packed.index_select(0, self.rows)
-        return packed.new_zeros(self.width, *packed.shape[1:]).index_copy_(0, self.span_cols, rows)
+        rows, span_cols = self.rows, self.span_cols
+        if isinstance(rows, slice) or span_cols is None:
+            return packed[rows]
+        return packed.new_zeros(self.width, *packed.shape[1:]).index_copy_(0, span_cols, packed.index_select(0, rows))
 
     def scatter_(self, packed: Tensor, span_rows: Tensor) -> None:
-        """Writes the span's rows ``span_rows`` [width, ...] into ``packed`` (padding left out)."""
-        packed.index_copy_(0, self.rows, span_rows.index_select(0, self.span_cols))
+        """Writes the span's rows ``span_rows`` [width, ...] into ``packed`` (padding left out): a
+        span with ``span_cols`` only; the others' rows are views of ``packed``."""
+        rows, span_cols = self.rows, self.span_cols
+        assert isinstance(rows, Tensor) and span_cols is not None, "a span of adjacent rows has nothing to scatter"
+        packed.index_copy_(0, rows, span_rows.index_select(0, span_cols))
 
 
 def _long(values: list[int] | list[list[int]], device: torch.device) -> Tensor:
@@ -255,10 +262,14 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
     specs = [heads[i] for i in tasks]
     smoothing = [h.label_smoothing for h in specs]
     padded = any(h.num_cols < width for h in specs)
-    weights = None
-    if specs[0].column_weights:
-        weights = torch.tensor([[*h.column_weights.values, *[0.0] * (width - h.num_cols)] for h in specs], dtype=acc,
-                               device=device)  # fmt: skip
+    smoothing_per_class = torch.tensor([e / h.num_cols for e, h in zip(smoothing, specs)], dtype=acc,
+                                       device=device) if any(smoothing) else None  # fmt: skip
+    weights = smoothed_weight_sums = None
+    if specs[0].column_weights:  # then every task of the group has them
+        weights = torch.tensor([[*h.column_weights.values, *[0.0] * (width - h.num_cols)] for h in specs
+                                if h.column_weights is not None], dtype=acc, device=device)  # fmt: skip
+        if smoothing_per_class is not None:
+            smoothed_weight_sums = smoothing_per_class * weights.sum(dim=1)
     return _CrossEntropyGroup(
         tasks=tuple(tasks),
         is_token=specs[0].is_token,
@@ -267,10 +278,9 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
         ignore_index=_long([h.ignore_index for h in specs], device) if any(
             0 <= h.ignore_index < h.num_cols for h in specs) else None,  # fmt: skip
         neg_target_coef=torch.tensor([e - 1.0 for e in smoothing], dtype=acc, device=device),
-        smoothing_per_class=torch.tensor([e / h.num_cols for e, h in zip(smoothing, specs)], dtype=acc,
-                                         device=device) if any(smoothing) else None,  # fmt: skip
+        smoothing_per_class=smoothing_per_class,
         class_weights=weights,
-        weight_sums=None if weights is None else weights.sum(dim=1),
+        smoothed_weight_sums=smoothed_weight_sums,
         first_col=first_col,
         width=width,
         pad=torch.tensor([[c >= h.num_cols for c in range(width)] for h in specs], device=device) if padded else None,
@@ -420,8 +430,9 @@ def forward(problem: HeadProblem) -> tuple[Tensor, Tensor, list[Tensor]]:
             if problem.compute_grad:
                 gw_span = grad_weight.new_zeros(span.width, grad_weight.shape[1]) if gathered else grad_weight[span.rows]
                 gb_span = grad_bias.new_zeros(span.width) if gathered else grad_bias[span.rows]
-            kept = torch.empty(rows_all.shape[0], span.width, dtype=acc, device=device) if deferred else None
+            kept = None
             if deferred:
+                kept = torch.empty(rows_all.shape[0], span.width, dtype=acc, device=device)
                 saved.append(kept)
             for r0 in range(0, rows_all.shape[0], chunk):
                 rows = slice(r0, min(r0 + chunk, rows_all.shape[0]))
@@ -456,12 +467,13 @@ def _add_rows(problem: HeadProblem, token: bool, grads: list[Tensor | None], dlo
     creating a missing one: from the product itself when it covers every row."""
     index = 1 if not token and problem.pooled is not None else 0
     whole = token or index == 1 or problem.seq_stride == 1
-    if grads[index] is None and whole:
+    grad = grads[index]
+    if grad is None and whole:
         grads[index] = dlogits @ weight
         return
-    if grads[index] is None:
-        grads[index] = dlogits.new_zeros(problem.hidden.shape)
-    rows = grads[index] if whole else grads[index][:: problem.seq_stride]
+    if grad is None:
+        grad = grads[index] = dlogits.new_zeros(problem.hidden.shape)
+    rows = grad if whole else grad[:: problem.seq_stride]
     rows.addmm_(dlogits, weight)
 
 

@@ -648,9 +648,9 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
                                                                         problem.hidden.device, capturing)  # fmt: skip
     step = _step(problem)
     large = step.large
-    plan = step.small
-    if plan is not None:
-        programs = step.forward_launch.partial_programs
+    plan, launch = step.small, step.forward_launch
+    if plan is not None and launch is not None:  # both or neither
+        programs = launch.partial_programs
         loss, count = sums, counts
         if programs:  # per-slot partial loss sums and class-weighted counts, summed here in a fixed order
             rows = 2 if plan.class_weights else 1
@@ -659,7 +659,7 @@ def _forward_into(problem: HeadProblem, sums: Tensor, counts: Tensor, capturing:
             if plan.class_weights:
                 count = partials[1]
         launched = _kernels().small_heads.launch_small_heads(
-            step.forward_launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
+            launch, problem.hidden, problem.pooled, problem.token_mask, problem.weight, problem.bias,
             table, loss=loss, count=count,
         ).programs  # fmt: skip
         if programs:  # the kept sums (and with class weights counts) stay zero
@@ -709,8 +709,10 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
     # Large tasks' GEMMs write their rows and the reduction of the partials the small tasks'
     # rows; the rest (absent tasks, small tasks' rows for the atomics) is zeroed here. Into
     # main_grad every kernel adds instead, and nothing is zeroed there.
-    accumulate = main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
-    grad_weight = main_grad if accumulate else alloc_output(problem.weight.shape, torch.float32, device)
+    if main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous():
+        accumulate, grad_weight = True, main_grad
+    else:
+        accumulate, grad_weight = False, alloc_output(problem.weight.shape, torch.float32, device)
     grad_bias = alloc_output(problem.bias.shape, torch.float32, device)
     for start, end in step.unwritten_rows:
         if not accumulate:
@@ -739,7 +741,8 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
             _wide_backward(problem, i, scale, grad_rows_of(heads[i]), grad_weight, grad_bias, accumulate)
 
     grad_hidden = grad_pooled = dh_acc = None
-    if plan is not None:
+    launch = step.backward_launch
+    if plan is not None and launch is not None:  # both or neither
         if hidden_grad:
             grad_hidden = alloc_output((n_hidden, hidden_size), rows_dtype, device)
             grad_pooled = alloc_output((n_pooled, hidden_size), rows_dtype, device) if n_pooled else None
@@ -747,7 +750,6 @@ def backward(problem: HeadProblem, saved: list[Tensor], grad_total: Tensor, main
                 dh_acc = dh_large
             elif step.dh_acc_rows:
                 dh_acc = torch.empty((step.dh_acc_rows, hidden_size), dtype=torch.float32, device=device)
-        launch = step.backward_launch
         programs = launch.partial_programs
         if programs:
             dw_target = alloc_output((launch.dw_partial_rows, hidden_size), torch.float32, device)
