@@ -44,6 +44,7 @@ bce/mse targets fp32 ``[rows, C]``, both contiguous.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
@@ -634,6 +635,21 @@ def _tuned_kernel(backward: bool):
     )
 
 
+# The autotuner keeps a run's arguments and its pick on itself (Autotuner.nargs, .best_config):
+# threads launching at once (nn.DataParallel's replicas on their first step) would read each
+# other's, and a launch would take another variant's rows per program. They take turns.
+_TUNING_LOCK = threading.Lock()
+
+
+def tuned_launch(backward: bool, grid, args: tuple, constexprs: dict):
+    """Launches :func:`small_heads_kernel` through its autotuner (which tunes a key it has not
+    seen) and returns the ``triton.Config`` that the launch ran with."""
+    with _TUNING_LOCK:
+        kernel = _tuned_kernel(backward)
+        kernel[grid](*args, **constexprs)
+        return kernel.best_config
+
+
 # A variant's keyword arguments (constexprs and, once tuned, launch options): later launches
 # skip Autotuner.run and, through the direct launchers, JITFunction.run, whose Python per call
 # (argument binding, keys) is a large share of a small step's host time.
@@ -784,11 +800,10 @@ def launch_small_heads(
             CLASS_WEIGHTS=launch.class_weights, SOFTCAP=launch.softcap, Z_LOSS=launch.z_loss,
         )  # fmt: skip
         if TUNING:
-            kernel = _tuned_kernel(backward)
-            kernel[lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], launch.partial_programs),)](
-                *args, **constexprs)
-            _TUNED[variant] = {**constexprs, **kernel.best_config.all_kwargs()}
-            return _launched(launch, n_hidden, n_pooled, kernel.best_config.kwargs["BLOCK_M"])
+            grid = lambda meta: (_programs(n_hidden, n_pooled, meta["BLOCK_M"], launch.partial_programs),)
+            best = tuned_launch(backward, grid, args, constexprs)
+            _TUNED[variant] = {**constexprs, **best.all_kwargs()}
+            return _launched(launch, n_hidden, n_pooled, best.kwargs["BLOCK_M"])
         # the first config; only its universal options (older interpreters take no others)
         first = configs_for(block_c, backward)[0]
         options = _TUNED[variant] = {**constexprs, **first.kwargs, "num_warps": first.num_warps,

@@ -8,6 +8,7 @@ rounded to the computation dtype first, as the heads see them.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -514,6 +515,37 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     if case.log_vars is not None:
         grads["log_vars"] = heads.log_vars.grad
     return out, grads
+
+
+def check_calls_from_threads(backend: str, device: str = "cpu", threads: int = 4) -> None:
+    """One module called at once from ``threads`` threads with inputs of the same shapes, as
+    ``nn.DataParallel`` calls its replicas (which share the module's task layout): the calls
+    share one plan and the kept constants, and each matches the oracle for its own inputs."""
+    tasks = random_case(all_present=True).tasks
+    first = case_for(tasks, (3, 5, 13))
+    heads = make_heads(first, backend, device)
+    cases = [replace(case_for(tasks, (3, 5, 13)), weight=first.weight, bias=first.bias) for _ in range(2 * threads)]
+    errors: list[BaseException] = []
+
+    def steps(thread: int) -> None:
+        try:
+            for case in cases[thread::2] * 3:
+                hidden = case.hidden.to(device, copy=True).requires_grad_(True)
+                out = heads(hidden, {name: label.to(device) for name, label in case.labels.items()})
+                grads = dict(zip(("hidden", "weight", "bias"),
+                                 torch.autograd.grad(out.loss, [hidden, heads.weight, heads.bias])))  # fmt: skip
+                assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32],
+                                      f"{backend} thread {thread}")  # fmt: skip
+        except BaseException as error:  # raised again in the caller's thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=steps, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
 
 
 def check_frozen_hidden(case: Case, backend: str, dtype: torch.dtype, device="cpu", **kwargs) -> None:

@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import TOLERANCE, assert_matches_oracle, case_for, fresh_seed, random_case, rel_error, run_heads
+from oracle import (
+    TOLERANCE,
+    assert_matches_oracle,
+    case_for,
+    check_calls_from_threads,
+    fresh_seed,
+    random_case,
+    rel_error,
+    run_heads,
+)
 from torch import nn
 
 from mtlfast import MultiTaskHeads, MultiTaskOutput, Task, TaskLayout, multitask_loss
@@ -165,6 +174,13 @@ def test_training_after_evaluation_under_inference_mode(backend, bias):
     out, grads = run_heads(case, backend, torch.float32, evaluated_first=True, bias=bias, validate=True)
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"{backend} after inference_mode",
                           skip=() if bias else ("bias",))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_one_module_called_from_threads(backend):
+    """One module called at once from several threads, as ``nn.DataParallel`` calls its replicas
+    (the triton interpreter is not thread-safe: tests/test_gpu.py runs the triton backend)."""
+    check_calls_from_threads(backend)
 
 
 def _shapes(grads: dict) -> dict:

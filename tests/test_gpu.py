@@ -13,6 +13,7 @@ from oracle import (
     candidate_id,
     case_for,
     check_autocast_reads_fp32_rows,
+    check_calls_from_threads,
     check_frozen_hidden,
     check_main_grad_accumulation,
     check_op_outputs_are_its_own,
@@ -67,6 +68,13 @@ def test_triton_training_after_evaluation_under_inference_mode(bias):
                            validate=True)  # fmt: skip
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], "triton-gpu after inference_mode",
                           skip=() if bias else ("bias",))  # fmt: skip
+
+
+def test_triton_one_module_called_from_threads():
+    """One module called at once from several threads on one GPU, as ``nn.DataParallel`` calls
+    its replicas: the launcher's kept kernels and the plan are shared, the loss sums kept per
+    thread; each call matches the oracle for its own inputs."""
+    check_calls_from_threads("triton", DEVICE)
 
 
 def _wide_path_case():

@@ -3,6 +3,9 @@ arguments JITFunction.run would pass, and goes back through triton whenever anyt
 triton specializes on changes. A stand-in kernel records both kinds of launch; on a GPU,
 every kernel test runs through the direct launcher from its second launch on."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -205,3 +208,34 @@ def test_key_is_at_least_as_fine_as_triton_specialization(monkeypatch):
     assert launch._key(None, (x, x[1:], 16)) != launch._key(None, (x[1:], x, 16))
     assert launch._key(None, (x, x, 16)) != launch._key(None, (x, x[1:], 16))
     assert launch._key(None, (x, x[4:], 16)) == launch._key(None, (x[8:], x, 16))
+
+
+def test_autotuned_launches_from_threads_take_turns(monkeypatch):
+    """Each thread's launch through the small-heads kernel's autotuner returns the config its own
+    run picked: an Autotuner keeps its pick on itself, so runs at once would read each other's
+    (nn.DataParallel's replicas launch from a thread each)."""
+    from mtlfast.kernels import small_heads
+
+    class StandInAutotuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(pick):
+                self.best_config = pick
+                time.sleep(0.01)  # where another thread's run would set its own pick
+
+            return run
+
+    tuner = StandInAutotuner()
+    monkeypatch.setattr(small_heads, "_tuned_kernel", lambda backward: tuner)
+    picked = {}
+
+    def launch(pick: int) -> None:
+        picked[pick] = small_heads.tuned_launch(False, None, (pick,), {})
+
+    threads = [threading.Thread(target=launch, args=(pick,)) for pick in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert picked == {pick: pick for pick in range(8)}
