@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
@@ -17,6 +16,16 @@ LEVELS = ("sequence", "token")
 LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
 CROSS_ENTROPY, BCE, MSE = 0, 1, 2
 SEQUENCE, TOKEN = 0, 1
+
+# The losses take a task's numbers in fp32 (or wider): a larger one would be inf there.
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32_RANGE = f"in fp32: at most {FP32_MAX:.6g} in magnitude"
+
+
+def finite_in_fp32(value: numbers.Real) -> bool:
+    """Whether the number is finite in fp32. An int of any size compares exactly (``float()``
+    of a huge one would raise an OverflowError); NaN is not finite."""
+    return bool(abs(value) <= FP32_MAX)
 
 
 class HeadSpec(NamedTuple):
@@ -160,8 +169,10 @@ class Task:
             raise ValueError(f"{where}: label_smoothing is only for cross_entropy, not {self.loss}")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"{where}: label_smoothing must lie in [0, 1], got {smoothing}")
-        if not math.isfinite(float(self.weight)):
-            raise ValueError(f"{where}: weight must be finite, got {self.weight}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real):
+            raise TypeError(f"{where}: weight must be a number, got {type(self.weight).__name__}")
+        if not finite_in_fp32(self.weight):
+            raise ValueError(f"{where}: weight must be finite ({FP32_RANGE}), got {self.weight}")
         if self.softcap is not None:
             self._check_cross_entropy_scalar("softcap", "> 0")
         if self.z_loss != 0:
@@ -174,15 +185,15 @@ class Task:
             object.__setattr__(self, "class_weights", self._column_weights("class_weights", "cross_entropy"))
 
     def _check_cross_entropy_scalar(self, field: str, bound: str) -> None:
-        """A cross-entropy option given (not its default): a finite number > 0 (``bound`` is how
-        the message states the range)."""
+        """A cross-entropy option given (not its default): a number finite in fp32 and > 0 or
+        >= 0, as ``bound`` states (z_loss gets here when it is not 0)."""
         where, value = f"task '{self.name}'", getattr(self, field)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{where}: {field} must be a number, got {type(value).__name__}")
         if self.loss != "cross_entropy":
             raise ValueError(f"{where}: {field} is only for cross_entropy, not {self.loss}")
-        if not 0.0 < float(value) < math.inf:
-            raise ValueError(f"{where}: {field} must be finite and {bound}, got {value}")
+        if not (value > 0 and finite_in_fp32(value)):
+            raise ValueError(f"{where}: {field} must be finite and {bound} ({FP32_RANGE}), got {value}")
 
     def _column_weights(self, field: str, loss: str, broadcast: bool = False) -> tuple[float, ...]:
         """The field's value as C finite floats >= 0 (one number stands for all with ``broadcast``)."""
@@ -195,21 +206,24 @@ class Task:
         values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         try:
             weights = tuple(float(v) for v in values)
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{where}: {field} must be finite and >= 0 ({FP32_RANGE}), got {value!r}") from None
         except (TypeError, ValueError):
             raise TypeError(f"{where}: {field} must be numbers, got {value!r}") from None
         if broadcast and len(weights) == 1:
             weights *= self.num_outputs
         if len(weights) != self.num_outputs:
             raise ValueError(f"{where}: {field} has {len(weights)} values for {self.num_outputs} outputs")
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"{where}: {field} must be finite and >= 0, got {weights}")
+        if not all(w >= 0 and finite_in_fp32(w) for w in weights):
+            raise ValueError(f"{where}: {field} must be finite and >= 0 ({FP32_RANGE}), got {weights}")
         return weights
 
     @property
     def column_weights(self) -> tuple[float, ...]:
         """Per-output weights of the loss: ``class_weights`` or ``pos_weight``; empty for none."""
-        # __post_init__ has made pos_weight a tuple of C floats
-        return cast(tuple[float, ...], self.class_weights or self.pos_weight or ())
+        # __post_init__ has made pos_weight a tuple of C floats; the type is a string because
+        # torch 2.6's dynamo cannot build tuple[float, ...] (tasks made inside a compiled function)
+        return cast("tuple[float, ...]", self.class_weights or self.pos_weight or ())
 
     @property
     def loss_code(self) -> int:

@@ -7,7 +7,6 @@ and :func:`raise_for_bad_values` look at label values, cost one host sync, and r
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .task import HeadSpec, Task, TaskLayout
+from .task import FP32_RANGE, HeadSpec, Task, TaskLayout, finite_in_fp32
 
 if TYPE_CHECKING:
     from .kernels.label_check import LabelCheck
@@ -227,8 +226,8 @@ def _check_task_weights(
                 raise ValueError(f"{where}: task weight is on {value.device}, hidden_states on {device}")
         elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
             raise TypeError(f"{where}: task weight must be a number or a 0-dim tensor, got {type(value).__name__}")
-        elif not torch.compiler.is_compiling() and not math.isfinite(value):  # traced numbers are symbolic
-            raise ValueError(f"{where}: task weight must be finite, got {value}")
+        elif not torch.compiler.is_compiling() and not finite_in_fp32(value):  # traced numbers are symbolic
+            raise ValueError(f"{where}: task weight must be finite ({FP32_RANGE}), got {value}")
 
 
 class ValueChecks(NamedTuple):

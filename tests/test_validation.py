@@ -51,8 +51,18 @@ def _good():
         (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=-1.0), "z_loss must be finite and >= 0"),
         (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=1e-4, class_weights=[1.0, 2.0]),
          "z_loss does not combine with class_weights"),
+        # beyond fp32, where the losses take them (inf there: NaN or inf losses), or too large for a float
+        (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=1e39), "softcap must be finite and > 0 .in fp32"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", softcap=10**400), "softcap must be finite and > 0"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=1e39), "z_loss must be finite and >= 0 .in fp32"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", z_loss=10**400), "z_loss must be finite and >= 0"),
+        (dict(name="x", num_outputs=2, loss="bce", weight=-1e39), "task 'x': weight must be finite .in fp32"),
+        (dict(name="x", num_outputs=2, loss="bce", weight=10**400), "task 'x': weight must be finite"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[1.0, 1e39]), "finite and >= 0 .in fp32"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[10**400, 1]), "finite and >= 0 .in fp32"),
+        (dict(name="x", num_outputs=2, loss="bce", pos_weight=1e39), "pos_weight must be finite and >= 0 .in fp32"),
     ],
-)
+)  # fmt: skip
 def test_bad_task_definitions(task_kwargs, match):
     with pytest.raises(ValueError, match=match):
         Task(**task_kwargs)
@@ -61,6 +71,20 @@ def test_bad_task_definitions(task_kwargs, match):
 def test_pos_weight_that_is_not_numbers():
     with pytest.raises(TypeError, match="task 'x': pos_weight must be numbers"):
         Task("x", 2, "bce", pos_weight="heavy")
+
+
+@pytest.mark.parametrize("weight", ["2", None, True])
+def test_task_weight_that_is_not_a_number(weight):
+    with pytest.raises(TypeError, match="task 'x': weight must be a number"):
+        Task("x", 2, "bce", weight=weight)
+
+
+def test_options_at_the_edge_of_fp32_are_taken():
+    """The largest fp32 numbers are still options (the checks refuse only what fp32 makes inf)."""
+    largest = torch.finfo(torch.float32).max
+    task = Task("x", 3, "cross_entropy", softcap=largest, weight=-largest, class_weights=[largest, 0.0, 1.0])
+    assert task.softcap == largest and task.class_weights == (largest, 0.0, 1.0)
+    assert Task("y", 2, "bce", pos_weight=int(largest)).pos_weight == (largest, largest)
 
 
 def test_duplicate_task_names():
@@ -238,6 +262,8 @@ def test_packed_parameters_of_the_wrong_kind():
         ({"ner": torch.tensor(2)}, {}, TypeError, "task 'ner': task weight must be a floating-point tensor"),
         ({"score": True}, {}, TypeError, "task 'score': task weight must be a number or a 0-dim tensor, got bool"),
         ({"score": float("inf")}, {}, ValueError, "task 'score': task weight must be finite"),
+        ({"score": 1e39}, {}, ValueError, r"task 'score': task weight must be finite \(in fp32"),
+        ({"score": 10**400}, {}, ValueError, "task 'score': task weight must be finite"),
         ([("ner", 2.0)], {}, TypeError, "task_weights must be a dict of task name -> number or 0-dim tensor"),
     ],
 )  # fmt: skip
