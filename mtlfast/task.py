@@ -22,7 +22,12 @@ FP32_MAX = float(torch.finfo(torch.float32).max)
 FP32_RANGE = f"in fp32: at most {FP32_MAX:.6g} in magnitude"
 
 
-def finite_in_fp32(value: numbers.Real) -> bool:
+def is_number(value: object) -> bool:
+    """A real number (numpy's too) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def finite_in_fp32(value: float) -> bool:
     """Whether the number is finite in fp32. An int of any size compares exactly (``float()``
     of a huge one would raise an OverflowError); NaN is not finite."""
     return bool(abs(value) <= FP32_MAX)
@@ -169,7 +174,7 @@ class Task:
             raise ValueError(f"{where}: label_smoothing is only for cross_entropy, not {self.loss}")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"{where}: label_smoothing must lie in [0, 1], got {smoothing}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real):
+        if not is_number(self.weight):
             raise TypeError(f"{where}: weight must be a number, got {type(self.weight).__name__}")
         if not finite_in_fp32(self.weight):
             raise ValueError(f"{where}: weight must be finite ({FP32_RANGE}), got {self.weight}")
@@ -188,7 +193,7 @@ class Task:
         """A cross-entropy option given (not its default): a number finite in fp32 and > 0 or
         >= 0, as ``bound`` states (z_loss gets here when it is not 0)."""
         where, value = f"task '{self.name}'", getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_number(value):
             raise TypeError(f"{where}: {field} must be a number, got {type(value).__name__}")
         if self.loss != "cross_entropy":
             raise ValueError(f"{where}: {field} is only for cross_entropy, not {self.loss}")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .task import FP32_RANGE, HeadSpec, Task, TaskLayout, finite_in_fp32
+from .task import FP32_RANGE, HeadSpec, Task, TaskLayout, finite_in_fp32, is_number
 
 if TYPE_CHECKING:
     from .kernels.label_check import LabelCheck
@@ -224,9 +224,9 @@ def _check_task_weights(
                 raise TypeError(f"{where}: task weight must be a floating-point tensor, got {value.dtype}")
             if value.device != device:
                 raise ValueError(f"{where}: task weight is on {value.device}, hidden_states on {device}")
-        elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
+        elif not is_number(value):  # numpy floats too
             raise TypeError(f"{where}: task weight must be a number or a 0-dim tensor, got {type(value).__name__}")
-        elif not torch.compiler.is_compiling() and not finite_in_fp32(value):  # traced numbers are symbolic
+        elif not torch.compiler.is_compiling() and not finite_in_fp32(cast(float, value)):  # traced ones are symbolic
             raise ValueError(f"{where}: task weight must be finite ({FP32_RANGE}), got {value}")
 
 
