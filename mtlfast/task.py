@@ -169,6 +169,8 @@ class Task:
             raise ValueError(f"{where}: {self.loss} needs num_outputs >= {minimum}, got {self.num_outputs}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"{where}: ignore_index must be an int")
+        if not -(2**63) <= self.ignore_index < 2**63:  # compared with int64 class ids
+            raise ValueError(f"{where}: ignore_index must fit in int64, got {self.ignore_index}")
         smoothing = float(self.label_smoothing)
         if smoothing != 0.0 and self.loss != "cross_entropy":
             raise ValueError(f"{where}: label_smoothing is only for cross_entropy, not {self.loss}")

@@ -211,6 +211,8 @@ def _check_num_items(layout: TaskLayout, num_items: Mapping[str, int | Tensor]) 
             raise TypeError(f"{where}: num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}")
         elif value < 0:
             raise ValueError(f"{where}: num_items_in_batch must be >= 0, got {value}")
+        elif not finite_in_fp32(int(value)):  # the divisor is an fp32 number
+            raise ValueError(f"{where}: num_items_in_batch must be finite ({FP32_RANGE}), got {value}")
 
 
 def _check_task_weights(

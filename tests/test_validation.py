@@ -61,6 +61,8 @@ def _good():
         (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[1.0, 1e39]), "finite and >= 0 .in fp32"),
         (dict(name="x", num_outputs=2, loss="cross_entropy", class_weights=[10**400, 1]), "finite and >= 0 .in fp32"),
         (dict(name="x", num_outputs=2, loss="bce", pos_weight=1e39), "pos_weight must be finite and >= 0 .in fp32"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", ignore_index=2**63), "ignore_index must fit in int64"),
+        (dict(name="x", num_outputs=2, loss="cross_entropy", ignore_index=-(10**30)), "ignore_index must fit in int64"),
     ],
 )  # fmt: skip
 def test_bad_task_definitions(task_kwargs, match):
@@ -193,6 +195,8 @@ def test_bce_targets_outside_unit_interval():
 def test_bad_num_items_and_options():
     with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
         _call(_good(), num_items_in_batch={"ner": -3})
+    with pytest.raises(ValueError, match=r"task 'ner': num_items_in_batch must be finite \(in fp32"):
+        _call(_good(), num_items_in_batch={"ner": 10**400})
     with pytest.raises(TypeError, match="task 'ner'"):
         _call(_good(), num_items_in_batch={"ner": 2.5})
     with pytest.raises(ValueError, match="unknown tasks"):
