@@ -232,7 +232,7 @@ def multitask_loss(
         task_log_vars = log_vars[index]
         weight_per_task = 0.5 * torch.exp(-task_log_vars.to(plan.weight_dtype))
     elif weight_per_task is None:  # call-time weights, some of them tensors (or traced)
-        given = [(task_weights or {}).get(task.name, task.weight) for task in plan.present_tasks]
+        given = _weights_given(task_weights, plan.present_tasks)
         # numbers multiply a tensor: torch.compile keeps them graph inputs instead of constants
         one = torch.ones((), dtype=plan.weight_dtype, device=device)
         weight_per_task = torch.stack([v.to(one).reshape(()) if isinstance(v, Tensor) else one * v for v in given])
@@ -302,6 +302,11 @@ def _signature(layout: TaskLayout, hidden_states, weight, bias, labels, attentio
             torch.are_deterministic_algorithms_enabled())  # fmt: skip
 
 
+def _weights_given(task_weights: Mapping[str, float | Tensor] | None, tasks: Sequence[Task]) -> list[float | Tensor]:
+    """Each task's static weight for the call: its ``task_weights`` entry, else ``Task.weight``."""
+    return [(task_weights or {}).get(task.name, task.weight) for task in tasks]
+
+
 def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
                weighting, backend, chunk_size, deterministic, grad_filter_eps, *, fake: bool) -> _CallPlan:  # fmt: skip
     """The call's :class:`_CallPlan`; ``fake``: the hidden states are FakeTensors (no constant kept)."""
@@ -334,7 +339,7 @@ def _plan_call(layout: TaskLayout, hidden_states, weight, bias, labels, pooled, 
     weight_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     weight_per_task = None
     if weighting == "static":
-        given = [(task_weights or {}).get(task.name, task.weight) for task in present_tasks]
+        given = _weights_given(task_weights, present_tasks)
         if not (task_weights and (torch.compiler.is_compiling() or any(isinstance(value, Tensor) for value in given))):
             weight_per_task = _constant(tuple(float(value) for value in given), weight_dtype, device, fake)
 

@@ -20,12 +20,12 @@ chunk of logits plus the fp32 gradients. Nothing synchronises with the host.
 from __future__ import annotations
 
 from functools import cache
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
 
-from ..task import BCE, CROSS_ENTROPY, MSE, SEQUENCE, TOKEN
+from ..task import BCE, CROSS_ENTROPY, MSE, SEQUENCE, TOKEN, ColumnWeights
 from .base import HeadProblem, HeadSpec, addmm_acc_, mm_acc, products_take_16_bit, weight_in, weighted_total
 
 name = "torch"
@@ -266,8 +266,8 @@ def _cross_entropy_group(heads: tuple[HeadSpec, ...], tasks: list[int], first_co
                                        device=device) if any(smoothing) else None  # fmt: skip
     weights = smoothed_weight_sums = None
     if specs[0].column_weights:  # then every task of the group has them
-        weights = torch.tensor([[*h.column_weights.values, *[0.0] * (width - h.num_cols)] for h in specs
-                                if h.column_weights is not None], dtype=acc, device=device)  # fmt: skip
+        weights = torch.tensor([[*cast(ColumnWeights, h.column_weights).values, *[0.0] * (width - h.num_cols)]
+                                for h in specs], dtype=acc, device=device)  # fmt: skip
         if smoothing_per_class is not None:
             smoothed_weight_sums = smoothing_per_class * weights.sum(dim=1)
     return _CrossEntropyGroup(
