@@ -7,6 +7,7 @@ It checks the inputs, lays the labels out as flat tensors, calls the registered 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -189,7 +190,7 @@ def multitask_loss(
                           *options, fake=fake)  # fmt: skip
         if key is not None:
             if len(_PLANS) >= PLANS_KEPT:
-                _PLANS.pop(next(iter(_PLANS)), None)
+                _PLANS.popitem(last=False)
             _PLANS[key] = plan
     call = plan.call
     main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
@@ -270,7 +271,9 @@ class _CallPlan:
 
 
 # Plans by call signature, the oldest dropped past PLANS_KEPT (a loop over many shapes).
-_PLANS: dict[tuple, _CallPlan] = {}
+# An OrderedDict: its popitem is one step, where taking the oldest key of a dict and then
+# dropping it fails if another thread (nn.DataParallel's replicas) changes the dict between.
+_PLANS: OrderedDict[tuple, _CallPlan] = OrderedDict()
 PLANS_KEPT = 256
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -223,7 +225,7 @@ def run_small_heads_candidate(monkeypatch, block_c: int, shape: tuple[int, ...],
     monkeypatch.setattr(small_heads, "TUNING", False)
     monkeypatch.setattr(small_heads, "_TUNED", {})
     monkeypatch.setattr(small_heads, "_PREPARED", {})
-    monkeypatch.setattr(triton_fused, "_STEPS", {})
+    monkeypatch.setattr(triton_fused, "_STEPS", OrderedDict())
     atomics = atomics and not small_heads._config(shape).kwargs["PREFETCH_DW"]
     if atomics:
         monkeypatch.setattr(triton_fused, "PARTIAL_BYTES", 0)
@@ -517,14 +519,17 @@ def run_heads(case: Case, backend: str, dtype: torch.dtype, device="cpu", autoca
     return out, grads
 
 
-def check_calls_from_threads(backend: str, device: str = "cpu", threads: int = 4) -> None:
-    """One module called at once from ``threads`` threads with inputs of the same shapes, as
-    ``nn.DataParallel`` calls its replicas (which share the module's task layout): the calls
-    share one plan and the kept constants, and each matches the oracle for its own inputs."""
+def check_calls_from_threads(backend: str, device: str = "cpu", threads: int = 4,
+                             shapes: Sequence[tuple[int, int, int]] = ((3, 5, 13),)) -> None:  # fmt: skip
+    """One module called at once from ``threads`` threads, as ``nn.DataParallel`` calls its
+    replicas (which share the module's task layout): the calls share the kept plans and
+    constants, and each matches the oracle for its own inputs. The calls' ``[B, S, D]`` go round
+    ``shapes``."""
     tasks = random_case(all_present=True).tasks
-    first = case_for(tasks, (3, 5, 13))
+    first = case_for(tasks, shapes[0])
     heads = make_heads(first, backend, device)
-    cases = [replace(case_for(tasks, (3, 5, 13)), weight=first.weight, bias=first.bias) for _ in range(2 * threads)]
+    cases = [replace(case_for(tasks, shapes[k % len(shapes)]), weight=first.weight, bias=first.bias)
+             for k in range(2 * threads)]  # fmt: skip
     errors: list[BaseException] = []
 
     def steps(thread: int) -> None:

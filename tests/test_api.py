@@ -183,6 +183,21 @@ def test_one_module_called_from_threads(backend):
     check_calls_from_threads(backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_plans_kept_stay_bounded_while_threads_call(backend, monkeypatch):
+    """Past ``PLANS_KEPT`` plans the oldest is dropped, also while several threads call with
+    shapes that each need a plan of their own; every call still matches the oracle."""
+    from mtlfast import functional
+
+    monkeypatch.setattr(functional, "_PLANS", collections.OrderedDict())
+    monkeypatch.setattr(functional, "PLANS_KEPT", 2)
+    check_calls_from_threads(backend, shapes=[(batch, 5, 13) for batch in (1, 2, 3, 4, 6)])
+    assert 1 <= len(functional._PLANS) <= 2
+    kept = list(functional._PLANS.values())
+    check_calls_from_threads(backend, threads=1, shapes=[(7, 2, 13)])
+    assert len(functional._PLANS) == 2 and next(iter(functional._PLANS.values())) is kept[-1], "not the oldest dropped"
+
+
 def _shapes(grads: dict) -> dict:
     return {name: None if grad is None else tuple(grad.shape) for name, grad in grads.items()}
 

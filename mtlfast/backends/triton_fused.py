@@ -39,6 +39,7 @@ finalize launch (:func:`plan_label_check`), whose flags the caller reads in its 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -540,7 +541,7 @@ class _Step:
 
 
 # Steps by signature, the oldest dropped past STEPS_KEPT (a loop over many shapes).
-_STEPS: dict[tuple, _Step] = {}
+_STEPS: OrderedDict[tuple, _Step] = OrderedDict()
 STEPS_KEPT = 256
 
 
@@ -558,7 +559,7 @@ def _step(problem: HeadProblem) -> _Step:
     if step is None:
         step = _new_step(problem)
         if len(_STEPS) >= STEPS_KEPT:
-            _STEPS.pop(next(iter(_STEPS)), None)
+            _STEPS.popitem(last=False)  # one step (other threads), as functional._PLANS's
         _STEPS[key] = step
     return step
 

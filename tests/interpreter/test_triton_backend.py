@@ -9,6 +9,7 @@ marked so.
 import dataclasses
 import os
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -233,7 +234,7 @@ def test_partials_hold_only_used_slots(monkeypatch, class_weights, rows):
 
     monkeypatch.setattr(triton_fused, "alloc_output", poisoned)
     monkeypatch.setattr(triton_fused, "_partial_programs", lambda problem, plan: 16)
-    monkeypatch.setattr(triton_fused, "_STEPS", {})  # steps worked out with other program counts
+    monkeypatch.setattr(triton_fused, "_STEPS", OrderedDict())  # steps worked out with other program counts
     tasks = [Task("cls", 3, "cross_entropy", class_weights=class_weights), Task("ner", 9, "cross_entropy", level="token"),
              Task("score", 1, "mse"), Task("tags", 5, "bce", level="token")]  # fmt: skip
     monkeypatch.setattr(triton_fused, "_splits_levels", lambda heads, seq_stride: True)
@@ -1045,6 +1046,23 @@ def test_kept_small_launch_checked_against_other_shapes(monkeypatch):
     call(40)
     with pytest.raises(AssertionError, match="other shapes"):
         call(70)
+
+
+def test_steps_kept_stay_bounded(monkeypatch):
+    """Past ``STEPS_KEPT`` steps the oldest is dropped, and a call whose step was dropped works it
+    out again and matches the oracle."""
+    monkeypatch.setattr(triton_fused, "_STEPS", OrderedDict())
+    monkeypatch.setattr(triton_fused, "STEPS_KEPT", 2)
+    tasks = [Task("cls", 3, "cross_entropy"), Task("ner", 5, "cross_entropy", level="token"), Task("score", 1, "mse")]
+    firsts = {}
+    for batch in (2, 3, 5, 2):
+        case = case_for(tasks, (batch, 4, 11))
+        out, grads = run_heads(case, "triton", torch.float32)
+        assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], f"B={batch}")
+        assert len(triton_fused._STEPS) <= 2
+        firsts.setdefault(batch, list(triton_fused._STEPS.values())[-1])
+    kept = list(triton_fused._STEPS.values())
+    assert len(kept) == 2 and kept[0] is firsts[5] and kept[1] is not firsts[2], "not the oldest dropped"
 
 
 def test_tuned_shapes_name_the_launched_configurations():
