@@ -161,7 +161,9 @@ class MultiTaskHeads(nn.Module):
         """Heads holding copies of existing per-task linears (a HF ``classifier``, say).
 
         A linear without bias gets a zero bias, unless ``bias=False`` is passed (heads without
-        one; then no linear may have a bias); dtype and device follow the linears.
+        one; then no linear may have a bias). dtype and device follow the linears, which must
+        then share them; ``dtype=`` or ``device=`` given here takes the linears' weights to it
+        instead (bf16 classifiers into fp32 heads, say).
         """
         layout = TaskLayout(tuple(tasks))
         missing = [t.name for t in layout.tasks if t.name not in linears]
@@ -170,12 +172,16 @@ class MultiTaskHeads(nn.Module):
         extra = sorted(set(linears) - set(layout.index))
         if extra:
             raise ValueError(f"from_linears: linears given for unknown tasks {extra}")
+        for task in layout.tasks:
+            if not isinstance(linears[task.name], nn.Linear):
+                raise TypeError(
+                    f"task '{task.name}': from_linears needs nn.Linear, got {type(linears[task.name]).__name__}"
+                )
         first = linears[layout.tasks[0].name]
         hidden_size = first.in_features
+        shared = [name for name in ("dtype", "device") if name not in kwargs]  # taken from the linears
         for task in layout.tasks:
             linear = linears[task.name]
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"task '{task.name}': from_linears needs nn.Linear, got {type(linear).__name__}")
             if linear.out_features != task.num_outputs:
                 raise ValueError(
                     f"task '{task.name}': linear has out_features={linear.out_features}, "
@@ -187,7 +193,14 @@ class MultiTaskHeads(nn.Module):
                 )
             if linear.bias is not None and not kwargs.get("bias", True):
                 raise ValueError(f"task '{task.name}': linear has a bias, and the heads are built with bias=False")
-        heads = cls(hidden_size, layout.tasks, device=first.weight.device, dtype=first.weight.dtype, **kwargs)
+            for name in shared:
+                if getattr(linear.weight, name) != getattr(first.weight, name):
+                    raise ValueError(
+                        f"task '{task.name}': linear's weight has {name} {getattr(linear.weight, name)}, the first "
+                        f"linear's (task '{layout.tasks[0].name}') {getattr(first.weight, name)}; pass {name}= to "
+                        f"choose the heads' {name}"
+                    )
+        heads = cls(hidden_size, layout.tasks, **{"dtype": first.weight.dtype, "device": first.weight.device, **kwargs})
         with torch.no_grad():
             for task in layout.tasks:
                 linear, cols = linears[task.name], layout.columns(task.name)

@@ -77,6 +77,29 @@ def test_from_linears_rejects_wrong_width():
         MultiTaskHeads.from_linears(TASKS, linears)
 
 
+def test_from_linears_takes_one_dtype_and_device():
+    """Linears of several dtypes or devices are a ValueError naming the task, unless ``dtype=`` or
+    ``device=`` chooses the heads' (the weights are then copied to it); a module not an
+    ``nn.Linear`` is a TypeError naming its task, the first task's included."""
+    linears = {t.name: nn.Linear(D, t.num_outputs) for t in TASKS}
+    linears["ner"] = linears["ner"].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="task 'ner': linear's weight has dtype torch.bfloat16.*'sentiment'.*dtype="):
+        MultiTaskHeads.from_linears(TASKS, linears)
+    heads = MultiTaskHeads.from_linears(TASKS, linears, dtype=torch.float32)
+    assert heads.weight.dtype == heads.bias.dtype == torch.float32
+    for task in TASKS:
+        cols = heads.layout.columns(task.name)
+        assert torch.equal(heads.weight[cols], linears[task.name].weight.float())
+        assert torch.equal(heads.bias[cols], linears[task.name].bias.float())
+    linears["ner"] = nn.Linear(D, 9, device="meta")
+    with pytest.raises(ValueError, match="task 'ner': linear's weight has device meta.*device="):
+        MultiTaskHeads.from_linears(TASKS, linears)
+    assert MultiTaskHeads.from_linears(TASKS, linears, device="meta", dtype=torch.float32).weight.is_meta
+    linears["sentiment"] = nn.Conv1d(D, 3, 1)
+    with pytest.raises(TypeError, match="task 'sentiment': from_linears needs nn.Linear, got Conv1d"):
+        MultiTaskHeads.from_linears(TASKS, linears)
+
+
 def test_bias_free_heads_convert_both_ways():
     linears = {t.name: nn.Linear(D, t.num_outputs, bias=False) for t in TASKS}
     heads = MultiTaskHeads.from_linears(TASKS, linears, backend="torch", bias=False)
