@@ -83,6 +83,18 @@ def expected_label_shape(task: Task, batch: int, seq_len: int | None) -> tuple[i
     return lead if task.loss == "cross_entropy" else (*lead, task.num_outputs)
 
 
+def _check_log_vars(layout: TaskLayout, log_vars: object, weighting: str) -> None:
+    if weighting != "uncertainty":
+        raise ValueError(f"log_vars are for weighting='uncertainty'; weighting={weighting!r} weighs the tasks by "
+                         "Task.weight or task_weights")  # fmt: skip
+    if not isinstance(log_vars, Tensor) or not log_vars.dtype.is_floating_point:
+        raise TypeError(f"log_vars must be a floating-point [T] torch.Tensor, got "
+                        f"{log_vars.dtype if isinstance(log_vars, Tensor) else type(log_vars).__name__}")  # fmt: skip
+    if tuple(log_vars.shape) != (len(layout.tasks),):
+        raise ValueError(f"log_vars must be [T] = ({len(layout.tasks)},), one s_t per task in the layout's order, "
+                         f"got shape {tuple(log_vars.shape)}")  # fmt: skip
+
+
 def check_call(
     layout: TaskLayout,
     hidden_states: Tensor,
@@ -116,15 +128,17 @@ def check_call(
     hidden_size = weight.shape[1]
     if hidden_states.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states has hidden size {hidden_states.shape[-1]}, the heads expect {hidden_size}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "uncertainty" and log_vars is None:
+        raise ValueError("weighting='uncertainty' needs log_vars")
+    if log_vars is not None:
+        _check_log_vars(layout, log_vars, weighting)
     device = hidden_states.device
     for name, param in (("weight", weight), ("bias", bias), ("log_vars", log_vars)):
         if param is not None and param.device != device:
             raise ValueError(f"the heads' {name} is on {param.device}, hidden_states on {device}: move the heads "
                              "to the encoder output's device")  # fmt: skip
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if weighting == "uncertainty" and log_vars is None:
-        raise ValueError("weighting='uncertainty' needs log_vars")
     if task_weights is not None:
         _check_task_weights(layout, task_weights, weighting, hidden_states.device)
     batch = hidden_states.shape[0]

@@ -771,9 +771,10 @@ def test_kept_call_plans_follow_every_change_of_signature():
             "cpu", dtype=torch.bfloat16, enabled=bool(variant.get("autocast"))
         ):
             bias = None if variant.get("no_bias") else heads.bias
+            weighting = variant.get("weighting", "static")
             out = multitask_loss(hidden, heads.weight, bias, heads.layout, variant.get("labels", case.labels),
-                                 attention_mask=mask, log_vars=torch.zeros(4),
-                                 weighting=variant.get("weighting", "static"), backend="torch",
+                                 attention_mask=mask, log_vars=torch.zeros(4) if weighting == "uncertainty" else None,
+                                 weighting=weighting, backend="torch",
                                  deterministic=heads.deterministic)  # fmt: skip
             if out.loss.requires_grad:
                 out.loss.backward()

@@ -258,6 +258,26 @@ def test_packed_parameters_of_the_wrong_kind():
 
 
 @pytest.mark.parametrize(
+    "log_vars, weighting, error, match",
+    [
+        (torch.zeros(4), "static", ValueError, "log_vars are for weighting='uncertainty'; weighting='static'"),
+        (torch.zeros(3), "uncertainty", ValueError, r"log_vars must be \[T\] = \(4,\), one s_t per task.*\(3,\)"),
+        (torch.zeros(1, 4), "uncertainty", ValueError, r"log_vars must be \[T\] = \(4,\).*\(1, 4\)"),
+        (torch.zeros(4, dtype=torch.long), "uncertainty", TypeError, "log_vars must be a floating-point.*torch.int64"),
+        ([0.0] * 4, "uncertainty", TypeError, "log_vars must be a floating-point.*got list"),
+        (torch.zeros(4), "dwa", ValueError, "weighting must be one of"),
+    ],
+    ids=["static", "short", "2d", "int", "list", "unknown-weighting"],
+)  # fmt: skip
+def test_bad_log_vars(log_vars, weighting, error, match):
+    """The functional call's ``log_vars``: one fp ``s_t`` per task, for uncertainty weighting only
+    (more of them were taken silently, the first T used; with static weighting they were ignored)."""
+    with pytest.raises(error, match=match):
+        multitask_loss(torch.randn(B, S, D), torch.randn(17, D), torch.zeros(17), TASKS, _good(), log_vars=log_vars,
+                       weighting=weighting)  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "task_weights, kwargs, error, match",
     [
         ({"ner": 2.0}, {"weighting": "uncertainty"}, ValueError, "task_weights are for weighting='static'"),
