@@ -132,7 +132,9 @@ def multitask_loss(
         log_vars: [T] the ``s_t`` of uncertainty weighting.
         weighting: ``"static"`` (``sum_t weight_t L_t``) or ``"uncertainty"``
             (``sum_t 0.5 exp(-s_t) L_t + 0.5 s_t``).
-        num_items_in_batch: task name -> divisor of that task's mean (int or 0-dim tensor).
+        num_items_in_batch: task name -> divisor of that task's mean (an int, or a tensor of
+            one element: 0-dim, or [1, 1] as the Hugging Face Trainer gives a replica under
+            ``nn.DataParallel``).
         task_weights: task name -> its weight for this call under ``weighting="static"`` (a
             number, or a 0-dim tensor that may require grad: its gradient is the task's loss),
             in place of ``Task.weight``; for weights that change during training (DWA, or

@@ -201,9 +201,11 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
     raise ValueError(f"{where}: labels must have shape {expected}, got {shape}")
 
 
-def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: str) -> Iterator[tuple[str, object]]:
+def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: str,
+                      one_element: bool = False) -> Iterator[tuple[str, object]]:  # fmt: skip
     """Checks a dict of task name -> ``kinds`` or 0-dim tensor given as ``option``, and yields its
-    entries as ``(where, value)``; tensors among them are 0-dim."""
+    entries as ``(where, value)``; tensors among them are 0-dim, or of one element of any shape
+    where ``one_element``."""
     if not isinstance(values, Mapping):
         raise TypeError(f"{option} must be a dict of task name -> {kinds} or 0-dim tensor")
     unknown = sorted(set(values) - set(layout.index))
@@ -211,18 +213,21 @@ def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: s
         raise ValueError(f"{option} names unknown tasks {unknown}; the heads know {list(layout.index)}")
     for name, value in values.items():
         where = f"task '{name}'"
-        if isinstance(value, Tensor) and value.dim() != 0:
-            raise ValueError(f"{where}: {option} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+        if isinstance(value, Tensor) and value.dim() != 0 and not (one_element and value.numel() == 1):
+            kind = "a tensor of one element" if one_element else "a 0-dim tensor"
+            raise ValueError(f"{where}: {option} must be {kind}, got shape {tuple(value.shape)}")
         yield where, value
 
 
 def _check_num_items(layout: TaskLayout, num_items: Mapping[str, int | Tensor]) -> None:
-    for where, value in _per_task_scalars(layout, num_items, "num_items_in_batch", "int"):
+    # one element of any shape: under nn.DataParallel Hugging Face's Trainer gives each replica its
+    # count as [1, 1] (a [n_gpu, 1] tensor scattered)
+    for where, value in _per_task_scalars(layout, num_items, "num_items_in_batch", "int", one_element=True):
         if isinstance(value, Tensor):
             if value.dtype.is_complex or value.dtype == torch.bool:
                 raise TypeError(f"{where}: num_items_in_batch has dtype {value.dtype}")
         elif isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
-            raise TypeError(f"{where}: num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}")
+            raise TypeError(f"{where}: num_items_in_batch must be an int or a tensor of one element, got {type(value).__name__}")
         elif value < 0:
             raise ValueError(f"{where}: num_items_in_batch must be >= 0, got {value}")
         elif not finite_in_fp32(int(value)):  # the divisor is an fp32 number
@@ -280,7 +285,7 @@ def start_value_checks(
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
         return None
-    count_flags = [(value < 0).reshape(()) for _, value in counts]
+    count_flags = [(~(value.float() >= 0) | value.float().isinf()).reshape(()) for _, value in counts]  # NaN too
     count_names = tuple(name for name, _ in counts)
     plan = getattr(get_backend(backend), "plan_label_check", None)  # a backend's own check, if it has one
     label_check = plan(tuple(heads), targets, token_mask, compute_dtype) if plan and targets else None
@@ -303,7 +308,7 @@ def raise_for_bad_values(checks: ValueChecks) -> None:
     for row, subject in zip(flags.tolist(), checks.subjects):
         if any(row):
             if isinstance(subject, str):
-                raise ValueError(f"task '{subject}': num_items_in_batch must be >= 0")
+                raise ValueError(f"task '{subject}': num_items_in_batch must be >= 0 and finite ({FP32_RANGE})")
             raise ValueError(f"task '{subject.name}': {_range_problem(subject)}")
 
 

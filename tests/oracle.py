@@ -147,7 +147,7 @@ def random_case(
         case.notes.append("pooled")
     if rng.random() < 0.3 and case.labels:
         name = rng.choice(sorted(case.labels))
-        value = rng.choice([0, 1, 7, torch.tensor(5.0), torch.tensor(3)])
+        value = rng.choice([0, 1, 7, torch.tensor(5.0), torch.tensor(3), torch.tensor([[2.0]])])  # [1, 1]: a replica's
         case.num_items = {name: value}
         case.notes.append(f"num_items={name}:{value}")
     if rng.random() < 0.3:
@@ -333,7 +333,7 @@ def _oracle_losses(case: Case, h, pooled, w, b) -> dict[str, torch.Tensor]:
             default = keep.sum().double() * task.num_outputs
         divisor = default
         if case.num_items and task.name in case.num_items:
-            divisor = torch.as_tensor(case.num_items[task.name], dtype=torch.float64)
+            divisor = torch.as_tensor(case.num_items[task.name], dtype=torch.float64).reshape(())
         losses[task.name] = total / divisor if divisor > 0 else total * 0.0
     return losses
 
@@ -372,7 +372,7 @@ def eager_total(case: Case, h, pooled, w, b, log_vars=None) -> torch.Tensor:
             summed = (element * keep[:, None]).sum()
             count = keep.sum() * task.num_outputs
         if case.num_items and task.name in case.num_items:
-            count = torch.as_tensor(case.num_items[task.name], device=h.device)
+            count = torch.as_tensor(case.num_items[task.name], device=h.device).reshape(())
         loss = torch.where(count > 0, summed / count.clamp_min(1), 0.0)
         if case.weighting == "uncertainty":
             s = (log_vars if log_vars is not None else case.log_vars.to(h.device))[index[task.name]]

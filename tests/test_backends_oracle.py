@@ -157,7 +157,7 @@ def test_none_ignored_and_num_items_zero(backend):
             "tags": torch.rand(B, S, 5, generator=gen),
         }
 
-    case = _fixed_case(labels, num_items={"ner": 0, "tags": torch.tensor(4)})
+    case = _fixed_case(labels, num_items={"ner": 0, "tags": torch.tensor(4), "cls": torch.tensor([[3.0]])})
     out, grads = run_heads(case, backend, torch.float32)
     assert out.losses["ner"].item() == 0.0
     assert_matches_oracle(case, out, grads, torch.float32, TOLERANCE[torch.float32], backend)

@@ -197,8 +197,10 @@ def test_bad_num_items_and_options():
         _call(_good(), num_items_in_batch={"ner": -3})
     with pytest.raises(ValueError, match=r"task 'ner': num_items_in_batch must be finite \(in fp32"):
         _call(_good(), num_items_in_batch={"ner": 10**400})
-    with pytest.raises(TypeError, match="task 'ner'"):
+    with pytest.raises(TypeError, match="task 'ner': num_items_in_batch must be an int or a tensor of one element"):
         _call(_good(), num_items_in_batch={"ner": 2.5})
+    with pytest.raises(ValueError, match=r"task 'ner': num_items_in_batch must be a tensor of one element.*\(2, 1\)"):
+        _call(_good(), num_items_in_batch={"ner": torch.tensor([[3], [3]])})
     with pytest.raises(ValueError, match="unknown tasks"):
         _call(_good(), num_items_in_batch={"nope": 3})
     with pytest.raises(ValueError, match="attention_mask"):
@@ -211,6 +213,17 @@ def test_bad_num_items_and_options():
         MultiTaskHeads(D, TASKS, weighting="gradnorm")
     with pytest.raises(TypeError, match="hidden_states must be floating"):
         _call(_good(), hidden=torch.ones(B, S, D, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "count", [torch.tensor(-2), torch.tensor([[float("nan")]]), torch.tensor(float("inf")), torch.tensor(1e39, dtype=torch.float64)],
+    ids=["negative", "nan", "inf", "beyond-fp32"],
+)  # fmt: skip
+def test_bad_num_items_tensor_values(count):
+    """A count tensor's value is checked with the labels (one host sync): NaN gave a NaN loss,
+    and inf (or an fp64 count beyond fp32) a loss of 0, silently."""
+    with pytest.raises(ValueError, match=r"task 'ner': num_items_in_batch must be >= 0 and finite \(in fp32"):
+        _call(_good(), num_items_in_batch={"ner": count})
 
 
 @pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf"), "high", True, [0.1]], ids=repr)
