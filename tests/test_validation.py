@@ -216,7 +216,8 @@ def test_bad_num_items_and_options():
 
 
 @pytest.mark.parametrize(
-    "count", [torch.tensor(-2), torch.tensor([[float("nan")]]), torch.tensor(float("inf")), torch.tensor(1e39, dtype=torch.float64)],
+    "count",
+    [torch.tensor(-2), torch.tensor([[float("nan")]]), torch.tensor(float("inf")), torch.tensor(1e39, dtype=torch.float64)],
     ids=["negative", "nan", "inf", "beyond-fp32"],
 )  # fmt: skip
 def test_bad_num_items_tensor_values(count):
