@@ -131,7 +131,7 @@ class MultiTaskHeads(nn.Module):
             labels,
             attention_mask=attention_mask,
             pooled=pooled,
-            log_vars=self._parameter("log_vars"),
+            log_vars=self._parameter("log_vars") if self.weighting == "uncertainty" else None,
             weighting=self.weighting,
             num_items_in_batch=num_items_in_batch,
             task_weights=task_weights,

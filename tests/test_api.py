@@ -395,6 +395,26 @@ def test_empty_labels_give_zero_loss_that_backpropagates(backend):
     assert torch.count_nonzero(heads.weight.grad) == 0 and torch.count_nonzero(hidden.grad) == 0
 
 
+def test_weighting_switched_on_a_built_module():
+    """Heads built for uncertainty weighting and switched to static (a warm-up, say) weigh the
+    tasks by ``Task.weight`` and leave ``log_vars`` alone, and switched back use them again."""
+    tasks = [dataclasses.replace(task, weight=1.0 + k) for k, task in enumerate(TASKS)]
+    heads = MultiTaskHeads(D, tasks, backend="torch", weighting="uncertainty")
+    with torch.no_grad():
+        heads.log_vars.copy_(torch.randn(len(tasks)))
+    hidden, labels = torch.randn(B, S, D), _labels()
+    heads.weighting = "static"
+    out = heads(hidden, labels)
+    torch.testing.assert_close(out.loss, sum(task.weight * out.losses[task.name] for task in tasks))
+    out.loss.backward()
+    assert heads.log_vars.grad is None
+    heads.weighting = "uncertainty"
+    out = heads(hidden, labels)
+    s = heads.log_vars.detach()
+    expected = sum(0.5 * torch.exp(-s[k]) * out.losses[task.name] + 0.5 * s[k] for k, task in enumerate(tasks))
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_sequence_only_tasks_accept_2d_hidden():
     tasks = [Task("a", 4, "cross_entropy"), Task("b", 2, "bce")]
     case = case_for(tasks, (5, 1, 12), two_d=True)
