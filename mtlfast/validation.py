@@ -285,7 +285,7 @@ def start_value_checks(
     checked = [(task, target) for task, target in zip(tasks, targets) if task.loss != "mse"]
     if not checked and not counts:
         return None
-    count_flags = [(~(value.float() >= 0) | value.float().isinf()).reshape(()) for _, value in counts]  # NaN too
+    count_flags = [_bad_count_flag(value) for _, value in counts]
     count_names = tuple(name for name, _ in counts)
     plan = getattr(get_backend(backend), "plan_label_check", None)  # a backend's own check, if it has one
     label_check = plan(tuple(heads), targets, token_mask, compute_dtype) if plan and targets else None
@@ -310,6 +310,13 @@ def raise_for_bad_values(checks: ValueChecks) -> None:
             if isinstance(subject, str):
                 raise ValueError(f"task '{subject}': num_items_in_batch must be >= 0 and finite ({FP32_RANGE})")
             raise ValueError(f"task '{subject.name}': {_range_problem(subject)}")
+
+
+def _bad_count_flag(count: Tensor) -> Tensor:
+    """0-dim bool: whether a ``num_items_in_batch`` tensor (one element) is negative, NaN, or not
+    finite as the fp32 divisor it becomes."""
+    divisor = count.reshape(()).float()
+    return ~(divisor >= 0) | divisor.isinf()  # ~(x >= 0): NaN too
 
 
 def _bad_target_flag(task: Task, target: Tensor, token_mask: Tensor | None) -> Tensor:
