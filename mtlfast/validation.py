@@ -206,16 +206,16 @@ def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: s
     """Checks a dict of task name -> ``kinds`` or 0-dim tensor given as ``option``, and yields its
     entries as ``(where, value)``; tensors among them are 0-dim, or of one element of any shape
     where ``one_element``."""
+    tensor_kind = "a tensor of one element" if one_element else "a 0-dim tensor"
     if not isinstance(values, Mapping):
-        raise TypeError(f"{option} must be a dict of task name -> {kinds} or 0-dim tensor")
+        raise TypeError(f"{option} must be a dict of task name -> {kinds} or {tensor_kind}")
     unknown = sorted(set(values) - set(layout.index))
     if unknown:
         raise ValueError(f"{option} names unknown tasks {unknown}; the heads know {list(layout.index)}")
     for name, value in values.items():
         where = f"task '{name}'"
         if isinstance(value, Tensor) and value.dim() != 0 and not (one_element and value.numel() == 1):
-            kind = "a tensor of one element" if one_element else "a 0-dim tensor"
-            raise ValueError(f"{where}: {option} must be {kind}, got shape {tuple(value.shape)}")
+            raise ValueError(f"{where}: {option} must be {tensor_kind}, got shape {tuple(value.shape)}")
         yield where, value
 
 

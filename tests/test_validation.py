@@ -201,6 +201,8 @@ def test_bad_num_items_and_options():
         _call(_good(), num_items_in_batch={"ner": 2.5})
     with pytest.raises(ValueError, match=r"task 'ner': num_items_in_batch must be a tensor of one element.*\(2, 1\)"):
         _call(_good(), num_items_in_batch={"ner": torch.tensor([[3], [3]])})
+    with pytest.raises(TypeError, match="num_items_in_batch must be a dict of task name -> int or a tensor of one element"):
+        _call(_good(), num_items_in_batch=[("ner", 3)])
     with pytest.raises(ValueError, match="unknown tasks"):
         _call(_good(), num_items_in_batch={"nope": 3})
     with pytest.raises(ValueError, match="attention_mask"):
@@ -302,7 +304,7 @@ def test_bad_log_vars(log_vars, weighting, error, match):
         ({"score": float("inf")}, {}, ValueError, "task 'score': task weight must be finite"),
         ({"score": 1e39}, {}, ValueError, r"task 'score': task weight must be finite \(in fp32"),
         ({"score": 10**400}, {}, ValueError, "task 'score': task weight must be finite"),
-        ([("ner", 2.0)], {}, TypeError, "task_weights must be a dict of task name -> number or 0-dim tensor"),
+        ([("ner", 2.0)], {}, TypeError, "task_weights must be a dict of task name -> number or a 0-dim tensor"),
     ],
 )  # fmt: skip
 def test_bad_task_weights(task_weights, kwargs, error, match):
