@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import READS_FP32_ROWS, resolve_backend
-from .backends.base import HostValuesCache, device_type, is_fake, making_kept_tensors
+from .backends.base import HostValuesCache, device_type, is_fake, keep_bounded, making_kept_tensors
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
 from .validation import check_call, grad_filter_threshold, main_grad_params, raise_for_bad_values, start_value_checks
@@ -191,9 +191,7 @@ def multitask_loss(
         plan = _plan_call(layout, hidden_states, weight, bias, labels, pooled, num_items_in_batch, task_weights,
                           *options, fake=fake)  # fmt: skip
         if key is not None:
-            if len(_PLANS) >= PLANS_KEPT:
-                _PLANS.popitem(last=False)
-            _PLANS[key] = plan
+            keep_bounded(_PLANS, key, plan, PLANS_KEPT)
     call = plan.call
     main_grad_targets = main_grad_params(weight, bias) if fuse_wgrad_accumulation else (None, None)
     if bias is None:
@@ -273,8 +271,6 @@ class _CallPlan:
 
 
 # Plans by call signature, the oldest dropped past PLANS_KEPT (a loop over many shapes).
-# An OrderedDict: its popitem is one step, where taking the oldest key of a dict and then
-# dropping it fails if another thread (nn.DataParallel's replicas) changes the dict between.
 _PLANS: OrderedDict[tuple, _CallPlan] = OrderedDict()
 PLANS_KEPT = 256
 

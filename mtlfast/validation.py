@@ -83,7 +83,15 @@ def expected_label_shape(task: Task, batch: int, seq_len: int | None) -> tuple[i
     return lead if task.loss == "cross_entropy" else (*lead, task.num_outputs)
 
 
-def _check_log_vars(layout: TaskLayout, log_vars: object, weighting: str) -> None:
+def _check_weighting(layout: TaskLayout, weighting: str, log_vars: object) -> None:
+    """The weighting, and the ``log_vars`` it takes: one fp ``s_t`` per task under uncertainty
+    weighting, none under static weighting."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if log_vars is None:
+        if weighting == "uncertainty":
+            raise ValueError("weighting='uncertainty' needs log_vars")
+        return
     if weighting != "uncertainty":
         raise ValueError(f"log_vars are for weighting='uncertainty'; weighting={weighting!r} weighs the tasks by "
                          "Task.weight or task_weights")  # fmt: skip
@@ -128,12 +136,7 @@ def check_call(
     hidden_size = weight.shape[1]
     if hidden_states.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states has hidden size {hidden_states.shape[-1]}, the heads expect {hidden_size}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if weighting == "uncertainty" and log_vars is None:
-        raise ValueError("weighting='uncertainty' needs log_vars")
-    if log_vars is not None:
-        _check_log_vars(layout, log_vars, weighting)
+    _check_weighting(layout, weighting, log_vars)
     device = hidden_states.device
     for name, param in (("weight", weight), ("bias", bias), ("log_vars", log_vars)):
         if param is not None and param.device != device:

@@ -8,6 +8,7 @@ losses and whatever it wants to keep for its own backward.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -68,6 +69,15 @@ _KEPT = "_mtlfast_kept"
 def kept_between_calls(tensor: Tensor) -> bool:
     """Whether ``tensor`` is held by a :class:`HostValuesCache`, so that later calls get it again."""
     return getattr(tensor, _KEPT, False)
+
+
+def keep_bounded(cache: OrderedDict, key: Hashable, value: object, kept: int) -> None:
+    """Puts ``value`` into ``cache`` under ``key``, the oldest entry dropped first once ``kept``
+    are held. ``popitem`` drops it in one step, so threads keeping entries at once
+    (``nn.DataParallel``'s replicas) never see the cache change under a half-done eviction."""
+    if len(cache) >= kept:
+        cache.popitem(last=False)
+    cache[key] = value
 
 
 class HostValuesCache:

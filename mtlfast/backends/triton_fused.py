@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..task import BCE
 from . import TRITON_VERSION, torch_chunked
-from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, making_kept_tensors, mm_acc, weight_in
+from .base import HeadProblem, HeadSpec, HostValuesCache, addmm_acc_, keep_bounded, making_kept_tensors, mm_acc, weight_in
 
 if TYPE_CHECKING:
     from ..kernels.label_check import LabelCheck
@@ -558,9 +558,7 @@ def _step(problem: HeadProblem) -> _Step:
     step = _STEPS.get(key)
     if step is None:
         step = _new_step(problem)
-        if len(_STEPS) >= STEPS_KEPT:
-            _STEPS.popitem(last=False)  # one step (other threads), as functional._PLANS's
-        _STEPS[key] = step
+        keep_bounded(_STEPS, key, step, STEPS_KEPT)
     return step
 
 
