@@ -72,12 +72,16 @@ def kept_between_calls(tensor: Tensor) -> bool:
 
 
 def keep_bounded(cache: OrderedDict, key: Hashable, value: object, kept: int) -> None:
-    """Puts ``value`` into ``cache`` under ``key``, the oldest entry dropped first once ``kept``
-    are held. ``popitem`` drops it in one step, so threads keeping entries at once
-    (``nn.DataParallel``'s replicas) never see the cache change under a half-done eviction."""
-    if len(cache) >= kept:
-        cache.popitem(last=False)
+    """Puts ``value`` into ``cache`` under ``key``, then drops the oldest entry if more than
+    ``kept`` are held. Threads keeping entries at once (``nn.DataParallel``'s replicas) may each
+    find the cache over the bound and drop: ``popitem`` drops in one step, and a drop that finds
+    the cache emptied meanwhile (``clear``) has nothing left to do."""
     cache[key] = value
+    if len(cache) > kept:
+        try:
+            cache.popitem(last=False)
+        except KeyError:
+            pass
 
 
 class HostValuesCache:
@@ -109,9 +113,7 @@ class HostValuesCache:
             tensor = host_values_to(values, dtype, device)
         if not capturing:
             setattr(tensor, _KEPT, True)
-            self._entries[key] = tensor
-            if len(self._entries) > self._kept:
-                self._entries.popitem(last=False)
+            keep_bounded(self._entries, key, tensor, self._kept)
         return tensor
 
     def clear(self) -> None:
