@@ -19,7 +19,14 @@ from .backends import READS_FP32_ROWS, resolve_backend
 from .backends.base import HostValuesCache, device_type, is_fake, keep_bounded, making_kept_tensors
 from .op import HeadCall, fused_heads_loss
 from .task import Task, TaskLayout
-from .validation import check_call, grad_filter_threshold, main_grad_params, raise_for_bad_values, start_value_checks
+from .validation import (
+    check_call,
+    check_chunk_size,
+    grad_filter_threshold,
+    main_grad_params,
+    raise_for_bad_values,
+    start_value_checks,
+)
 
 
 @dataclass
@@ -175,10 +182,7 @@ def multitask_loss(
             layout, hidden_states, weight, bias, labels, attention_mask, pooled, num_items_in_batch, weighting,
             log_vars, task_weights,
         )  # fmt: skip
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
 
     logits = None
     if return_logits or labels is None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS
 from .functional import MultiTaskOutput, multitask_loss
 from .task import Task, TaskLayout
-from .validation import WEIGHTINGS, grad_filter_threshold
+from .validation import WEIGHTINGS, check_chunk_size, grad_filter_threshold
 
 
 class MultiTaskHeads(nn.Module):
@@ -70,6 +70,7 @@ class MultiTaskHeads(nn.Module):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         grad_filter_threshold(grad_filter_eps, torch.bfloat16)
+        check_chunk_size(chunk_size)
         self.layout = TaskLayout(tuple(tasks))
         self.hidden_size = hidden_size
         self.weighting = weighting

@@ -38,6 +38,12 @@ def grad_filter_threshold(grad_filter_eps: float | str | None, compute_dtype: to
     return float(grad_filter_eps)
 
 
+def check_chunk_size(chunk_size: object) -> None:
+    """``chunk_size`` is None or a positive int (rows per chunk for chunked backends)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def main_grad_params(weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """For ``fuse_wgrad_accumulation=True``: the weight and the bias (the bias where it has a
     ``main_grad``), whose gradients go into their ``main_grad``; none while no gradient is

@@ -238,6 +238,16 @@ def test_bad_grad_filter_eps(value):
         multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), grad_filter_eps=value)
 
 
+@pytest.mark.parametrize("value", [0, -4, 2.0, "8", True], ids=repr)
+def test_bad_chunk_size(value):
+    """The module refuses it when built, not at its first step; the functional call too."""
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        MultiTaskHeads(D, TASKS, chunk_size=value)
+    heads = MultiTaskHeads(D, TASKS)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), chunk_size=value)
+
+
 def test_triton_backend_on_cpu_without_interpreter_is_an_error():
     import os
 
