@@ -205,9 +205,11 @@ def _check_label(task: Task, label: Tensor, batch: int, seq_len: int | None, dev
     shape = tuple(label.shape)
     if shape == expected:
         return
-    if task.loss == "mse" and task.num_outputs == 1 and shape == expected[:-1]:
+    squeezable = task.loss == "mse" and task.num_outputs == 1  # the trailing C = 1 may be left out
+    if squeezable and shape == expected[:-1]:
         return
-    raise ValueError(f"{where}: labels must have shape {expected}, got {shape}")
+    shapes = f"{expected} or {expected[:-1]}" if squeezable else f"{expected}"
+    raise ValueError(f"{where}: labels must have shape {shapes}, got {shape}")
 
 
 def _per_task_scalars(layout: TaskLayout, values: Mapping, option: str, kinds: str,

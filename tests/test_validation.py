@@ -140,7 +140,8 @@ def test_sequence_task_with_no_positions():
         ("topics", torch.ones(B, 4, dtype=torch.long), TypeError, "task 'topics'.*floating-point"),
         ("ner", torch.zeros(B, S + 1, dtype=torch.long), ValueError, "task 'ner'.*shape"),
         ("topics", torch.rand(B, 5), ValueError, "task 'topics'.*shape"),
-        ("score", torch.rand(B, 2), ValueError, "task 'score'.*shape"),
+        ("score", torch.rand(B, 2), ValueError, rf"task 'score': labels must have shape \({B}, 1\) or \({B},\), got \({B}, 2\)"),
+        ("ner", torch.zeros(B * S, dtype=torch.long), ValueError, rf"task 'ner': labels must have shape \({B}, {S}\), got"),
         ("sentiment", [0, 1], TypeError, "task 'sentiment'.*torch.Tensor"),
     ],
 )
