@@ -230,23 +230,19 @@ def test_bad_num_items_tensor_values(count):
         _call(_good(), num_items_in_batch={"ner": count})
 
 
-@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf"), "high", True, [0.1]], ids=repr)
-def test_bad_grad_filter_eps(value):
-    with pytest.raises(ValueError, match="grad_filter_eps"):
-        MultiTaskHeads(D, TASKS, grad_filter_eps=value)
-    heads = MultiTaskHeads(D, TASKS)
-    with pytest.raises(ValueError, match="grad_filter_eps"):
-        multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), grad_filter_eps=value)
-
-
-@pytest.mark.parametrize("value", [0, -4, 2.0, "8", True], ids=repr)
-def test_bad_chunk_size(value):
+@pytest.mark.parametrize(
+    "option, value, match",
+    [*(("grad_filter_eps", v, "grad_filter_eps") for v in [-1e-3, float("nan"), float("inf"), "high", True, [0.1]]),
+     *(("chunk_size", v, "chunk_size must be a positive int or None") for v in [0, -4, 2.0, "8", True])],
+    ids=repr,
+)  # fmt: skip
+def test_bad_option(option, value, match):
     """The module refuses it when built, not at its first step; the functional call too."""
-    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
-        MultiTaskHeads(D, TASKS, chunk_size=value)
+    with pytest.raises(ValueError, match=match):
+        MultiTaskHeads(D, TASKS, **{option: value})
     heads = MultiTaskHeads(D, TASKS)
-    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
-        multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), chunk_size=value)
+    with pytest.raises(ValueError, match=match):
+        multitask_loss(torch.randn(B, S, D), heads.weight, heads.bias, TASKS, _good(), **{option: value})
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_an_error():
