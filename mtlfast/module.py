@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from .backends import check_backend_name
 from .functional import MultiTaskOutput, multitask_loss
 from .task import Task, TaskLayout
-from .validation import WEIGHTINGS, check_chunk_size, grad_filter_threshold
+from .validation import check_chunk_size, check_weighting_name, grad_filter_threshold
 
 
 class MultiTaskHeads(nn.Module):
@@ -63,10 +63,8 @@ class MultiTaskHeads(nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+        check_weighting_name(weighting)
+        check_backend_name(backend)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         grad_filter_threshold(grad_filter_eps, torch.bfloat16)

@@ -89,11 +89,15 @@ def expected_label_shape(task: Task, batch: int, seq_len: int | None) -> tuple[i
     return lead if task.loss == "cross_entropy" else (*lead, task.num_outputs)
 
 
+def check_weighting_name(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
 def _check_weighting(layout: TaskLayout, weighting: str, log_vars: object) -> None:
     """The weighting, and the ``log_vars`` it takes: one fp ``s_t`` per task under uncertainty
     weighting, none under static weighting."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_weighting_name(weighting)
     if log_vars is None:
         if weighting == "uncertainty":
             raise ValueError("weighting='uncertainty' needs log_vars")

@@ -21,11 +21,16 @@ BACKENDS = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch_chunked", "triton": ".triton_fused"}
 
 
+def check_backend_name(name: str, *, resolved: bool = False) -> None:
+    """``name`` is one of :data:`BACKENDS`, or ``"auto"`` where not ``resolved`` yet."""
+    if name not in BACKENDS and (resolved or name != "auto"):
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+
+
 @cache
 def get_backend(name: str) -> ModuleType:
     """The backend module ``name`` (one of :data:`BACKENDS`)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    check_backend_name(name, resolved=True)
     return importlib.import_module(_MODULES[name], __name__)
 
 
@@ -62,8 +67,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     give way to the torch backend's ops."""
     if name == "auto":
         return "triton" if device.type == "cuda" and TRITON_INSTALLED and not ROCM else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    check_backend_name(name)
     if name == "triton" and device.type == "meta":
         return "torch"
     if name == "triton":
